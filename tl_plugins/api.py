@@ -1,0 +1,158 @@
+"""The user API: enable, disable, enabled, active, list_plugins."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+from tl_plugins import backends as _backends
+from tl_plugins.errors import NotEnabledError, PluginBlockedError, UnknownPluginError
+from tl_plugins.plugins import PluginInfo, entry_points, get_plugin_manager, registry
+from tl_plugins.seams import SEAM_OWNER_ATTN, SEAM_OWNER_MLP, install_attention_seam, install_mlp_seam
+from tl_plugins.state import drop_state_if_empty, get_state, restore_owner
+
+
+def _info(name: Any) -> PluginInfo:
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a plugin name (str), got {type(name).__name__} {name!r}")
+    reg = registry()
+    if name in reg:
+        return reg[name]
+    for rec in entry_points():
+        if rec.name == name and rec.status != "loaded":
+            raise PluginBlockedError(
+                f"name: plugin {name!r} is installed but {rec.status}; unset TL_PLUGINS_BLOCK / "
+                "TL_PLUGINS_LOAD / TL_PLUGINS_AUTOLOAD (then tl_plugins.reset_plugin_manager()) to use it."
+            )
+    known = ", ".join(sorted(reg)) or "(none)"
+    raise UnknownPluginError(f"name: unknown plugin {name!r}; known plugins: {known}")
+
+
+def _make_config(info: PluginInfo, config: dict[str, Any]) -> Any:
+    if dataclasses.is_dataclass(info.config):
+        fields = {f.name for f in dataclasses.fields(info.config) if f.init}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise TypeError(
+                f"enable({info.name!r}): unknown option(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(fields)) or '(none)'}"
+            )
+    return info.config(**config)
+
+
+def _uninstall(model: Any, name: str, backend: Any) -> None:
+    state = get_state(model)
+    get_plugin_manager().hook.tl_plugins_disable(model=model, name=name, backend=backend)
+    restore_owner(model, name)
+    if state is None:
+        return
+    state.active.pop(name, None)
+    state.attention_seam_users.discard(name)
+    state.mlp_seam_users.discard(name)
+    if not state.attention_seam_users:
+        restore_owner(model, SEAM_OWNER_ATTN)
+    if not state.mlp_seam_users:
+        restore_owner(model, SEAM_OWNER_MLP)
+    drop_state_if_empty(model)
+
+
+def enable(model: Any, name: str, **config: Any) -> Any:
+    """Enable plugin ``name`` on ``model`` with keyword options; returns the config instance.
+
+    Enabling a plugin that is already enabled reconfigures it: the old installation is removed
+    first, and if the new config is refused the old one is put back. On any error the model is
+    left exactly as it was.
+    """
+    info = _info(name)
+    backend = _backends.detect(model)
+    cfg = _make_config(info, config)
+    state = get_state(model)
+    previous = state.config(name) if state is not None else None
+    if previous is not None:
+        _uninstall(model, name, backend)
+    try:
+        _install(model, name, info, cfg, backend)
+    except BaseException:
+        if previous is not None:
+            _install(model, name, info, previous, backend)
+        raise
+    return cfg
+
+
+def _install(model: Any, name: str, info: PluginInfo, cfg: Any, backend: Any) -> None:
+    state = get_state(model, create=True)
+    try:
+        if info.attention_seam:
+            state.attention_seam_users.add(name)
+            install_attention_seam(model, backend)
+        if info.mlp_seam:
+            state.mlp_seam_users.add(name)
+            install_mlp_seam(model, backend)
+        state.active[name] = cfg
+        handled = get_plugin_manager().hook.tl_plugins_enable(
+            model=model, name=name, config=cfg, backend=backend
+        )
+        if not handled and info.changes_forward and not (info.attention_seam or info.mlp_seam):
+            raise RuntimeError(f"plugin {name!r} declared changes_forward but no enable hook handled it")
+    except BaseException:
+        _uninstall(model, name, backend)
+        raise
+
+
+def disable(model: Any, name: Optional[str] = None) -> None:
+    """Disable plugin ``name`` on ``model`` (every enabled plugin when ``name`` is None).
+
+    Removes every seam and attribute the plugin installed; outputs return bit-exactly to what they
+    were before ``enable``. Raises ``NotEnabledError`` if ``name`` is not enabled on ``model``.
+    """
+    backend = _backends.detect(model)
+    state = get_state(model)
+    if name is None:
+        for n in list(reversed(state.active)) if state is not None else []:
+            _uninstall(model, n, backend)
+        return
+    _info(name)
+    if state is None or name not in state.active:
+        on = ", ".join(active(model)) or "none"
+        raise NotEnabledError(f"name: plugin {name!r} is not enabled on this model (enabled: {on})")
+    _uninstall(model, name, backend)
+
+
+@contextlib.contextmanager
+def enabled(model: Any, name: str, **config: Any) -> Iterator[Any]:
+    """Context manager: enable on entry, restore the previous state (disabled or old config) on exit."""
+    state = get_state(model)
+    previous = state.config(name) if state is not None else None
+    cfg = enable(model, name, **config)
+    try:
+        yield cfg
+    finally:
+        if previous is not None:
+            enable(model, name, **{f.name: getattr(previous, f.name) for f in dataclasses.fields(previous)})
+        else:
+            disable(model, name)
+
+
+def active(model: Any) -> dict[str, Any]:
+    """Plugin name -> config instance for every plugin enabled on ``model``, in enable order."""
+    state = get_state(model)
+    return dict(state.active) if state is not None else {}
+
+
+@dataclass(frozen=True)
+class PluginListing:
+    name: str
+    summary: str
+    changes_forward: bool
+    source: str
+    version: str
+
+
+def list_plugins() -> list[PluginListing]:
+    """Every registered plugin, sorted by name."""
+    return [
+        PluginListing(i.name, i.summary, i.changes_forward, i.source, i.version)
+        for i in sorted(registry().values(), key=lambda i: i.name)
+    ]

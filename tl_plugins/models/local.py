@@ -1,0 +1,163 @@
+"""Load a user's own local Llama- or GPT-2-family files into a HookedTransformer, with no model hub.
+
+``load_hf_folder(path)``: a Hugging Face folder (config.json + safetensors/bin, tokenizer files).
+``load_gguf(path)``: a GGUF file (dequantised to float by transformers + gguf).
+Weights are loaded unprocessed by default (``processed=False``), as embedding-space projections
+and gradient-descent comparisons need; ``processed=True`` applies TransformerLens's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from tl_plugins.errors import ModelFetchError, UnsupportedModelError
+
+_FIX_HINT = "pip install 'tl-plugins[gguf]'  (gguf, transformers, safetensors)"
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise ModelFetchError(f"loading local model files needs transformers: {_FIX_HINT}") from exc
+    return transformers
+
+
+def hooked_config_from_hf(hf_cfg: Any, *, n_ctx: Optional[int] = None, dtype=torch.float32,
+                          device: str = "cpu") -> Any:
+    """A HookedTransformerConfig for a Hugging Face Llama or GPT-2 config (no hub needed)."""
+    from transformer_lens import HookedTransformerConfig
+
+    arch = (getattr(hf_cfg, "architectures", None) or [type(hf_cfg).__name__])[0]
+    mt = getattr(hf_cfg, "model_type", "")
+    if mt == "llama" or arch == "LlamaForCausalLM":
+        rope = getattr(hf_cfg, "rope_parameters", None) or {}
+        scaling = getattr(hf_cfg, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise UnsupportedModelError(f"path: rope scaling {scaling!r} is not supported; accepted: none")
+        base = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
+        n_heads = hf_cfg.num_attention_heads
+        d_head = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // n_heads
+        n_kv = getattr(hf_cfg, "num_key_value_heads", None) or n_heads
+        fields = dict(
+            d_model=hf_cfg.hidden_size, d_head=d_head, n_heads=n_heads,
+            n_key_value_heads=n_kv if n_kv != n_heads else None,
+            d_mlp=hf_cfg.intermediate_size, n_layers=hf_cfg.num_hidden_layers,
+            n_ctx=n_ctx or min(int(hf_cfg.max_position_embeddings), 2048),
+            eps=hf_cfg.rms_norm_eps, d_vocab=hf_cfg.vocab_size, act_fn=hf_cfg.hidden_act,
+            normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
+            rotary_dim=d_head, rotary_base=base, rotary_adjacent_pairs=False, gated_mlp=True,
+            original_architecture="LlamaForCausalLM", default_prepend_bos=False,
+            dtype=dtype, device=device,
+        )
+        return HookedTransformerConfig(**fields)
+    if mt == "gpt2" or arch == "GPT2LMHeadModel":
+        return HookedTransformerConfig(
+            d_model=hf_cfg.n_embd, d_head=hf_cfg.n_embd // hf_cfg.n_head, n_heads=hf_cfg.n_head,
+            d_mlp=hf_cfg.n_inner or 4 * hf_cfg.n_embd, n_layers=hf_cfg.n_layer,
+            n_ctx=n_ctx or hf_cfg.n_positions, eps=hf_cfg.layer_norm_epsilon,
+            d_vocab=hf_cfg.vocab_size, act_fn=hf_cfg.activation_function, normalization_type="LN",
+            positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+            dtype=dtype, device=device,
+        )
+    raise UnsupportedModelError(
+        f"path: model_type {mt!r} (architecture {arch!r}) is not supported; accepted: llama, gpt2"
+    )
+
+
+def hf_to_hooked(hf_model: Any, tokenizer: Any = None, *, processed: bool = False,
+                 n_ctx: Optional[int] = None, dtype=torch.float32, device: str = "cpu"):
+    """Convert an in-memory HF Llama/GPT-2 model into a HookedTransformer with TL's converters."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+
+    from tl_plugins.weights import record_processing
+
+    cfg = hooked_config_from_hf(hf_model.config, n_ctx=n_ctx, dtype=dtype, device=device)
+    convert = convert_llama_weights if cfg.original_architecture == "LlamaForCausalLM" else convert_gpt2_weights
+    state_dict = convert(hf_model, cfg)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+        flags = dict(fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
+                     fold_value_biases=processed)
+        model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
+    model.to(device)
+    model.eval()
+    record_processing(model, **flags)
+    return model
+
+
+def load_hf_model(path: str | os.PathLike):
+    """The HF model and tokenizer of a local folder, float32, on CPU."""
+    _require_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelFetchError(f"path: {str(path)!r} has no config.json; expected a Hugging Face model folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() or (
+            path / "tokenizer.json").exists() else None
+    hf.eval()
+    return hf, tok
+
+
+def load_hf_folder(path: str | os.PathLike, *, processed: bool = False, n_ctx: Optional[int] = None,
+                   dtype=torch.float32, device: str = "cpu"):
+    """Load a local Hugging Face folder (Llama or GPT-2 family) as a HookedTransformer."""
+    hf, tok = load_hf_model(path)
+    return hf_to_hooked(hf, tok, processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)
+
+
+def read_gguf(path: str | os.PathLike):
+    """Parse and dequantise a GGUF file into an HF model and tokenizer (about 20 s for 135M params)."""
+    _require_transformers()
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ModelFetchError(f"reading GGUF files needs the gguf package: {_FIX_HINT}") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFetchError(f"path: GGUF file {str(path)!r} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelFetchError(f"path: {str(path)!r} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
+            )
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelFetchError(
+            f"path: could not read GGUF file {str(path)!r} ({type(exc).__name__}: {exc}); the file may be "
+            "truncated or corrupt: delete it and fetch it again"
+        ) from exc
+    cfg = hf.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        try:
+            del cfg.quantization_config
+        except AttributeError:
+            cfg.quantization_config = None
+    hf.eval()
+    return hf, tok
+
+
+def load_gguf(path: str | os.PathLike, *, processed: bool = False, n_ctx: Optional[int] = None,
+              dtype=torch.float32, device: str = "cpu"):
+    """Load a local GGUF file (Llama or GPT-2 family) as a HookedTransformer (weights dequantised)."""
+    hf, tok = read_gguf(path)
+    return hf_to_hooked(hf, tok, processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)

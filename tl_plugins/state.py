@@ -1,0 +1,74 @@
+"""Per-model bookkeeping: which plugins are enabled, with which config, and what they installed.
+
+The state lives in the model's instance ``__dict__`` under ``_tl_plugins_state`` and is deleted
+when the last plugin is disabled, so a model with nothing enabled carries no trace of the host.
+It is a plain object, so ``copy.deepcopy(model)`` copies it along with the seams that refer to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+STATE_ATTR = "_tl_plugins_state"
+
+_MISSING = object()
+
+
+@dataclass
+class Override:
+    """One per-instance attribute set on a module; ``previous`` is _MISSING if there was none."""
+
+    module: Any
+    attr: str
+    previous: Any
+
+
+@dataclass
+class ModelState:
+    """What the host knows about one model: enabled configs (in enable order) and installations."""
+
+    active: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, list[Override]] = field(default_factory=dict)
+    attention_seam_users: set[str] = field(default_factory=set)
+    mlp_seam_users: set[str] = field(default_factory=set)
+
+    def config(self, name: str) -> Any:
+        """The config of plugin ``name`` on this model, or None if it is not enabled."""
+        return self.active.get(name)
+
+
+def get_state(model: Any, create: bool = False) -> ModelState | None:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None and create:
+        state = ModelState()
+        object.__setattr__(model, STATE_ATTR, state)
+    return state
+
+
+def drop_state_if_empty(model: Any) -> None:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is not None and not state.active and not any(state.overrides.values()):
+        del model.__dict__[STATE_ATTR]
+
+
+def set_instance_attr(model: Any, owner: str, module: Any, attr: str, value: Any) -> None:
+    """Set ``module.attr = value`` on the instance, remembering what to restore for ``owner``."""
+    state = get_state(model, create=True)
+    previous = module.__dict__.get(attr, _MISSING)
+    state.overrides.setdefault(owner, []).append(Override(module, attr, previous))
+    # object.__setattr__: bridge components forward attribute assignment to the wrapped HF module,
+    # and nn.Module.__setattr__ would try to register modules/parameters.
+    object.__setattr__(module, attr, value)
+
+
+def restore_owner(model: Any, owner: str) -> None:
+    """Undo every per-instance attribute ``owner`` set, newest first."""
+    state = get_state(model)
+    if state is None:
+        return
+    for ov in reversed(state.overrides.pop(owner, [])):
+        if ov.previous is _MISSING:
+            ov.module.__dict__.pop(ov.attr, None)
+        else:
+            object.__setattr__(ov.module, ov.attr, ov.previous)

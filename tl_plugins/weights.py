@@ -1,0 +1,298 @@
+"""``tl_plugins.weights(model)``: one read-only view of a model's weights, in TransformerLens layout.
+
+Grouped K/V heads are expanded to one entry per query head, absent biases are zeros, and the view
+records how the weights were processed (layer-norm folding, centering), because projections into
+vocabulary space and gradient steps depend on the parameterisation. Plugins read weights only
+through this view, so a new backend is one new file.
+
+Shapes (L = n_layers, H = n_heads, Hkv = n_key_value_heads):
+    W_E [d_vocab, d_model]         W_U [d_model, d_vocab]          W_pos [n_ctx, d_model] or None
+    W_Q, W_K, W_V [L, H, d_model, d_head]     W_O [L, H, d_head, d_model]
+    b_Q, b_K, b_V [L, H, d_head]              b_O [L, d_model]
+    W_in [L, d_model, d_mlp]   W_gate [L, d_model, d_mlp] or None   W_out [L, d_mlp, d_model]
+    b_in [L, d_mlp]            b_out [L, d_model]
+Every tensor is detached (no autograd history) and cloned on access, so writing to it cannot
+change the model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+from tl_plugins import backends as _backends
+from tl_plugins.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Processing:
+    """How a model's weights were processed when loaded (TransformerLens ``from_pretrained`` flags).
+
+    ``source`` is "recorded" when the loader told us, "inferred" when read off the weights.
+    """
+
+    fold_ln: bool
+    center_writing_weights: bool
+    center_unembed: bool
+    fold_value_biases: bool
+    source: str = "inferred"
+
+    @property
+    def is_processed(self) -> bool:
+        return self.fold_ln or self.center_writing_weights or self.center_unembed or self.fold_value_biases
+
+    def describe(self) -> str:
+        flags = [f for f in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+                 if getattr(self, f)]
+        return (", ".join(flags) or "unprocessed") + f" ({self.source})"
+
+
+_recorded: "weakref.WeakKeyDictionary[Any, Processing]" = weakref.WeakKeyDictionary()
+_PROCESSING_ATTR = "_tl_plugins_processing"
+
+
+def record_processing(model: Any, *, fold_ln: bool, center_writing_weights: bool, center_unembed: bool,
+                      fold_value_biases: bool) -> None:
+    """Loaders call this so ``weights(model).processing`` is known rather than inferred.
+
+    Stored on ``model.cfg`` (survives ``deepcopy``) as ``cfg._tl_plugins_processing``.
+    """
+    p = Processing(fold_ln, center_writing_weights, center_unembed, fold_value_biases, "recorded")
+    object.__setattr__(model.cfg, _PROCESSING_ATTR, p)
+    _recorded[model] = p
+
+
+def _infer_processing(model: Any) -> Processing:
+    cfg = model.cfg
+    p = getattr(cfg, _PROCESSING_ATTR, None) or _recorded.get(model)
+    if p is not None:
+        return p
+    norm = getattr(cfg, "normalization_type", None) or ""
+    fold_ln = norm.endswith("Pre")
+    with torch.no_grad():
+        W_U = model.W_U.detach().float()
+        W_E = model.W_E.detach().float()
+        scale_u = W_U.abs().mean().clamp_min(1e-12)
+        scale_e = W_E.abs().mean().clamp_min(1e-12)
+        center_unembed = bool((W_U.mean(-1).abs().max() / scale_u) < 1e-4)
+        center_writing = bool((W_E.mean(-1).abs().max() / scale_e) < 1e-4) and cfg.d_model > 1
+    return Processing(fold_ln, center_writing, center_unembed, False, "inferred")
+
+
+class WeightView:
+    """Read-only, backend-independent access to a TransformerLens model's weights (see module doc)."""
+
+    def __init__(self, model: Any):
+        self._backend = _backends.detect(model)
+        self._model = model
+        self.cfg = model.cfg
+        self.processing = _infer_processing(model)
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.cfg.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.cfg.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.cfg, "n_key_value_heads", None) or self.cfg.n_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def d_head(self) -> int:
+        return self.cfg.d_head
+
+    @property
+    def d_mlp(self) -> Optional[int]:
+        return None if getattr(self.cfg, "attn_only", False) else self.cfg.d_mlp
+
+    @property
+    def d_vocab(self) -> int:
+        return self.cfg.d_vocab
+
+    @property
+    def gated_mlp(self) -> bool:
+        return bool(getattr(self.cfg, "gated_mlp", False))
+
+    @property
+    def tied(self) -> bool:
+        """True when W_U equals W_E^T exactly (tied embeddings, not centred apart)."""
+        W_E, W_U = self._model.W_E, self._model.W_U
+        return W_E.shape == W_U.T.shape and bool(torch.equal(W_E.detach(), W_U.detach().T))
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _out(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone()
+
+    def _check_layer(self, layer: Any) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer: got {layer!r}; accepted: an int in [0, {self.n_layers - 1}]")
+        return layer
+
+    def _attn(self, layer: int) -> Any:
+        return self._model.blocks[self._check_layer(layer)].attn
+
+    def _mlp(self, layer: int) -> Any:
+        if self.d_mlp is None:
+            raise UnsupportedModelError("model: attention-only model (cfg.attn_only=True) has no MLP weights")
+        return self._model.blocks[self._check_layer(layer)].mlp
+
+    def _stack(self, fn) -> torch.Tensor:
+        return torch.stack([fn(layer) for layer in range(self.n_layers)])
+
+    # -- embeddings ----------------------------------------------------------------------------
+    @property
+    def W_E(self) -> torch.Tensor:
+        return self._out(self._model.W_E)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self._out(self._model.W_U)
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        b = getattr(self._model.unembed, "b_U", None)
+        return self._out(b) if b is not None else torch.zeros(self.d_vocab, dtype=self._model.W_U.dtype)
+
+    @property
+    def W_pos(self) -> Optional[torch.Tensor]:
+        if self.cfg.positional_embedding_type in ("standard", "shortformer"):
+            return self._out(self._model.W_pos)
+        return None
+
+    # -- attention, per layer ------------------------------------------------------------------
+    def W_Q_layer(self, layer: int) -> torch.Tensor:
+        return self._out(self._attn(layer).W_Q)
+
+    def W_K_layer(self, layer: int) -> torch.Tensor:
+        return self._out(self._attn(layer).W_K)  # GroupedQueryAttention.W_K expands
+
+    def W_V_layer(self, layer: int) -> torch.Tensor:
+        return self._out(self._attn(layer).W_V)
+
+    def W_O_layer(self, layer: int) -> torch.Tensor:
+        return self._out(self._attn(layer).W_O)
+
+    def _bias(self, layer: int, attr: str, shape: tuple[int, ...]) -> torch.Tensor:
+        attn = self._attn(layer)
+        b = getattr(attn, attr, None)
+        if b is None:
+            return torch.zeros(shape, dtype=attn.W_Q.dtype, device=attn.W_Q.device)
+        return self._out(b)
+
+    def b_Q_layer(self, layer: int) -> torch.Tensor:
+        return self._bias(layer, "b_Q", (self.n_heads, self.d_head))
+
+    def b_K_layer(self, layer: int) -> torch.Tensor:
+        return self._bias(layer, "b_K", (self.n_heads, self.d_head))
+
+    def b_V_layer(self, layer: int) -> torch.Tensor:
+        return self._bias(layer, "b_V", (self.n_heads, self.d_head))
+
+    def b_O_layer(self, layer: int) -> torch.Tensor:
+        return self._bias(layer, "b_O", (self.d_model,))
+
+    # -- MLP, per layer ------------------------------------------------------------------------
+    def W_in_layer(self, layer: int) -> torch.Tensor:
+        return self._out(self._mlp(layer).W_in)
+
+    def W_gate_layer(self, layer: int) -> Optional[torch.Tensor]:
+        mlp = self._mlp(layer)
+        return self._out(mlp.W_gate) if getattr(mlp, "W_gate", None) is not None else None
+
+    def W_out_layer(self, layer: int) -> torch.Tensor:
+        return self._out(self._mlp(layer).W_out)
+
+    def b_in_layer(self, layer: int) -> torch.Tensor:
+        mlp = self._mlp(layer)
+        b = getattr(mlp, "b_in", None)
+        return self._out(b) if b is not None else torch.zeros(self.d_mlp, dtype=mlp.W_in.dtype)
+
+    def b_out_layer(self, layer: int) -> torch.Tensor:
+        mlp = self._mlp(layer)
+        b = getattr(mlp, "b_out", None)
+        return self._out(b) if b is not None else torch.zeros(self.d_model, dtype=mlp.W_in.dtype)
+
+    # -- stacked over layers -------------------------------------------------------------------
+    @property
+    def W_Q(self) -> torch.Tensor:
+        return self._stack(self.W_Q_layer)
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        return self._stack(self.W_K_layer)
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        return self._stack(self.W_V_layer)
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        return self._stack(self.W_O_layer)
+
+    @property
+    def b_Q(self) -> torch.Tensor:
+        return self._stack(self.b_Q_layer)
+
+    @property
+    def b_K(self) -> torch.Tensor:
+        return self._stack(self.b_K_layer)
+
+    @property
+    def b_V(self) -> torch.Tensor:
+        return self._stack(self.b_V_layer)
+
+    @property
+    def b_O(self) -> torch.Tensor:
+        return self._stack(self.b_O_layer)
+
+    @property
+    def W_in(self) -> torch.Tensor:
+        return self._stack(self.W_in_layer)
+
+    @property
+    def W_gate(self) -> Optional[torch.Tensor]:
+        return self._stack(self.W_gate_layer) if self.gated_mlp else None
+
+    @property
+    def W_out(self) -> torch.Tensor:
+        return self._stack(self.W_out_layer)
+
+    @property
+    def b_in(self) -> torch.Tensor:
+        return self._stack(self.b_in_layer)
+
+    @property
+    def b_out(self) -> torch.Tensor:
+        return self._stack(self.b_out_layer)
+
+    # -- norms ---------------------------------------------------------------------------------
+    def ln_final_w(self) -> Optional[torch.Tensor]:
+        """Scale of the final norm, or None when it was folded or is absent."""
+        w = getattr(getattr(self._model, "ln_final", None), "w", None)
+        return self._out(w) if w is not None else None
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightView(n_layers={self.n_layers}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+            f"d_model={self.d_model}, d_vocab={self.d_vocab}, processing={self.processing.describe()})"
+        )
+
+
+def weights(model: Any) -> WeightView:
+    """Return the read-only :class:`WeightView` of ``model`` (see the module docstring for shapes)."""
+    return WeightView(model)
+
+
+__all__ = ["Processing", "WeightView", "record_processing", "weights", "replace"]
