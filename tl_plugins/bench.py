@@ -1,0 +1,168 @@
+"""Benchmarks: ``tl-plugins bench NAME``. Each prints ratios measured side by side in one run.
+
+A plugin registers benchmarks through ``tl_plugins_register_benchmarks(register)`` with
+``register(name, fn, summary=...)``; ``fn(*, quick=False, model=None, device="cpu") -> BenchResult``.
+Helpers here measure medians and peak memory the same way for every plugin.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def device_description(device: str = "cpu") -> str:
+    """A human description of where a figure was measured (named with every figure)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class BenchResult:
+    """Rows of measurements (dicts with the same keys) plus notes and where they were taken."""
+
+    name: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    device: str = field(default_factory=device_description)
+    checks: dict[str, bool] = field(default_factory=dict)
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def check(self, name: str, passed: bool) -> None:
+        """Record whether a target from the issue was met (printed as PASS/FAIL)."""
+        self.checks[name] = bool(passed)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def render(self) -> str:
+        lines = [f"== bench {self.name} ==", f"device: {self.device}"]
+        if self.rows:
+            with _pandas_wide():
+                lines.append(self.to_frame().to_string(index=False))
+        for name, ok in self.checks.items():
+            lines.append(f"[{'PASS' if ok else 'FAIL'}] {name}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return f"<h4>bench {self.name}</h4><p>{self.device}</p>" + self.to_frame().to_html(index=False)
+
+
+class _pandas_wide:
+    def __enter__(self):
+        import pandas as pd
+
+        self._ctx = pd.option_context("display.width", 200, "display.max_columns", 50,
+                                      "display.float_format", "{:.4g}".format)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def median_time(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, sync: bool = False) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - non-Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakRSS:
+    """Context manager sampling resident memory in a thread; ``.peak_extra`` = peak - start (bytes).
+
+    CPU tensors are allocated with malloc, so RSS is the honest measure on CPU. Sampling every
+    ``interval`` seconds can miss very short spikes; benchmarks that need exact figures on CPU
+    should prefer ``torch.profiler``-free analytic checks or repeat the measurement.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.start = 0
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        self.start = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def peak_extra(self) -> int:
+        return self.peak - self.start
+
+
+def peak_cuda_extra(fn: Callable[[], Any], device: str = "cuda") -> int:
+    """Peak CUDA memory allocated by ``fn()`` above what was allocated before (bytes)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def available() -> dict[str, tuple[Callable[..., BenchResult], str]]:
+    from tl_plugins.plugins import collect
+
+    return collect("tl_plugins_register_benchmarks")
+
+
+def run(name: str, *, quick: bool = False, model: Optional[str] = None, device: str = "cpu") -> BenchResult:
+    found = available()
+    if name not in found:
+        raise KeyError(f"name: unknown benchmark {name!r}; available: {', '.join(sorted(found))}")
+    fn, _ = found[name]
+    kwargs: dict[str, Any] = {"quick": quick, "device": device}
+    if model is not None:
+        kwargs["model"] = model
+    return fn(**kwargs)

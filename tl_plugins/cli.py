@@ -1,0 +1,100 @@
+"""The ``tl-plugins`` command line. Plugins add subcommands via ``tl_plugins_register_commands(cli)``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tl-plugins")
+def cli() -> None:
+    """TransformerLens plugins: top-k attention, embedding-space projections, ICL vs GD."""
+
+
+@cli.command("list")
+def list_cmd() -> None:
+    """List plugins, where they came from, and entry points that are blocked or failed."""
+    import tl_plugins
+    from tl_plugins.plugins import entry_points
+
+    plugins = tl_plugins.list_plugins()
+    click.echo(f"{'plugin':<12} {'version':<9} summary")
+    for p in plugins:
+        click.echo(f"{p.name:<12} {p.version or '-':<9} {p.summary}")
+        click.echo(f"{'':<12} {'':<9} from {p.source}")
+    click.echo("\nentry points (group 'tl_plugins'):")
+    for rec in entry_points():
+        click.echo(f"  {rec.name:<12} {rec.value:<28} {rec.dist} {rec.version}: {rec.status}")
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List the model names that ``--model`` and ``tl_plugins.models.load`` accept."""
+    from tl_plugins import models
+
+    for name, summary in sorted(models.available().items()):
+        click.echo(f"{name:<16} {summary}")
+
+
+@cli.command("bench")
+@click.argument("name", required=False)
+@click.option("--quick", is_flag=True, help="Smaller sizes (seconds, not minutes).")
+@click.option("--model", default=None, help="Model name (default: the benchmark's own).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result as JSON to this file.")
+def bench_cmd(name, quick, model, device, json_out) -> None:
+    """Run benchmark NAME (omit it to list them); prints ratios measured in one run."""
+    from tl_plugins import bench
+
+    found = bench.available()
+    if name is None:
+        for n, (_, summary) in sorted(found.items()):
+            click.echo(f"{n:<12} {summary}")
+        return
+    if name not in found:
+        raise click.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(sorted(found))}",
+                                 param_hint="NAME")
+    result = bench.run(name, quick=quick, model=model, device=device)
+    click.echo(result.render())
+    if json_out:
+        Path(json_out).write_text(result.to_json())
+
+
+@cli.command("report")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="Model name (see `tl-plugins models`).")
+@click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="Smaller measurements: for tests and slow machines.")
+def report_cmd(model_name, out_dir, quick) -> None:
+    """Write a self-contained HTML report about one model (OUT/index.html, opens offline)."""
+    from tl_plugins import models
+    from tl_plugins.report import build_report
+
+    t0 = time.perf_counter()
+    click.echo(f"loading {model_name} ...", err=True)
+    model = models.load(model_name)
+    load_seconds = time.perf_counter() - t0
+    path = build_report(model, model_name, out_dir,
+                        options={"quick": quick, "load_seconds": load_seconds})
+    click.echo(f"report written to {path.resolve()} ({time.perf_counter() - t0:.0f} s)")
+
+
+def build_cli() -> click.Group:
+    """The root group with every plugin's subcommands added."""
+    from tl_plugins.plugins import get_plugin_manager
+
+    get_plugin_manager().hook.tl_plugins_register_commands(cli=cli)
+    return cli
+
+
+def main(argv=None) -> None:
+    build_cli()(args=argv, prog_name="tl-plugins")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
