@@ -1,0 +1,118 @@
+"""Model-aware glue: what the ``topk`` plugin does inside one attention call and one MLP call.
+
+Attention takes one of three routes:
+  * pass (return None, the host's bit-exact dense path) when the layer is not limited or every head
+    keeps at least as many keys as there are (top-k equals dense);
+  * the hooked route, ``call.dense(scores_transform=...)``, whenever ``hook_attn_scores`` or
+    ``hook_pattern`` is observed or edited (so the hooks see the full masked scores and the sparse
+    pattern the model used), and for attention variants the functional op does not model
+    (sliding windows, additive masks, non-causal attention with a padding mask), or ``backend="dense"``;
+  * otherwise the functional op ``topk_attention`` (chunked on CPU, triton on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from tl_topk.config import TopKConfig
+from tl_topk.ops.attention import ENV_BACKEND, topk_attention
+from tl_topk.ops.feedforward import check_activation, topk_activation
+from tl_topk.ops.selection import spec_covers_all, topk_keep_mask, validate_k_value
+
+PLUGIN = "topk"
+
+
+def scores_transform(spec: tuple):
+    """Function [batch, head, q, k] masked scores -> scores with unselected keys set to -inf.
+
+    Validity is read from the scores themselves (-inf = masked), so a hook that edits
+    ``hook_attn_scores`` changes the selection. Keys that stay keep their exact bits.
+    """
+
+    def transform(scores: torch.Tensor) -> torch.Tensor:
+        n_k = scores.shape[-1]
+        with torch.no_grad():
+            n_valid = (scores > float("-inf")).sum(-1)  # [b, h, q]
+            rows = []
+            for h, entry in enumerate(spec):
+                nv = n_valid[:, h]
+                if entry is None:
+                    rows.append(torch.full_like(nv, max(n_k, 1)))
+                elif isinstance(entry, float):
+                    kf = torch.ceil(nv.to(torch.float64) * entry - 1e-9).to(torch.long)
+                    rows.append(kf.clamp(min=1, max=max(n_k, 1)))
+                else:
+                    rows.append(torch.full_like(nv, min(entry, max(n_k, 1))))
+            keep = topk_keep_mask(scores.detach(), torch.stack(rows, dim=1))
+            valid = scores > float("-inf")
+        if bool((keep == valid).all()):
+            return scores
+        return scores.masked_fill(~keep, float("-inf"))
+
+    return transform
+
+
+def _hooked_route_needed(call: Any, cfg: TopKConfig) -> bool:
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    backend = env or cfg.backend
+    return (
+        backend == "dense"
+        or call.scores_hooked()
+        or call.window_size is not None
+        or call.additive_attention_mask is not None
+        or (not call.causal and call.attention_mask is not None)
+    )
+
+
+def attention(call: Any) -> Optional[torch.Tensor]:
+    """``tl_plugins_attention`` for the topk plugin: z [batch, q_pos, head, d_head] or None."""
+    cfg: Optional[TopKConfig] = call.config(PLUGIN)
+    if cfg is None:
+        return None
+    spec = cfg.attention_spec(call.layer, call.n_heads)
+    if spec is None:
+        return None
+    n_k = call.k.shape[1]
+    hooked = _hooked_route_needed(call, cfg)
+    if spec_covers_all(spec, n_k) and not hooked:
+        return None
+    if hooked:
+        return call.dense(scores_transform=scores_transform(spec))
+    pad = call.key_padding_mask if call.causal else None
+    return topk_attention(
+        call.q, call.k, call.v, spec, causal=call.causal, key_padding_mask=pad, scale=call.scale,
+        softcap=call.softcap, backend=cfg.backend, chunk_size=cfg.chunk_size,
+        memory_budget=cfg.memory_budget,
+    )
+
+
+def mlp_activation(call: Any) -> Optional[torch.Tensor]:
+    """``tl_plugins_mlp_activation`` for the topk plugin: sparse post-activations or None."""
+    cfg: Optional[TopKConfig] = call.config(PLUGIN)
+    if cfg is None:
+        return None
+    units = cfg.ff_units(call.layer, call.pre.shape[-1])
+    if units is None:
+        return None
+    return topk_activation(call.pre, units, call.act_fn)
+
+
+def check_model(model: Any, cfg: TopKConfig) -> None:
+    """Refuse models and options the plugin cannot honour (raises; the host then rolls back)."""
+    mcfg = model.cfg
+    cfg.check_model(mcfg.n_layers, mcfg.n_heads)
+    if cfg.ff_k is not None:
+        if getattr(mcfg, "attn_only", False):
+            raise ValueError("ff_k: the model is attention-only (cfg.attn_only=True); it has no MLPs")
+        check_activation(str(mcfg.act_fn))
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if (env or cfg.backend) == "triton":
+        from tl_topk.ops import triton_kernels
+
+        triton_kernels.check_available(torch.empty(0, device=mcfg.device))
+
+
+__all__ = ["attention", "mlp_activation", "check_model", "scores_transform", "validate_k_value"]

@@ -1,0 +1,135 @@
+"""``topk_attention``: the one functional op, its input checks and the backend choice.
+
+Backends: ``dense`` (oracle, quadratic memory), ``chunked`` (linear memory, any device, the CPU
+path), ``triton`` (GPU kernel: threshold pass + FlashAttention-style pass). ``auto`` takes
+``triton`` on CUDA when it supports the call and ``chunked`` otherwise; the environment variable
+``TL_TOPK_BACKEND`` overrides both ``auto`` and an explicit choice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
+from tl_topk.ops.dense import dense_topk_attention
+from tl_topk.ops.selection import KSpec, count_valid, k_per_row, per_head_spec
+
+BACKENDS = ("auto", "dense", "chunked", "triton")
+ENV_BACKEND = "TL_TOPK_BACKEND"
+
+
+def resolve_backend(backend: str, device: torch.device, triton_ok: bool) -> str:
+    """The backend that will run: env override first, then ``auto`` -> triton on CUDA or chunked."""
+    env = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND}: got {env!r}; accepted: {', '.join(BACKENDS)}")
+        backend = env
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}; accepted: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and triton_ok) else "chunked"
+    return backend
+
+
+def _check_inputs(q, k, v, key_padding_mask, scale, softcap):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected [batch, pos, head, d_head], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}; accepted: one dtype for q, k, v")
+        if t.device != q.device:
+            raise ValueError(f"{name}: device {t.device} differs from q's {q.device}; accepted: one device")
+    b, n_q, h, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"k, v: batch {k.shape[0]}, {v.shape[0]} differs from q's {b}")
+    if k.shape[3] != d:
+        raise ValueError(f"k: d_head {k.shape[3]} differs from q's {d}")
+    if v.shape[1:3] != k.shape[1:3]:
+        raise ValueError(f"v: [pos, head] {tuple(v.shape[1:3])} differs from k's {tuple(k.shape[1:3])}")
+    if k.shape[2] < 1 or h % k.shape[2] != 0:
+        raise ValueError(f"k: {k.shape[2]} K/V heads do not divide q's {h} heads (grouped-query attention)")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask: expected a tensor [batch, k_pos], got {type(key_padding_mask).__name__}")
+        if tuple(key_padding_mask.shape) != (b, k.shape[1]):
+            raise ValueError(f"key_padding_mask: shape {tuple(key_padding_mask.shape)}, expected [batch, k_pos] = {(b, k.shape[1])}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask: device {key_padding_mask.device} differs from q's {q.device}")
+        if key_padding_mask.dtype.is_floating_point:
+            raise TypeError(f"key_padding_mask: dtype {key_padding_mask.dtype}; accepted: bool or int (1 = real token)")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale: got {scale!r}; accepted: a positive float or None (1/sqrt(d_head))")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap: got {softcap!r}; accepted: a positive float or None")
+
+
+def topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_top: KSpec,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> torch.Tensor:
+    """Top-k attention in TransformerLens layout; differentiable.
+
+    Args:
+        q: [batch, q_pos, n_heads, d_head] (post-rotary queries).
+        k: [batch, k_pos, n_kv_heads, d_head]; n_heads must be a multiple of n_kv_heads (grouped-
+            query attention: query head h reads K/V head h // (n_heads // n_kv_heads); never repeated).
+        v: [batch, k_pos, n_kv_heads, d_v].
+        k_top: int >= 1, fraction in (0, 1] of each row's valid keys (rounded up), or one entry per
+            query head (int, fraction or None for a dense head).
+        causal: mask keys after the query; query i sits at key position i + k_pos - q_pos (so a KV-
+            cache decode step with q_pos = 1 sees every key).
+        key_padding_mask: [batch, k_pos] bool/int, true for real tokens.
+        scale: multiplier of q.k (default 1/sqrt(d_head)); softcap: c * tanh(s / c) after scaling.
+        backend: "auto", "dense", "chunked" or "triton" (env TL_TOPK_BACKEND overrides).
+        chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked).
+
+    Returns:
+        z: [batch, q_pos, n_heads, d_v]. Row i mixes the V rows of its k largest valid scores
+        (ties to the smaller key index); rows with fewer than k valid keys are dense; rows with no
+        valid key are zero.
+    """
+    _check_inputs(q, k, v, key_padding_mask, scale, softcap)
+    b, n_q, h, d = q.shape
+    n_k = k.shape[1]
+    spec = per_head_spec(k_top, h)
+    scale = float(scale) if scale is not None else d ** -0.5
+    softcap = float(softcap) if softcap is not None else None
+    from tl_topk.ops import triton_kernels
+
+    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, spec, softcap))
+    if chosen == "triton":
+        triton_kernels.check_available(q)
+    if n_k == 0 or n_q == 0:
+        return q.new_zeros(b, n_q, h, v.shape[3])
+    if chosen == "dense":
+        return dense_topk_attention(q, k, v, spec, causal=causal, key_padding_mask=key_padding_mask,
+                                    scale=scale, softcap=softcap)
+    n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device)
+    k_rows = k_per_row(spec, n_valid, n_k)
+    kk = int(k_rows.max().item())
+    if chosen == "triton":
+        return triton_kernels.triton_topk_attention(q, k, v, k_rows, kk, causal=causal,
+                                                    key_padding_mask=key_padding_mask, scale=scale,
+                                                    softcap=softcap)
+    return chunked_topk_attention(q, k, v, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
+                                  scale=scale, softcap=softcap, chunk_size=chunk_size,
+                                  memory_budget=memory_budget)

@@ -1,0 +1,148 @@
+"""Chunked top-k attention: linear memory in the forward and the backward (the CPU path).
+
+Queries are processed in chunks, so the score buffer is [chunk, keys] and never [queries, keys].
+Each chunk keeps only the selected keys: probabilities and key indices, O(n k) in all, are what the
+custom ``autograd.Function`` saves. The forward gathers the k selected V rows per query instead of
+multiplying a scattered dense pattern by V (Gupta et al.'s reference does the latter); the backward
+needs no recomputation of scores at all, because with the selection fixed every gradient is a sum
+over the k saved (query, key) pairs: gather K/V rows, scatter-add into dK/dV.
+
+Grouped-query attention: query head h reads K/V head h // group; K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tl_topk.ops.dense import valid_mask
+from tl_topk.ops.selection import topk_select
+
+DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes of transient buffers per chunk
+
+
+def chunk_rows(per_row_bytes: int, n_rows: int, budget: int, chunk_size: Optional[int]) -> int:
+    """Query rows per chunk: ``chunk_size`` if given, else as many as fit ``budget``."""
+    if chunk_size is not None:
+        return max(1, min(int(chunk_size), n_rows))
+    return max(1, min(n_rows, budget // max(1, per_row_bytes)))
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [b, h_kv, n_k, d], idx [b, h_kv, g, c, kk] -> [b, h_kv, g, c, kk, d]."""
+    b, h_kv, _, d = x.shape
+    flat = idx.reshape(b, h_kv, -1, 1).expand(-1, -1, -1, d)
+    return x.gather(2, flat).reshape(*idx.shape, d)
+
+
+def _scatter_rows(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """out[b, h_kv, idx] += src; out [b, h_kv, n_k, d], idx [b, h_kv, g, c, kk], src [..., kk, d]."""
+    b, h_kv, _, d = out.shape
+    out.scatter_add_(2, idx.reshape(b, h_kv, -1, 1).expand(-1, -1, -1, d), src.reshape(b, h_kv, -1, d))
+
+
+class ChunkedTopKAttention(torch.autograd.Function):
+    """z = top-k attention (see ``tl_topk.topk_attention``) with O(n k) saved state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap, chunk_size, budget):
+        # q [b, n_q, h, d]; k [b, n_k, h_kv, d]; v [b, n_k, h_kv, dv]; k_rows [b, h, n_q] int64
+        b, n_q, h, d = q.shape
+        n_k, h_kv, dv = k.shape[1], k.shape[2], v.shape[3]
+        g = h // h_kv
+        offset = n_k - n_q
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        qh = q.permute(0, 2, 1, 3).reshape(b, h_kv, g, n_q, d)
+        kh = k.permute(0, 2, 1, 3).contiguous()  # [b, h_kv, n_k, d]
+        vh = v.permute(0, 2, 1, 3).contiguous()
+        kr = k_rows.reshape(b, h_kv, g, n_q)
+        probs = torch.zeros(b, h_kv, g, n_q, kk, dtype=compute, device=q.device)
+        index = torch.zeros(b, h_kv, g, n_q, kk, dtype=torch.int32, device=q.device)
+        capped = (torch.full((b, h_kv, g, n_q, kk), float("-inf"), dtype=compute, device=q.device)
+                  if softcap is not None else None)
+        out = torch.zeros(b, h_kv, g, n_q, dv, dtype=compute, device=q.device)
+        # Score buffer, its mask and topk temporaries dominate: ~4 copies of [b, h, rows, n_k].
+        rows = chunk_rows(b * h * n_k * 4 * 4, n_q, budget, chunk_size)
+        kt = kh.to(compute).transpose(-1, -2).unsqueeze(2)  # [b, h_kv, 1, d, n_k]
+        for q0 in range(0, n_q, rows):
+            q1 = min(n_q, q0 + rows)
+            k_end = min(n_k, q1 + offset) if causal else n_k
+            if k_end <= 0:
+                continue  # every row of this chunk is fully masked: zeros
+            s = qh[:, :, :, q0:q1].to(compute) @ kt[..., :k_end]  # [b, h_kv, g, c, k_end]
+            s.mul_(scale)
+            if softcap is not None:
+                s.div_(softcap).tanh_().mul_(softcap)
+            valid = valid_mask(torch.arange(q0, q1, device=q.device) + offset, k_end, causal,
+                               key_padding_mask)
+            if valid is not None:
+                s.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+            kc = min(kk, k_end)
+            vals, idx = topk_select(s, kr[:, :, :, q0:q1], kc)
+            del s
+            p = _softmax_rows(vals)
+            probs[:, :, :, q0:q1, :kc] = p
+            index[:, :, :, q0:q1, :kc] = idx.to(torch.int32)
+            if capped is not None:
+                capped[:, :, :, q0:q1, :kc] = vals
+            vg = _gather_rows(vh, idx)
+            out[:, :, :, q0:q1] = (p.unsqueeze(-2) @ vg.to(compute)).squeeze(-2)
+        ctx.save_for_backward(q, k, v, probs, index, capped)
+        ctx.scale, ctx.softcap, ctx.chunk_size, ctx.budget = scale, softcap, chunk_size, budget
+        return out.reshape(b, h, n_q, dv).permute(0, 2, 1, 3).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs, index, capped = ctx.saved_tensors
+        b, n_q, h, d = q.shape
+        n_k, h_kv, dv = k.shape[1], k.shape[2], v.shape[3]
+        g = h // h_kv
+        kk = probs.shape[-1]
+        compute = probs.dtype
+        qh = q.permute(0, 2, 1, 3).reshape(b, h_kv, g, n_q, d).to(compute)
+        kh = k.permute(0, 2, 1, 3).to(compute).contiguous()
+        vh = v.permute(0, 2, 1, 3).to(compute).contiguous()
+        do = grad_out.permute(0, 2, 1, 3).reshape(b, h_kv, g, n_q, dv).to(compute)
+        dq = torch.zeros_like(qh)
+        dk = torch.zeros_like(kh)
+        dvh = torch.zeros_like(vh)
+        # Gathered K and V rows and the two scatter sources: ~4 copies of [b, h, rows, kk, d].
+        rows = chunk_rows(b * h * kk * max(d, dv) * 4 * 4, n_q, ctx.budget, None)
+        for q0 in range(0, n_q, rows):
+            q1 = min(n_q, q0 + rows)
+            p = probs[:, :, :, q0:q1]
+            idx = index[:, :, :, q0:q1].long()
+            do_c = do[:, :, :, q0:q1]
+            vg = _gather_rows(vh, idx)
+            dp = (vg @ do_c.unsqueeze(-1)).squeeze(-1)  # [b, h_kv, g, c, kk]
+            ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+            if ctx.softcap is not None:
+                c = capped[:, :, :, q0:q1]
+                slope = torch.where(p > 0, 1 - (c / ctx.softcap) ** 2, torch.zeros_like(c))
+                ds = ds * slope
+            ds = ds * ctx.scale
+            kg = _gather_rows(kh, idx)
+            dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ kg).squeeze(-2)
+            _scatter_rows(dk, idx, ds.unsqueeze(-1) * qh[:, :, :, q0:q1].unsqueeze(-2))
+            _scatter_rows(dvh, idx, p.unsqueeze(-1) * do_c.unsqueeze(-2))
+        dq = dq.reshape(b, h, n_q, d).permute(0, 2, 1, 3).to(q.dtype)
+        dk = dk.permute(0, 2, 1, 3).to(k.dtype)
+        dvh = dvh.permute(0, 2, 1, 3).to(v.dtype)
+        return dq, dk, dvh, None, None, None, None, None, None, None, None
+
+
+def _softmax_rows(vals: torch.Tensor) -> torch.Tensor:
+    """Softmax over the kept values; rows with nothing kept give zeros."""
+    m = vals.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(vals - m)
+    z = e.sum(-1, keepdim=True)
+    return e / torch.where(z > 0, z, torch.ones_like(z))
+
+
+def chunked_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap,
+                           chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+    """Functional entry: see ``ChunkedTopKAttention``. ``k_rows`` [b, h, n_q] int64, ``kk`` = its max."""
+    return ChunkedTopKAttention.apply(q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap,
+                                      chunk_size, memory_budget)

@@ -1,0 +1,89 @@
+"""The dense oracle: full scores, the selection rule as a mask, safe softmax, pattern @ V.
+
+Quadratic memory; every other backend is tested against it. Differentiable with plain autograd
+(gradients flow only through the kept scores).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tl_topk.ops.selection import count_valid, k_per_row, safe_softmax, topk_keep_mask
+
+
+def masked_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor],
+    scale: float,
+    softcap: Optional[float],
+) -> torch.Tensor:
+    """Scaled, soft-capped, masked scores [batch, head, q_pos, k_pos] (invalid keys at -inf).
+
+    q: [batch, q_pos, head, d]; k: [batch, k_pos, kv_head, d] with head = group * kv_head (query head
+    h reads K/V head h // group, as TransformerLens's repeat_interleave does). Computed per K/V group
+    without repeating K. Causal alignment is bottom-right (query i at key position i + k_pos - q_pos).
+    """
+    b, n_q, h, d = q.shape
+    n_k, h_kv = k.shape[1], k.shape[2]
+    g = h // h_kv
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qh = q.permute(0, 2, 1, 3).reshape(b, h_kv, g, n_q, d).to(compute)
+    kh = k.permute(0, 2, 3, 1).unsqueeze(2).to(compute)  # [b, h_kv, 1, d, n_k]
+    s = (qh @ kh).reshape(b, h, n_q, n_k) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    valid = valid_mask(torch.arange(n_q, device=q.device) + (n_k - n_q), n_k, causal, key_padding_mask)
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    return s
+
+
+def valid_mask(query_positions: torch.Tensor, k_end: int, causal: bool,
+               key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Bool [batch or 1, 1, len(query_positions), k_end] of valid (query, key) pairs, or None.
+
+    ``query_positions``: key position of each query (``i + k_pos - q_pos`` for query row i).
+    """
+    mask = None
+    if causal:
+        keys = torch.arange(k_end, device=query_positions.device)
+        mask = (keys[None, :] <= query_positions[:, None])[None, None]
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, :k_end].to(device=query_positions.device, dtype=torch.bool)
+        pad = pad[:, None, None, :]
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+def dense_topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: tuple,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: float,
+    softcap: Optional[float] = None,
+    return_pattern: bool = False,
+):
+    """Top-k attention by brute force. Returns z [batch, q_pos, head, d_v] (and the pattern).
+
+    ``spec``: per-head k tuple (see ``tl_topk.ops.selection.per_head_spec``).
+    """
+    b, n_q, h, _ = q.shape
+    n_k, h_kv = k.shape[1], k.shape[2]
+    s = masked_scores(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, softcap=softcap)
+    n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device)
+    keep = topk_keep_mask(s.detach(), k_per_row(spec, n_valid, n_k))
+    pattern = safe_softmax(s.masked_fill(~keep, float("-inf")))
+    g = h // h_kv
+    vh = v.permute(0, 2, 1, 3).unsqueeze(2).to(pattern.dtype)  # [b, h_kv, 1, n_k, d_v]
+    z = (pattern.reshape(b, h_kv, g, n_q, n_k) @ vh).reshape(b, h, n_q, -1)
+    z = z.permute(0, 2, 1, 3).to(v.dtype)
+    return (z, pattern) if return_pattern else z

@@ -1,0 +1,168 @@
+"""The selection rule shared by every backend, and the resolution of ``k`` to one value per query row.
+
+Rule: row i keeps its k largest *valid* scores, ordering keys by (score descending, key index
+ascending), so a tie at the boundary goes to the smaller key index. ``torch.topk`` alone does not
+promise that tie-break, so every function here computes the k-th value ``tau`` with ``torch.topk``
+(values are unambiguous) and then breaks ties at ``tau`` by counting equal entries from the left.
+A row with fewer than k valid keys keeps all of them; a row with none keeps none.
+
+A per-head k spec is a tuple with one entry per query head, each ``int`` (absolute k), ``float`` in
+(0, 1] (fraction of the row's valid keys, rounded up, at least 1) or ``None`` (dense head).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+KSpec = Union[int, float, Sequence[Union[int, float, None]], torch.Tensor]
+
+# Fractions are rounded up after subtracting this, so 0.1 * 30 gives 3 and not 4.
+_FRACTION_EPS = 1e-9
+
+
+def validate_k_value(value, argument: str = "k", allow_none: bool = False):
+    """Check one k entry and return it as ``int``, ``float`` or ``None``; raise naming ``argument``."""
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{argument}: got None; accepted: an int >= 1 or a fraction in (0, 1]")
+    if isinstance(value, bool):
+        raise TypeError(f"{argument}: got bool {value!r}; accepted: an int >= 1 or a fraction in (0, 1]")
+    if isinstance(value, numbers.Integral):
+        if int(value) < 1:
+            raise ValueError(f"{argument}: got {value!r}; k must be an int >= 1 or a fraction in (0, 1]")
+        return int(value)
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        if not math.isfinite(f) or not (0.0 < f <= 1.0):
+            raise ValueError(
+                f"{argument}: got {value!r}; a float k is a fraction of the valid keys and must lie in "
+                "(0, 1]; for an absolute k pass an int >= 1"
+            )
+        return f
+    raise TypeError(
+        f"{argument}: got {type(value).__name__} {value!r}; accepted: an int >= 1, a fraction in (0, 1]"
+        + (" or None (dense)" if allow_none else "")
+    )
+
+
+def per_head_spec(k_top: KSpec, n_heads: int, argument: str = "k_top") -> tuple:
+    """Normalise ``k_top`` to a tuple of ``n_heads`` entries (int, float fraction or None)."""
+    if isinstance(k_top, torch.Tensor):
+        if k_top.dim() == 0:
+            k_top = k_top.item()
+        else:
+            k_top = k_top.tolist()
+    if isinstance(k_top, (list, tuple)):
+        if len(k_top) != n_heads:
+            raise ValueError(
+                f"{argument}: a per-head k needs one entry per query head ({n_heads}), got {len(k_top)}"
+            )
+        return tuple(validate_k_value(x, f"{argument}[{h}]", allow_none=True) for h, x in enumerate(k_top))
+    v = validate_k_value(k_top, argument)
+    return (v,) * n_heads
+
+
+def count_valid(
+    n_q: int, n_k: int, causal: bool, key_padding_mask: Optional[torch.Tensor], batch: int, device
+) -> torch.Tensor:
+    """Valid keys per query row, [batch, n_q] int64, from the masks alone (O(batch * n) memory).
+
+    Causal alignment is bottom-right: query i sits at key position ``i + n_k - n_q``.
+    """
+    offset = n_k - n_q
+    if key_padding_mask is None:
+        if causal:
+            row = (torch.arange(n_q, device=device) + offset + 1).clamp(min=0, max=n_k)
+        else:
+            row = torch.full((n_q,), n_k, device=device, dtype=torch.long)
+        return row.unsqueeze(0).expand(batch, n_q).contiguous()
+    pad = key_padding_mask.to(device=device, dtype=torch.long)
+    if causal:
+        csum = pad.cumsum(-1)
+        pos = torch.arange(n_q, device=device) + offset
+        out = torch.zeros(batch, n_q, dtype=torch.long, device=device)
+        ok = pos >= 0
+        if ok.any():
+            out[:, ok] = csum[:, pos[ok].clamp(max=n_k - 1)]
+        return out
+    return pad.sum(-1, keepdim=True).expand(batch, n_q).contiguous()
+
+
+def k_per_row(spec: tuple, n_valid: torch.Tensor, n_k: int) -> torch.Tensor:
+    """k for every (batch, head, query row), [batch, n_heads, n_q] int64, each in [1, n_k].
+
+    ``n_valid``: [batch, n_q] valid keys per row. Dense heads (None) get ``n_k``; fractions get
+    ``ceil(f * n_valid)`` (at least 1).
+    """
+    rows = []
+    for entry in spec:
+        if entry is None:
+            rows.append(torch.full_like(n_valid, max(n_k, 1)))
+        elif isinstance(entry, float):
+            k = torch.ceil(n_valid.to(torch.float64) * entry - _FRACTION_EPS).to(torch.long)
+            rows.append(k.clamp(min=1, max=max(n_k, 1)))
+        else:
+            rows.append(torch.full_like(n_valid, min(entry, max(n_k, 1))))
+    return torch.stack(rows, dim=1)
+
+
+def spec_covers_all(spec: tuple, n_k: int) -> bool:
+    """True when every head keeps at least ``n_k`` keys in every row (top-k equals dense)."""
+    return all(e is None or (isinstance(e, float) and e >= 1.0) or (isinstance(e, int) and e >= n_k)
+               for e in spec)
+
+
+def topk_keep_mask(scores: torch.Tensor, k_rows: torch.Tensor) -> torch.Tensor:
+    """Bool mask [..., n] of the kept keys under the rule above.
+
+    ``scores``: [..., n], invalid keys at -inf. ``k_rows``: [...] int64 >= 1 (broadcastable).
+    """
+    n = scores.shape[-1]
+    k_rows = torch.as_tensor(k_rows, device=scores.device).expand(scores.shape[:-1]).clamp(max=n)
+    kk = int(k_rows.max().item()) if k_rows.numel() else 1
+    if n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    vals = torch.topk(scores, max(1, kk), dim=-1, sorted=True).values
+    tau = vals.gather(-1, (k_rows - 1).clamp(min=0).unsqueeze(-1))
+    valid = scores > float("-inf")
+    greater = scores > tau
+    equal = scores == tau
+    n_greater = greater.sum(-1, keepdim=True)
+    rank = equal.cumsum(-1)
+    keep = greater | (equal & (rank <= k_rows.unsqueeze(-1) - n_greater))
+    return keep & valid
+
+
+def topk_select(scores: torch.Tensor, k_rows: torch.Tensor, kk: int):
+    """Values and indices of the kept keys of each row: ([..., kk], [..., kk]).
+
+    ``scores`` [..., n] (invalid keys at -inf, n >= kk >= 1), ``k_rows`` [...] int64. Entries beyond a
+    row's k, and invalid keys, come back with value -inf (their index is some in-range key).
+    """
+    vals, idx = torch.topk(scores, kk, dim=-1, sorted=True)
+    kr = k_rows.clamp(max=kk)
+    tau = vals.gather(-1, (kr - 1).unsqueeze(-1))
+    n_ge = (scores >= tau).sum(-1)
+    ambiguous = (n_ge > kr) & torch.isfinite(tau.squeeze(-1))
+    if bool(ambiguous.any()):
+        # A tie straddles the boundary: topk may have picked any of the tied keys, so redo the
+        # selection on scores where only the rule's winners stay finite.
+        keep = topk_keep_mask(scores, kr)
+        vals, idx = torch.topk(scores.masked_fill(~keep, float("-inf")), kk, dim=-1, sorted=True)
+    beyond = torch.arange(kk, device=scores.device) >= kr.unsqueeze(-1)
+    vals = vals.masked_fill(beyond, float("-inf"))
+    return vals, idx
+
+
+def safe_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax that gives 0 (not NaN) on rows that are all -inf, in the forward and the backward."""
+    m = x.detach().amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x - m)
+    z = e.sum(dim, keepdim=True)
+    return e / torch.where(z > 0, z, torch.ones_like(z))
