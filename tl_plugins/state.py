@@ -12,7 +12,23 @@ from typing import Any
 
 STATE_ATTR = "_tl_plugins_state"
 
-_MISSING = object()
+class _Missing:
+    """Marks "the instance had no such attribute"; survives deepcopy and pickling as itself."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclass

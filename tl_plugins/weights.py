@@ -67,9 +67,18 @@ def record_processing(model: Any, *, fold_ln: bool, center_writing_weights: bool
 
 def _infer_processing(model: Any) -> Processing:
     cfg = model.cfg
-    p = getattr(cfg, _PROCESSING_ATTR, None) or _recorded.get(model)
-    if p is not None:
-        return p
+    recorded = getattr(cfg, _PROCESSING_ATTR, None) or _recorded.get(model)
+    inferred = _read_processing_off_weights(model)
+    if recorded is None:
+        return inferred
+    # A model processed in place after loading (model.process_weights_()) makes the record stale.
+    stale = any(getattr(inferred, f) and not getattr(recorded, f)
+                for f in ("fold_ln", "center_writing_weights", "center_unembed"))
+    return replace(inferred, source="inferred (the loader's record is stale)") if stale else recorded
+
+
+def _read_processing_off_weights(model: Any) -> Processing:
+    cfg = model.cfg
     norm = getattr(cfg, "normalization_type", None) or ""
     fold_ln = norm.endswith("Pre")
     with torch.no_grad():
