@@ -1,0 +1,90 @@
+"""The command line and the report, run as a user would (a subprocess where it matters)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+import tl_plugins
+from tl_plugins.cli import build_cli
+from tl_plugins.report import Report, build_report
+
+
+@pytest.fixture(scope="module")
+def cli():
+    return build_cli()
+
+
+def test_help_everywhere(cli):
+    runner = CliRunner()
+    for args in (["--help"], ["list", "--help"], ["models", "--help"], ["bench", "--help"], ["report", "--help"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0 and "Usage:" in res.output, args
+    for name in ("topk", "embedspace", "iclgd"):
+        if name in cli.commands:
+            res = runner.invoke(cli, [name, "--help"])
+            assert res.exit_code == 0 and "Usage:" in res.output
+
+
+def test_models_lists_builtins(cli):
+    res = CliRunner().invoke(cli, ["models"])
+    assert res.exit_code == 0
+    for name in ("tiny-gpt2", "tiny-llama", "smollm2-135m"):
+        assert name in res.output
+
+
+def test_bench_lists_and_refuses_unknown(cli):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["bench"])
+    assert res.exit_code == 0 and "load" in res.output
+    res = runner.invoke(cli, ["bench", "nope"])
+    assert res.exit_code != 0 and "unknown benchmark 'nope'" in res.output
+
+
+def test_bench_load_quick_on_tiny_model(cli):
+    res = CliRunner().invoke(cli, ["bench", "load", "--quick", "--model", "tiny-gpt2"])
+    assert res.exit_code == 0, res.output
+    assert "warm (median)" in res.output and "device: CPU" in res.output
+
+
+def test_report_is_self_contained(tmp_path):
+    model = tl_plugins.models.load("tiny-gpt2")
+    path = build_report(model, "tiny-gpt2", tmp_path, options={"quick": True, "load_seconds": 0.1},
+                        progress=False)
+    html = path.read_text()
+    assert path.name == "index.html"
+    assert "Model card" in html and "d_model" in html
+    assert not re.search(r"<script[^>]+src=[\"']https?://", html)  # no CDN: opens offline
+    assert "section failed" not in html, re.findall(r"<h2[^>]*>([^<]*failed)</h2>", html)
+
+
+def test_a_failing_section_does_not_lose_the_report(tmp_path):
+    from tl_plugins import hookimpl
+
+    class Bad:
+        @staticmethod
+        @hookimpl
+        def tl_plugins_report_sections(report):
+            raise ValueError("this section is broken")
+
+    tl_plugins.register_plugin(Bad, name="test-bad-section")
+    try:
+        html = build_report(tl_plugins.models.load("tiny-gpt2"), "tiny-gpt2", tmp_path,
+                            options={"quick": True}, progress=False).read_text()
+    finally:
+        tl_plugins.unregister_plugin(name="test-bad-section")
+    assert "test-bad-section: section failed" in html and "this section is broken" in html
+    assert "Model card" in html
+
+
+def test_report_sections_see_the_model():
+    model = tl_plugins.models.load("tiny-llama")
+    r = Report(model, "tiny-llama", options={"quick": True}, progress=False)
+    from tl_plugins.report import model_card_section
+
+    model_card_section(r)
+    (card, plugins) = r.sections[0].tables
+    fields = dict(zip(card["field"], card["value"]))
+    assert fields["n_key_value_heads"] == 2 and fields["weight processing"] == "unprocessed (recorded)"
