@@ -1,0 +1,242 @@
+"""Fetch TransformerLens's own test-suite and run a subset of it with a tl_plugins plugin enabled.
+
+The tests come from TransformerLens's source distribution on PyPI (the installed version), cached
+under ``tl_plugins.models.cache.cache_dir()/tl-tests/<version>`` so later runs are offline. Only
+the ``tests/`` folder is unpacked: the tests import the *installed* ``transformer_lens``.
+
+``run_suite`` runs the selected files in a pytest subprocess with ``tl_conformance_inject`` loaded
+(see that module: it enables the plugin on every model built and writes a JSON report), and
+``compare`` lines a plugin run up against the baseline run, test id by test id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+
+# The TransformerLens test files run under every configuration, and why each is in the subset.
+SELECTED = {
+    "tests/unit/components/test_attention.py": "attention module: rotary, causal/local masks, log-n, NTK",
+    "tests/integration/test_grouped_query_attention.py": "grouped-query attention vs repeated K/V",
+    "tests/unit/test_split_qkv.py": "use_split_qkv_input gives the same outputs",
+    "tests/unit/test_use_attn_result.py": "use_attn_result / hook_result",
+    "tests/integration/test_hooks.py": "hook add/remove/context managers, backward hooks, conditional hooks",
+    "tests/integration/test_cache_hook_names.py": "run_with_cache hook names",
+    "tests/integration/test_cache_pos_slice.py": "run_with_cache pos_slice, local attention model",
+    "tests/integration/test_attention_mask.py": "attention masks, hooks on attn scores / pattern",
+    "tests/integration/test_kv_cache.py": "KV cache == full forward, padding, freeze, start_at_layer",
+    "tests/unit/test_generate_no_tokenizer.py": "generate with and without the KV cache",
+    "tests/integration/test_start_at_layer.py": "start_at_layer",
+    "tests/integration/test_stop_at_layer.py": "stop_at_layer",
+}
+
+# Selected tests left out, by node id prefix, with the reason (also listed in docs/conformance.md).
+DESELECTED: dict[str, str] = {}
+
+PER_TEST_TIMEOUT_S = 180
+SUITE_TIMEOUT_S = 480
+
+
+class FetchError(RuntimeError):
+    """The source distribution could not be downloaded (PyPI unreachable, ...)."""
+
+
+def tl_version() -> str:
+    return metadata.version("transformer-lens")
+
+
+def _cache_root() -> Path:
+    import tl_plugins.models.cache as cache
+
+    return cache.cache_dir() / "tl-tests"
+
+
+def fetch_tl_tests(version: Optional[str] = None) -> Path:
+    """Return a folder holding TransformerLens ``version``'s ``tests/`` (downloaded once, cached).
+
+    Raises ``FetchError`` when the download fails.
+    """
+    version = version or tl_version()
+    root = _cache_root() / version
+    if (root / "tests" / "conftest.py").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            "--disable-pip-version-check", f"transformer_lens=={version}", "-d", tmp,
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as exc:
+            raise FetchError(f"pip download of transformer_lens=={version} timed out") from exc
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise FetchError(
+                f"pip download transformer_lens=={version} (sdist) failed: {' | '.join(tail)}"
+            )
+        staging = Path(tmp) / "unpacked"
+        with tarfile.open(archives[0]) as tar:
+            members = []
+            for m in tar.getmembers():
+                parts = Path(m.name).parts
+                if len(parts) >= 2 and parts[1] == "tests" and (m.isfile() or m.isdir()):
+                    m.name = str(Path(*parts[1:]))
+                    members.append(m)
+            tar.extractall(staging, members=members, filter="data")
+        (staging / "tl-conformance.ini").write_text(
+            "[pytest]\n"
+            "pythonpath = .\n"
+            "markers =\n    slow: slow\n    multigpu: multi-GPU\n"
+            "filterwarnings =\n    ignore::DeprecationWarning\n    ignore::FutureWarning\n"
+            "    ignore::UserWarning\n"
+        )
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
+    return root
+
+
+@dataclass
+class SuiteResult:
+    """One run of the selected TL tests under one configuration."""
+
+    label: str
+    plugin: str
+    config: dict
+    outcomes: dict[str, str]
+    longrepr: dict[str, str]
+    model_enables: int
+    module_enables: int
+    refused: list[dict]
+    enables_per_test: dict[str, int]
+    seconds: float
+    returncode: int
+    output_tail: str = ""
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for o in self.outcomes.values() if o == outcome)
+
+    def counts(self) -> dict[str, int]:
+        return {o: self.count(o) for o in ("passed", "failed", "error", "skipped")}
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(
+            [{"test": k, "outcome": v, "enables": self.enables_per_test.get(k, 0)}
+             for k, v in sorted(self.outcomes.items())]
+        )
+
+    def _repr_html_(self) -> str:
+        return f"<b>{self.label}</b> {self.counts()}<br>" + self.to_frame()._repr_html_()
+
+
+def selected_files(root: Path) -> list[str]:
+    """The selected files present in this source distribution."""
+    return [f for f in SELECTED if (root / f).exists()]
+
+
+def run_suite(root: Path, label: str, plugin: str = "", config: Optional[dict] = None,
+              plugin_module: str = "", files: Optional[list[str]] = None,
+              workdir: Optional[Path] = None) -> SuiteResult:
+    """Run the selected TL tests in a pytest subprocess with ``plugin`` enabled on every model."""
+    config = dict(config or {})
+    files = files if files is not None else selected_files(root)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="tl-conformance-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = workdir / f"{label}.json"
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        TL_CONFORMANCE_PLUGIN=plugin,
+        TL_CONFORMANCE_CONFIG=json.dumps(config),
+        TL_CONFORMANCE_PLUGIN_MODULE=plugin_module,
+        TL_CONFORMANCE_REPORT=str(report),
+        TL_CONFORMANCE_TOKENIZER_DIR=str(root.parent / "tokenizers"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [
+        sys.executable, "-m", "pytest", "-c", str(root / "tl-conformance.ini"),
+        "--rootdir", str(root), "-p", "tl_conformance_inject", "-p", "no:cacheprovider",
+        "-q", "-rN", "--no-header", f"--timeout={PER_TEST_TIMEOUT_S}",
+    ]
+    for prefix in DESELECTED:
+        cmd += ["--deselect", prefix]
+    cmd += files
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                              timeout=SUITE_TIMEOUT_S)
+        rc, out = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out = -9, f"suite timed out after {SUITE_TIMEOUT_S} s\n{exc.stdout or ''}"
+    seconds = time.time() - start
+    if not report.exists():
+        raise RuntimeError(f"conformance run {label!r} wrote no report (rc={rc}):\n{out[-4000:]}")
+    data = json.loads(report.read_text())
+    return SuiteResult(
+        label=label,
+        plugin=plugin,
+        config=config,
+        outcomes=data["outcomes"],
+        longrepr=data["longrepr"],
+        model_enables=data["model_enables"],
+        module_enables=data["module_enables"],
+        refused=data["refused"],
+        enables_per_test=data["enables_per_test"],
+        seconds=round(seconds, 1),
+        returncode=rc,
+        output_tail=out[-3000:],
+    )
+
+
+@dataclass
+class Comparison:
+    """A plugin run against the baseline, test id by test id."""
+
+    baseline: SuiteResult
+    run: SuiteResult
+    regressions: dict[str, str] = field(default_factory=dict)  # test id -> outcome with plugin
+    fixed: dict[str, str] = field(default_factory=dict)  # failed without the plugin, pass with it
+    missing: list[str] = field(default_factory=list)  # collected without, absent with the plugin
+    extra: list[str] = field(default_factory=list)
+
+    def message(self, limit: int = 6) -> str:
+        lines = [f"{self.run.label}: {len(self.regressions)} test(s) pass without the plugin "
+                 f"but not with it ({self.run.counts()} vs baseline {self.baseline.counts()})"]
+        for tid, outcome in sorted(self.regressions.items())[:limit]:
+            lines.append(f"--- {tid}: {outcome}\n{self.run.longrepr.get(tid, '')[-1500:]}")
+        if self.missing:
+            lines.append(f"missing with the plugin: {self.missing[:limit]}")
+        return "\n".join(lines)
+
+
+def compare(baseline: SuiteResult, run: SuiteResult) -> Comparison:
+    """Tests that passed (or were skipped) without the plugin must do the same with it."""
+    cmp = Comparison(baseline, run)
+    for tid, before in baseline.outcomes.items():
+        after = run.outcomes.get(tid)
+        if after is None:
+            cmp.missing.append(tid)
+        elif before in ("passed", "skipped") and after != before:
+            cmp.regressions[tid] = after
+        elif before in ("failed", "error") and after == "passed":
+            cmp.fixed[tid] = after
+    cmp.extra = sorted(set(run.outcomes) - set(baseline.outcomes))
+    return cmp
