@@ -223,3 +223,24 @@ def test_two_plugins_share_one_seam(tiny_model, tokens, scale_plugin):
         assert "forward" not in tiny_model.blocks[0].attn.__dict__
     finally:
         tl_plugins.unregister_plugin(name="test-other")
+
+
+def test_kv_cache_generation_through_the_seam_is_bit_exact(scale_plugin):
+    model = tl_plugins.models.load("tiny-llama")
+    prompt = torch.tensor([[3, 14, 15, 9, 2, 6]])
+    ref = model.generate(prompt, max_new_tokens=6, do_sample=False, verbose=False, use_past_kv_cache=True,
+                           stop_at_eos=False)
+    with tl_plugins.enabled(model, "scale", factor=1.0):
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, verbose=False, use_past_kv_cache=True,
+                           stop_at_eos=False)
+    assert torch.equal(out, ref)
+
+
+def test_padded_batches_through_the_seam_are_bit_exact(scale_plugin):
+    model = tl_plugins.models.load("tiny-llama")
+    tokens = torch.randint(1, 90, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0  # left padding on the first row
+    ref = model(tokens, attention_mask=mask)
+    with tl_plugins.enabled(model, "scale", factor=1.0):
+        assert torch.equal(model(tokens, attention_mask=mask), ref)
