@@ -1,0 +1,423 @@
+"""Exact streaming top-k over a matrix product ``A @ B`` that is never materialised.
+
+A vocab x vocab matrix of a transformer (an OV or QK circuit in embedding space) is a product of
+two thin factors, ``A [n, r]`` and ``B [r, m]`` with ``r`` (d_head or d_model) much smaller than
+``n`` and ``m`` (the vocabulary). The functions here find the exact top-k entries, row maxima or
+per-row top-k of such a product while holding only a chunk of rows at a time:
+
+* rows of ``A`` are visited in order of decreasing norm, columns of ``B`` are sorted by norm;
+* a running k-th best value (``threshold``) is kept; by Cauchy-Schwarz an entry satisfies
+  ``|a_i . b_j| <= |a_i| |b_j|``, so once ``|a_i| max_j |b_j|`` falls below the threshold no later
+  row can contribute and the scan stops, and inside a chunk only the prefix of columns with
+  ``|a_first| |b_j| >= threshold`` is multiplied;
+* filters on rows/columns are applied by slicing the factors *before* multiplying, so a filtered
+  top-k is exact (thresholding first and filtering afterwards is not).
+
+Ties are broken deterministically: by value, then row id, then column id (ascending). The bound is
+inflated by a rounding allowance so that float rounding in the chunk products cannot make the
+pruning skip an entry that a dense product would have ranked.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+MODES = ("largest", "smallest", "abs")
+
+IndexLike = Union[None, torch.Tensor, Sequence[int]]
+
+
+@dataclass
+class TopkStats:
+    """What the streaming scan did: how much of the product it actually computed."""
+
+    rows_total: int = 0
+    cols_total: int = 0
+    rows_visited: int = 0
+    entries_computed: int = 0
+    chunks: int = 0
+    chunk_rows: int = 0
+
+    @property
+    def fraction_computed(self) -> float:
+        total = self.rows_total * self.cols_total
+        return self.entries_computed / total if total else 0.0
+
+
+@dataclass
+class TopkPairsRaw:
+    """Top-k entries of ``A @ B``: ``values [k]`` (signed), ``rows [k]`` and ``cols [k]`` (ids)."""
+
+    values: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    stats: TopkStats = field(default_factory=TopkStats)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode: got {mode!r}; accepted: one of {', '.join(MODES)}")
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k: got {k!r}; accepted: a positive int")
+    return k
+
+
+def _check_factors(A: torch.Tensor, B: torch.Tensor) -> None:
+    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor) or A.ndim != 2 or B.ndim != 2:
+        raise ValueError(f"A, B: need 2-d tensors A [n, r], B [r, m]; got {getattr(A, 'shape', A)} and "
+                         f"{getattr(B, 'shape', B)}")
+    if A.shape[1] != B.shape[0]:
+        raise ValueError(f"A, B: inner dimensions differ: A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ValueError("A, B: factors contain NaN or inf")
+
+
+def as_index(ids: IndexLike, size: int, name: str) -> Optional[torch.Tensor]:
+    """Normalise a row/column filter (ids or a bool mask) to sorted unique int64 ids, or None."""
+    if ids is None:
+        return None
+    t = torch.as_tensor(ids)
+    if t.dtype == torch.bool:
+        if t.shape != (size,):
+            raise ValueError(f"{name}: a bool mask must have shape ({size},); got {tuple(t.shape)}")
+        t = t.nonzero().flatten()
+    else:
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            raise ValueError(f"{name}: ids must be integers; got dtype {t.dtype}")
+        t = t.flatten().long()
+        if t.numel() and (t.min() < 0 or t.max() >= size):
+            bad = t[(t < 0) | (t >= size)][0].item()
+            raise IndexError(f"{name}: id {bad} out of range; accepted: ids in [0, {size - 1}]")
+        t = torch.unique(t)
+    if t.numel() == 0:
+        raise ValueError(f"{name}: the filter selects no ids")
+    return t
+
+
+def rounding_slack(r: int, dtype: torch.dtype) -> float:
+    """Relative allowance for float rounding of an r-term dot product and of the norms."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return 1.0 + 2.0 * (r + 4) * eps
+
+
+def chunk_rows_for(m: int, itemsize: int, budget_bytes: int) -> int:
+    """Rows per chunk so that a chunk, its mask and index scratch stay inside ``budget_bytes``."""
+    per_row = max(1, m) * (itemsize + 1 + itemsize)  # product chunk, bool mask, abs/compare scratch
+    return max(1, int(budget_bytes // per_row))
+
+
+def _select(vals: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (value desc, key asc) of a candidate set, sorted in that order."""
+    if vals.numel() > k:
+        kth = torch.topk(vals, k).values[-1]
+        gt = vals > kth
+        eq = (vals == kth).nonzero().flatten()
+        need = k - int(gt.sum())
+        eq_keys = keys[eq]
+        order = torch.argsort(eq_keys)[:need]
+        keep = torch.cat([gt.nonzero().flatten(), eq[order]])
+        vals, keys = vals[keep], keys[keep]
+    order = torch.argsort(keys)
+    vals, keys = vals[order], keys[order]
+    order = torch.argsort(-vals, stable=True)
+    return vals[order], keys[order]
+
+
+def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refactor ``A @ B`` as ``(U S^1/2) (S^1/2 V^T)`` (its thin SVD, computed from the factors).
+
+    The product is unchanged (up to rounding) but the factors are balanced, which makes the
+    Cauchy-Schwarz bound ``|a_i| |b_j|`` far tighter for real weights (ten times fewer entries
+    computed on SmolLM2 OV circuits). Costs two thin QRs and one r x r SVD.
+    """
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    Qa, Ra = torch.linalg.qr(A.to(work))
+    Qb, Rb = torch.linalg.qr(B.T.to(work))
+    U, S, Vh = torch.linalg.svd(Ra @ Rb.T)
+    root = S.sqrt()
+    return ((Qa @ U) * root).to(A.dtype), ((Qb @ Vh.T) * root).T.contiguous().to(B.dtype)
+
+
+def topk_product(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    k: int,
+    *,
+    mode: str = "largest",
+    rows: IndexLike = None,
+    cols: IndexLike = None,
+    exclude_diagonal: bool = False,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    prune: bool = True,
+    balance: bool = False,
+) -> TopkPairsRaw:
+    """Exact top-k entries of ``A @ B`` (``A [n, r]``, ``B [r, m]``) without forming the product.
+
+    ``mode``: "largest" (greatest values), "smallest" (most negative) or "abs" (greatest
+    magnitude; returned values keep their sign). ``rows``/``cols``: ids (or bool masks) that
+    restrict the candidates. ``exclude_diagonal`` drops entries with row id == column id.
+    ``budget_bytes`` bounds the chunk of the product held at once. ``balance`` searches with the
+    balanced SVD factors of the product (same entries, much tighter pruning; see
+    :func:`balance_factors`); reported values are then recomputed from ``A`` and ``B``. When fewer than ``k`` entries
+    are candidates, all of them are returned. Returns values/rows/cols sorted best first, ties by
+    (row id, column id) ascending.
+    """
+    _check_mode(mode)
+    _check_k(k)
+    _check_factors(A, B)
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive number of bytes")
+    n, r = A.shape
+    m = B.shape[1]
+    row_ids = as_index(rows, n, "rows")
+    col_ids = as_index(cols, m, "cols")
+    row_ids = torch.arange(n) if row_ids is None else row_ids
+    col_ids = torch.arange(m) if col_ids is None else col_ids
+    A_in, B_in = A, B
+    A = A[row_ids.to(A.device)]
+    B = B[:, col_ids.to(B.device)]
+    if balance and min(A.shape[0], B.shape[1]) > r:
+        A, B = balance_factors(A, B)
+    if mode == "smallest":
+        A = -A
+    nr, nc = A.shape[0], B.shape[1]
+    stats = TopkStats(rows_total=nr, cols_total=nc)
+
+    # Norms in float64 so that the pruning bound itself is not a source of error.
+    a_norm = A.double().norm(dim=1)
+    b_norm = B.double().norm(dim=0)
+    a_order = torch.argsort(-a_norm, stable=True)
+    b_order = torch.argsort(-b_norm, stable=True)
+    A, a_norm, row_ids = A[a_order], a_norm[a_order].cpu(), row_ids[a_order.cpu()]
+    B, b_norm, col_ids = B[:, b_order], b_norm[b_order].cpu(), col_ids[b_order.cpu()]
+    slack = rounding_slack(r, A.dtype)
+    b_max = float(b_norm[0]) if nc else 0.0
+    row_ids_dev = row_ids.to(A.device)
+    col_ids_dev = col_ids.to(A.device)
+    n_candidates = nr * nc
+    if exclude_diagonal:
+        n_candidates -= int(torch.isin(row_ids, col_ids).sum())
+
+    chunk = chunk_rows_for(nc, A.element_size(), budget_bytes)
+    stats.chunk_rows = chunk
+    best_vals = torch.empty(0, dtype=torch.float64)
+    best_keys = torch.empty(0, dtype=torch.long)
+    threshold = -math.inf
+
+    # Seed the threshold from the highest-norm rows: the k-th best of any k real entries is a
+    # valid lower bound for the k-th best overall.
+    a_l, b_l = a_norm.tolist(), b_norm.tolist()
+    a_neg, b_neg = [-x for x in a_l], [-x for x in b_l]
+    budget_elems = chunk * nc
+    i = 0
+    first = True
+    while i < nr:
+        if prune and threshold > 0:
+            a_i = a_l[i]
+            if a_i * b_max * slack < threshold:
+                break  # no remaining row can reach the threshold
+            ncols = bisect.bisect_right(b_neg, -threshold / (a_i * slack))
+            # Rows further down need fewer columns; end the chunk where a row needs less than
+            # half of this prefix, so that little of the chunk is computed in vain.
+            half_norm = b_l[max(0, ncols // 2 - 1)]
+            rows_ok = bisect.bisect_right(a_neg, -threshold / (slack * half_norm)) - i
+            stop = min(nr, i + max(1, min(budget_elems // max(1, ncols), rows_ok)))
+        else:
+            ncols = nc
+            stop = min(nr, i + chunk)
+        if ncols == 0:
+            break
+        C = A[i:stop] @ B[:, :ncols]
+        stats.chunks += 1
+        stats.entries_computed += C.numel()
+        stats.rows_visited = stop
+        if mode == "abs":
+            C.abs_()
+        if exclude_diagonal:
+            _mask_diagonal(C, row_ids_dev[i:stop], col_ids_dev[:ncols])
+        if first and n_candidates > k:
+            kk = min(k, ncols)
+            seeds = C.topk(kk, dim=1).values.flatten()
+            seeds = seeds[seeds > -math.inf]
+            if seeds.numel() >= k:
+                threshold = float(torch.topk(seeds, k).values[-1])
+            first = False
+        best_vals, best_keys = _scan_chunk(C, threshold, row_ids_dev[i:stop], col_ids_dev[:ncols], m,
+                                           best_vals, best_keys, k, budget_bytes)
+        if best_vals.numel() >= k:
+            threshold = max(threshold, float(best_vals[k - 1]))
+        del C
+        i = stop
+
+    rows_out = best_keys // m
+    cols_out = best_keys % m
+    values = best_vals.to(A.dtype)
+    if mode == "smallest":
+        values = -values
+    if balance and values.numel():
+        # report the entries of the product of the caller's own factors
+        values = (A_in[rows_out.to(A.device)] * B_in[:, cols_out.to(B.device)].T).sum(-1).cpu()
+    elif mode == "abs" and values.numel():
+        # recover signs from a fresh dot product of the chosen entries (magnitude kept as ranked)
+        signed = (A_in[rows_out.to(A.device)] * B_in[:, cols_out.to(B.device)].T).sum(-1)
+        values = torch.where(signed < 0, -values.to(signed.device), values.to(signed.device))
+    return TopkPairsRaw(values.cpu(), rows_out, cols_out, stats)
+
+
+def _mask_diagonal(C: torch.Tensor, rid: torch.Tensor, cid: torch.Tensor) -> None:
+    """Set C[i, j] = -inf where row id rid[i] equals column id cid[j]."""
+    pos = torch.full((int(max(rid.max(), cid.max())) + 1,), -1, dtype=torch.long, device=C.device)
+    pos[cid] = torch.arange(cid.numel(), device=C.device)
+    p = pos[rid]
+    hit = (p >= 0).nonzero().flatten()
+    if hit.numel():
+        C[hit, p[hit]] = -math.inf
+
+
+def _scan_chunk(C, threshold, rid, cid, m, best_vals, best_keys, k, budget_bytes):
+    """Merge the entries of chunk C that reach the threshold into the running best set."""
+    # Index scratch for nonzero() is 16 bytes per hit: bound it by scanning row blocks.
+    cap = max(C.shape[1], budget_bytes // 64)
+    block = max(1, cap // max(1, C.shape[1]))
+    for s in range(0, C.shape[0], block):
+        sub = C[s:s + block]
+        mask = sub >= threshold if threshold > -math.inf else sub > -math.inf
+        ij = mask.nonzero()
+        if ij.shape[0] == 0:
+            continue
+        vals = sub[ij[:, 0], ij[:, 1]].double().cpu()
+        keys = (rid[s:][ij[:, 0]] * m + cid[ij[:, 1]]).cpu()
+        best_vals, best_keys = _select(torch.cat([best_vals, vals]), torch.cat([best_keys, keys]), k)
+        if best_vals.numel() >= k:
+            threshold = max(threshold, float(best_vals[k - 1]))
+    return best_vals, best_keys
+
+
+def topk_per_row(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    k: int,
+    *,
+    mode: str = "largest",
+    cols: IndexLike = None,
+    exclude_diagonal: bool = False,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k columns of every row of ``A @ B``: ``(values [n, k'], col ids [n, k'])``, k' = min(k, m).
+
+    Streams row chunks; ties inside a row are ordered by column id.
+    """
+    _check_mode(mode)
+    _check_k(k)
+    _check_factors(A, B)
+    n, m = A.shape[0], B.shape[1]
+    col_ids = as_index(cols, m, "cols")
+    col_ids = torch.arange(m) if col_ids is None else col_ids
+    B = B[:, col_ids.to(B.device)]
+    kk = min(k, col_ids.numel())
+    chunk = chunk_rows_for(col_ids.numel(), A.element_size(), budget_bytes)
+    out_v = torch.empty(n, kk, dtype=A.dtype)
+    out_i = torch.empty(n, kk, dtype=torch.long)
+    cid = col_ids.to(A.device)
+    for s in range(0, n, chunk):
+        C = A[s:s + chunk] @ B
+        if mode == "smallest":
+            C.neg_()
+        signed = None
+        if mode == "abs":
+            signed = C.clone() if kk else None
+            C.abs_()
+        if exclude_diagonal:
+            _mask_diagonal(C, torch.arange(s, min(n, s + chunk), device=A.device), cid)
+        v, j = C.topk(kk, dim=1)
+        # stable order by (value desc, column id asc) within the selected set
+        ids = cid[j]
+        o = torch.argsort(ids, dim=1)
+        v, ids, j = v.gather(1, o), ids.gather(1, o), j.gather(1, o)
+        o = torch.argsort(-v, dim=1, stable=True)
+        v, ids, j = v.gather(1, o), ids.gather(1, o), j.gather(1, o)
+        if mode == "smallest":
+            v = -v
+        elif mode == "abs":
+            v = signed.gather(1, j)
+        out_v[s:s + chunk] = v.cpu()
+        out_i[s:s + chunk] = ids.cpu()
+    return out_v, out_i
+
+
+def diag_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Diagonal of ``A @ B`` for square products: ``[n]``, computed row by row (``(A * B^T).sum(-1)``)."""
+    _check_factors(A, B)
+    if A.shape[0] != B.shape[1]:
+        raise ValueError(f"A, B: the product is {A.shape[0]} x {B.shape[1]}, not square; no diagonal")
+    return (A * B.T).sum(-1)
+
+
+def top1_diag_accuracy(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    rows: IndexLike = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    prune: bool = True,
+) -> tuple[float, torch.Tensor]:
+    """Fraction of rows i of the square product whose maximum is attained on the diagonal.
+
+    Exact and streamed: for row i only columns with ``|a_i| |b_j| > diag_i`` can beat the
+    diagonal, so rows are grouped by ``diag_i / |a_i|`` and each group multiplies only the prefix of
+    norm-sorted columns that could. A tie with the diagonal counts as a hit. Returns
+    ``(accuracy, hit [n_rows] bool in the order of the selected row ids)``.
+    """
+    _check_factors(A, B)
+    n, r = A.shape
+    if n != B.shape[1]:
+        raise ValueError(f"A, B: the product is {n} x {B.shape[1]}, not square; no diagonal")
+    row_ids = as_index(rows, n, "rows")
+    if row_ids is not None:  # the square sub-matrix of the selected tokens
+        A, B = A[row_ids.to(A.device)], B[:, row_ids.to(B.device)]
+        n = A.shape[0]
+    row_ids = torch.arange(n)
+    d = diag_product(A, B)
+    a_norm = A.double().norm(dim=1).cpu()
+    b_norm_all = B.double().norm(dim=0).cpu()
+    b_order = torch.argsort(-b_norm_all, stable=True)
+    b_sorted = b_norm_all[b_order]
+    B_sorted = B[:, b_order.to(B.device)]
+    slack = rounding_slack(r, A.dtype)
+    # ratio = the column norm a competitor needs; rows needing the fewest columns first
+    ratio = d.double().cpu() / (a_norm * slack).clamp_min(1e-300)
+    order = torch.argsort(-ratio, stable=True)
+    hit = torch.ones(row_ids.numel(), dtype=torch.bool)
+    chunk = chunk_rows_for(n, A.element_size(), budget_bytes)
+    for s in range(0, order.numel(), chunk):
+        idx = order[s:s + chunk]
+        need = float(ratio[idx].min())
+        ncols = n if not prune or need <= 0 else int((b_sorted >= need).sum())
+        if ncols == 0:
+            continue
+        rid = row_ids[idx]
+        C = A[rid.to(A.device)] @ B_sorted[:, :ncols]
+        # exclude the diagonal itself, then compare the best competitor with the diagonal
+        _mask_diagonal(C, rid.to(A.device), b_order[:ncols].to(A.device))
+        best = C.max(dim=1).values.cpu()
+        hit[idx] = best <= d[idx.to(d.device)].cpu()
+    return float(hit.float().mean()), hit
+
+
+def materialized_topk(A: torch.Tensor, B: torch.Tensor, k: int, mode: str = "largest") -> TopkPairsRaw:
+    """The naive reference: form ``A @ B`` densely and take its top-k (for benchmarks and tests)."""
+    _check_mode(mode)
+    M = A @ B
+    key = M.abs() if mode == "abs" else (-M if mode == "smallest" else M)
+    v, flat = torch.topk(key.flatten(), min(k, key.numel()))
+    rows, cols = flat // M.shape[1], flat % M.shape[1]
+    return TopkPairsRaw(M[rows, cols], rows, cols)
