@@ -29,17 +29,21 @@ def chunk_rows(per_row_bytes: int, n_rows: int, budget: int, chunk_size: Optiona
     return max(1, min(n_rows, budget // max(1, per_row_bytes)))
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [b, h_kv, n_k, d], idx [b, h_kv, g, c, kk] -> [b, h_kv, g, c, kk, d]."""
-    b, h_kv, _, d = x.shape
-    flat = idx.reshape(b, h_kv, -1, 1).expand(-1, -1, -1, d)
-    return x.gather(2, flat).reshape(*idx.shape, d)
+def _flat_rows(idx: torch.Tensor, n_k: int) -> torch.Tensor:
+    """idx [b, h_kv, g, c, kk] of keys -> row numbers into x.reshape(b * h_kv * n_k, d), flattened."""
+    b, h_kv = idx.shape[:2]
+    base = torch.arange(b * h_kv, device=idx.device).view(b, h_kv, 1, 1, 1) * n_k
+    return (idx + base).reshape(-1)
 
 
-def _scatter_rows(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """out[b, h_kv, idx] += src; out [b, h_kv, n_k, d], idx [b, h_kv, g, c, kk], src [..., kk, d]."""
-    b, h_kv, _, d = out.shape
-    out.scatter_add_(2, idx.reshape(b, h_kv, -1, 1).expand(-1, -1, -1, d), src.reshape(b, h_kv, -1, d))
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
+    """x [b, h_kv, n_k, d], flat rows (``_flat_rows``) -> [*shape, d] (whole rows, one index each)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows).reshape(*shape, x.shape[-1])
+
+
+def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+    """out.reshape(-1, d)[rows] += src rows; out [b, h_kv, n_k, d] contiguous."""
+    out.view(-1, out.shape[-1]).index_add_(0, rows, src.reshape(-1, out.shape[-1]))
 
 
 class ChunkedTopKAttention(torch.autograd.Function):
@@ -70,14 +74,19 @@ class ChunkedTopKAttention(torch.autograd.Function):
             k_end = min(n_k, q1 + offset) if causal else n_k
             if k_end <= 0:
                 continue  # every row of this chunk is fully masked: zeros
-            s = qh[:, :, :, q0:q1].to(compute) @ kt[..., :k_end]  # [b, h_kv, g, c, k_end]
-            s.mul_(scale)
+            # Scale q (O(rows d)) rather than the scores (O(rows n)).
+            s = (qh[:, :, :, q0:q1].to(compute) * scale) @ kt[..., :k_end]  # [b, h_kv, g, c, k_end]
             if softcap is not None:
                 s.div_(softcap).tanh_().mul_(softcap)
-            valid = valid_mask(torch.arange(q0, q1, device=q.device) + offset, k_end, causal,
-                               key_padding_mask)
-            if valid is not None:
-                s.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+            if causal:
+                # Keys before the chunk's first query position are visible to every row: mask only
+                # the diagonal band.
+                lo = max(0, q0 + offset)
+                band = valid_mask(torch.arange(q0, q1, device=q.device) + offset, k_end, True, None)
+                s[..., lo:k_end].masked_fill_(~band[..., lo:k_end].unsqueeze(1), float("-inf"))
+            if key_padding_mask is not None:
+                pad = key_padding_mask[:, :k_end].to(device=q.device, dtype=torch.bool)
+                s.masked_fill_(~pad[:, None, None, None, :], float("-inf"))
             kc = min(kk, k_end)
             vals, idx = topk_select(s, kr[:, :, :, q0:q1], kc)
             del s
@@ -86,8 +95,10 @@ class ChunkedTopKAttention(torch.autograd.Function):
             index[:, :, :, q0:q1, :kc] = idx.to(torch.int32)
             if capped is not None:
                 capped[:, :, :, q0:q1, :kc] = vals
-            vg = _gather_rows(vh, idx)
-            out[:, :, :, q0:q1] = (p.unsqueeze(-2) @ vg.to(compute)).squeeze(-2)
+            vg = _gather_rows(vh, _flat_rows(idx, n_k), idx.shape)
+            # mul + sum, not a batched matmul: bmm over thousands of 1 x kk matrices loops in Python-
+            # visible slices on CPU.
+            out[:, :, :, q0:q1] = (p.unsqueeze(-1) * vg.to(compute)).sum(-2)
         ctx.save_for_backward(q, k, v, probs, index, capped)
         ctx.scale, ctx.softcap, ctx.chunk_size, ctx.budget = scale, softcap, chunk_size, budget
         return out.reshape(b, h, n_q, dv).permute(0, 2, 1, 3).to(v.dtype)
@@ -114,18 +125,21 @@ class ChunkedTopKAttention(torch.autograd.Function):
             p = probs[:, :, :, q0:q1]
             idx = index[:, :, :, q0:q1].long()
             do_c = do[:, :, :, q0:q1]
-            vg = _gather_rows(vh, idx)
-            dp = (vg @ do_c.unsqueeze(-1)).squeeze(-1)  # [b, h_kv, g, c, kk]
+            flat = _flat_rows(idx, n_k)
+            vg = _gather_rows(vh, flat, idx.shape)
+            dp = (vg * do_c.unsqueeze(-2)).sum(-1)  # [b, h_kv, g, c, kk]
+            del vg
             ds = p * (dp - (p * dp).sum(-1, keepdim=True))
             if ctx.softcap is not None:
                 c = capped[:, :, :, q0:q1]
                 slope = torch.where(p > 0, 1 - (c / ctx.softcap) ** 2, torch.zeros_like(c))
                 ds = ds * slope
             ds = ds * ctx.scale
-            kg = _gather_rows(kh, idx)
-            dq[:, :, :, q0:q1] = (ds.unsqueeze(-2) @ kg).squeeze(-2)
-            _scatter_rows(dk, idx, ds.unsqueeze(-1) * qh[:, :, :, q0:q1].unsqueeze(-2))
-            _scatter_rows(dvh, idx, p.unsqueeze(-1) * do_c.unsqueeze(-2))
+            kg = _gather_rows(kh, flat, idx.shape)
+            dq[:, :, :, q0:q1] = (ds.unsqueeze(-1) * kg).sum(-2)
+            del kg
+            _scatter_rows(dk, flat, ds.unsqueeze(-1) * qh[:, :, :, q0:q1].unsqueeze(-2))
+            _scatter_rows(dvh, flat, p.unsqueeze(-1) * do_c.unsqueeze(-2))
         dq = dq.reshape(b, h, n_q, d).permute(0, 2, 1, 3).to(q.dtype)
         dk = dk.permute(0, 2, 1, 3).to(k.dtype)
         dvh = dvh.permute(0, 2, 1, 3).to(v.dtype)

@@ -32,9 +32,9 @@ def masked_scores(
     n_k, h_kv = k.shape[1], k.shape[2]
     g = h // h_kv
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qh = q.permute(0, 2, 1, 3).reshape(b, h_kv, g, n_q, d).to(compute)
+    qh = q.permute(0, 2, 1, 3).reshape(b, h_kv, g, n_q, d).to(compute) * scale
     kh = k.permute(0, 2, 3, 1).unsqueeze(2).to(compute)  # [b, h_kv, 1, d, n_k]
-    s = (qh @ kh).reshape(b, h, n_q, n_k) * scale
+    s = (qh @ kh).reshape(b, h, n_q, n_k)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     valid = valid_mask(torch.arange(n_q, device=q.device) + (n_k - n_q), n_k, causal, key_padding_mask)

@@ -144,14 +144,20 @@ def topk_select(scores: torch.Tensor, k_rows: torch.Tensor, kk: int):
     ``scores`` [..., n] (invalid keys at -inf, n >= kk >= 1), ``k_rows`` [...] int64. Entries beyond a
     row's k, and invalid keys, come back with value -inf (their index is some in-range key).
     """
-    vals, idx = torch.topk(scores, kk, dim=-1, sorted=True)
+    n = scores.shape[-1]
+    extra = 1 if kk < n else 0
+    # One value past the largest k tells whether a tie straddles a row's boundary, without
+    # another pass over the [rows, n] scores.
+    vals, idx = torch.topk(scores, kk + extra, dim=-1, sorted=True)
     kr = k_rows.clamp(max=kk)
-    tau = vals.gather(-1, (kr - 1).unsqueeze(-1))
-    n_ge = (scores >= tau).sum(-1)
-    ambiguous = (n_ge > kr) & torch.isfinite(tau.squeeze(-1))
+    tau = vals.gather(-1, (kr - 1).unsqueeze(-1)).squeeze(-1)
+    after = vals.gather(-1, kr.clamp(max=kk + extra - 1).unsqueeze(-1)).squeeze(-1)
+    ambiguous = (kr < n) & (after == tau) & torch.isfinite(tau)
+    if extra:
+        vals, idx = vals[..., :kk], idx[..., :kk]
     if bool(ambiguous.any()):
-        # A tie straddles the boundary: topk may have picked any of the tied keys, so redo the
-        # selection on scores where only the rule's winners stay finite.
+        # topk may have picked any of the tied keys, so redo the selection on scores where only
+        # the rule's winners stay finite.
         keep = topk_keep_mask(scores, kr)
         vals, idx = torch.topk(scores.masked_fill(~keep, float("-inf")), kk, dim=-1, sorted=True)
     beyond = torch.arange(kk, device=scores.device) >= kr.unsqueeze(-1)
