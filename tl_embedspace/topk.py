@@ -308,17 +308,22 @@ def topk_per_row(
     k: int,
     *,
     mode: str = "largest",
+    rows: IndexLike = None,
     cols: IndexLike = None,
     exclude_diagonal: bool = False,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k columns of every row of ``A @ B``: ``(values [n, k'], col ids [n, k'])``, k' = min(k, m).
+    """Top-k columns of each (selected) row of ``A @ B``: ``(values [n, k'], col ids [n, k'])``.
 
-    Streams row chunks; ties inside a row are ordered by column id.
+    k' = min(k, number of columns). Streams row chunks; ties inside a row go to the smaller column
+    id among the selected entries. With ``exclude_diagonal`` a row's own id is never a column.
     """
     _check_mode(mode)
     _check_k(k)
     _check_factors(A, B)
+    row_ids = as_index(rows, A.shape[0], "rows")
+    row_ids = torch.arange(A.shape[0]) if row_ids is None else row_ids
+    A = A[row_ids.to(A.device)]
     n, m = A.shape[0], B.shape[1]
     col_ids = as_index(cols, m, "cols")
     col_ids = torch.arange(m) if col_ids is None else col_ids
@@ -337,7 +342,7 @@ def topk_per_row(
             signed = C.clone() if kk else None
             C.abs_()
         if exclude_diagonal:
-            _mask_diagonal(C, torch.arange(s, min(n, s + chunk), device=A.device), cid)
+            _mask_diagonal(C, row_ids[s:s + chunk].to(A.device), cid)
         v, j = C.topk(kk, dim=1)
         # stable order by (value desc, column id asc) within the selected set
         ids = cid[j]
@@ -369,6 +374,7 @@ def top1_diag_accuracy(
     rows: IndexLike = None,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     prune: bool = True,
+    balance: bool = False,
 ) -> tuple[float, torch.Tensor]:
     """Fraction of rows i of the square product whose maximum is attained on the diagonal.
 
@@ -385,6 +391,8 @@ def top1_diag_accuracy(
     if row_ids is not None:  # the square sub-matrix of the selected tokens
         A, B = A[row_ids.to(A.device)], B[:, row_ids.to(B.device)]
         n = A.shape[0]
+    if balance and n > r:
+        A, B = balance_factors(A, B)
     row_ids = torch.arange(n)
     d = diag_product(A, B)
     a_norm = A.double().norm(dim=1).cpu()

@@ -1,0 +1,17 @@
+"""tl_embedspace: every weight of a TransformerLens model read in vocabulary space (Dar et al., ACL 2023).
+
+    from tl_embedspace import EmbeddingSpace
+    space = EmbeddingSpace(model)
+    space.ov(18, 6).topk_pairs(100)        # exact, never materialises the vocab x vocab matrix
+
+Modules, bottom to top: ``topk`` (exact streaming top-k of factored products), ``projections``
+(vectors to token scores, filters), ``results`` (dataclasses), ``space`` (the model-aware view),
+``align`` and ``stitch`` (two models sharing a vocabulary), ``evaluations`` (the paper's checks),
+``sweep`` (rank a whole model to files), ``plugin`` (CLI, benchmark, report section).
+"""
+
+from tl_embedspace.space import EmbeddingSpace, ProcessedWeightsWarning, VocabMatrix  # noqa: F401
+from tl_embedspace.topk import topk_product, topk_per_row, top1_diag_accuracy  # noqa: F401
+
+__all__ = ["EmbeddingSpace", "VocabMatrix", "ProcessedWeightsWarning", "topk_product", "topk_per_row",
+           "top1_diag_accuracy"]
