@@ -1,0 +1,128 @@
+"""Translating hidden states between two models that share a vocabulary, and a stitched forward pass.
+
+A hidden state ``h_a [..., d_a]`` of model a reads as token scores ``h_a E_a`` (``E = [d_model,
+d_vocab]``, the write basis). A translator ``T [d_a, d_b]`` maps it into model b's residual space:
+
+    "pinv":      T = E_a pinv(E_b)          (scores of a, read back through b's embedding; the paper's)
+    "transpose": T = E_a E_b^T              (E^T in place of a right-inverse, unnormalised)
+    "lstsq":     T = argmin ||H_a T - H_b|| (paired hidden states of both models on the same tokens)
+
+For a model b that is model a in a rotated residual basis (``E_b = Q^T E_a``), "pinv" gives exactly
+``T = Q``. ``stitched_forward`` runs model a up to a layer, translates, and lets model b continue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from tl_embedspace.align import check_shared_vocabulary
+
+METHODS = ("pinv", "transpose", "lstsq")
+
+
+def pinv_translator(E_a: torch.Tensor, E_b: torch.Tensor) -> torch.Tensor:
+    """``E_a [d_a, V] @ pinv(E_b) [V, d_b] -> [d_a, d_b]`` (computed in float64)."""
+    return (E_a.double() @ torch.linalg.pinv(E_b.double())).to(E_a.dtype)
+
+
+def transpose_translator(E_a: torch.Tensor, E_b: torch.Tensor) -> torch.Tensor:
+    """``E_a [d_a, V] @ E_b^T [V, d_b] -> [d_a, d_b]``."""
+    return E_a @ E_b.T
+
+
+def lstsq_translator(H_a: torch.Tensor, H_b: torch.Tensor) -> torch.Tensor:
+    """Least-squares ``T [d_a, d_b]`` with ``H_a [n, d_a] @ T ~ H_b [n, d_b]``."""
+    if H_a.shape[0] != H_b.shape[0]:
+        raise ValueError(f"hidden_a, hidden_b: need paired rows; got {H_a.shape[0]} and {H_b.shape[0]}")
+    return torch.linalg.lstsq(H_a.double(), H_b.double()).solution.to(H_a.dtype)
+
+
+@dataclass
+class Translator:
+    """A linear map ``T [d_a, d_b]`` from model a's residual space to model b's."""
+
+    method: str
+    T: torch.Tensor
+    basis: dict = field(default_factory=dict)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Translate ``h [..., d_a] -> [..., d_b]``."""
+        return h.to(self.T.dtype) @ self.T
+
+    def to_frame(self):
+        import pandas as pd
+
+        s = torch.linalg.svdvals(self.T.double())
+        return pd.DataFrame([{"method": self.method, "d_a": self.T.shape[0], "d_b": self.T.shape[1],
+                              "sigma_max": float(s.max()), "sigma_min": float(s.min())}])
+
+    def _repr_html_(self) -> str:
+        return self.to_frame().to_html(index=False)
+
+
+def translator(space_a: Any, space_b: Any, method: str = "pinv", *, hidden_a: Optional[torch.Tensor] = None,
+               hidden_b: Optional[torch.Tensor] = None) -> Translator:
+    """A translator from ``space_a``'s model to ``space_b``'s (``EmbeddingSpace`` objects).
+
+    "lstsq" needs ``hidden_a [n, d_a]`` and ``hidden_b [n, d_b]``: hidden states of both models at
+    the same token positions (e.g. from ``collect_hidden``).
+    """
+    check_shared_vocabulary(space_a, space_b)
+    if method == "pinv":
+        T = pinv_translator(space_a.W, space_b.W)
+    elif method == "transpose":
+        T = transpose_translator(space_a.W, space_b.W)
+    elif method == "lstsq":
+        if hidden_a is None or hidden_b is None:
+            raise ValueError("method: 'lstsq' needs hidden_a and hidden_b (paired hidden states)")
+        T = lstsq_translator(hidden_a.reshape(-1, hidden_a.shape[-1]), hidden_b.reshape(-1, hidden_b.shape[-1]))
+    else:
+        raise ValueError(f"method: got {method!r}; accepted: {', '.join(METHODS)}")
+    return Translator(method, T, {"a": space_a.basis, "b": space_b.basis})
+
+
+def _check_layer(model: Any, layer: int, arg: str) -> int:
+    n = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise IndexError(f"{arg}: got {layer!r}; accepted: an int in [0, {n - 1}]")
+    return layer
+
+
+def collect_hidden(model: Any, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+    """``blocks.{layer}.hook_resid_post`` of ``model`` on ``tokens``: ``[batch, pos, d_model]``."""
+    layer = _check_layer(model, layer, "layer")
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(x, hook):
+        store["h"] = x.detach().clone()
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", keep)],
+                             stop_at_layer=layer + 1)
+    return store["h"]
+
+
+def stitched_forward(model_a: Any, model_b: Any, tokens: torch.Tensor, layer_a: int, layer_b: int,
+                     translate: Translator) -> torch.Tensor:
+    """Logits ``[batch, pos, d_vocab]`` of model a's layers ``0..layer_a``, the translator, then model
+    b's layers ``layer_b+1..`` and unembedding.
+
+    Model b runs with a temporary hook that replaces ``blocks.{layer_b}.hook_resid_post`` with the
+    translated state (hooks are removed afterwards; neither model is modified).
+    """
+    if model_a.cfg.d_vocab != model_b.cfg.d_vocab:
+        raise ValueError(f"models: vocabularies differ ({model_a.cfg.d_vocab} vs {model_b.cfg.d_vocab})")
+    layer_b = _check_layer(model_b, layer_b, "layer_b")
+    h_a = collect_hidden(model_a, tokens, layer_a)
+    h_b = translate(h_a)
+    if h_b.shape[-1] != model_b.cfg.d_model:
+        raise ValueError(f"translate: produces width {h_b.shape[-1]}, model b has d_model {model_b.cfg.d_model}")
+
+    def replace(x, hook):
+        return h_b.to(x.dtype)
+
+    with torch.no_grad():
+        return model_b.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer_b}.hook_resid_post", replace)])

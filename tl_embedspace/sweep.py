@@ -1,0 +1,108 @@
+"""Rank every head (OV and QK top pairs) and every feed-forward value of a model into files.
+
+One file per item (``heads/ov_L3H1.parquet``, ``heads/qk_L3H1.parquet``, ``neurons/values_L3.parquet``),
+written atomically (temporary name, then rename), so an interrupted sweep resumes by skipping the
+files that exist. ``summary.json`` lists the items and each head's eigenvalue copying score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from tl_embedspace import topk as _topk
+from tl_embedspace.projections import visible
+
+FORMATS = ("parquet", "json")
+
+
+def _write(df, path: Path, fmt: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    if fmt == "parquet":
+        df.to_parquet(tmp, index=False)
+    else:
+        df.to_json(tmp, orient="records", force_ascii=False)
+    os.replace(tmp, path)
+
+
+def sweep_items(space: Any, *, layers: Optional[Sequence[int]] = None, heads: bool = True,
+                neurons: bool = True, circuits: Sequence[str] = ("ov", "qk")) -> list[tuple]:
+    """The items a sweep covers: ("ov"|"qk", layer, head) and ("values", layer, None)."""
+    layers = list(range(space.n_layers)) if layers is None else [space._layer(l) for l in layers]
+    items: list[tuple] = []
+    for l in layers:
+        if heads:
+            items += [(c, l, h) for h in range(space.n_heads) for c in circuits]
+        if neurons and space.w.d_mlp is not None:
+            items.append(("values", l, None))
+    return items
+
+
+def item_path(out: Path, item: tuple, fmt: str) -> Path:
+    kind, l, h = item
+    return out / ("heads" if h is not None else "neurons") / (
+        f"{kind}_L{l}H{h}.{fmt}" if h is not None else f"{kind}_L{l}.{fmt}")
+
+
+def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, fmt: str = "parquet",
+          layers: Optional[Sequence[int]] = None, heads: bool = True, neurons: bool = True,
+          progress: bool = True) -> dict:
+    """Write the ranking files and ``summary.json``; return the summary (items done, skipped, seconds).
+
+    Heads: exact top-``k`` (largest) token pairs of each OV and QK circuit. Neurons: the top
+    ``k_neurons`` value tokens of every neuron of each layer.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt: got {fmt!r}; accepted: {', '.join(FORMATS)}")
+    _topk._check_k(k)
+    _topk._check_k(k_neurons)
+    out = Path(out_dir)
+    (out / "heads").mkdir(parents=True, exist_ok=True)
+    (out / "neurons").mkdir(parents=True, exist_ok=True)
+    items = sweep_items(space, layers=layers, heads=heads, neurons=neurons)
+    done = skipped = 0
+    t0 = time.perf_counter()
+    for item in tqdm(items, desc="embedspace sweep", disable=not progress, file=sys.stderr):
+        path = item_path(out, item, fmt)
+        if path.exists():
+            skipped += 1
+            continue
+        kind, l, h = item
+        if h is not None:
+            mat = space.ov(l, h) if kind == "ov" else space.qk(l, h)
+            r = mat.topk_pairs(k)
+            df = r.to_frame()
+            df.insert(0, "head", h)
+            df.insert(0, "layer", l)
+            df.insert(0, "circuit", kind)
+        else:
+            W_out = space.w.W_out_layer(l)  # [d_mlp, d_model]
+            ids = space.filter_ids
+            v, c = _topk.topk_per_row(W_out, space.W, k_neurons, cols=ids, budget_bytes=space.budget_bytes)
+            n = W_out.shape[0]
+            df = pd.DataFrame({
+                "layer": l, "neuron": torch.arange(n).repeat_interleave(c.shape[1]).tolist(),
+                "rank": torch.arange(1, c.shape[1] + 1).repeat(n).tolist(),
+                "token": [space.token_str(i) for i in c.flatten().tolist()],
+                "id": c.flatten().tolist(), "value": v.flatten().tolist()})
+        _write(df, path, fmt)
+        done += 1
+    summary_path = out / "summary.json"
+    scores = space.copying_scores() if heads else None
+    summary = {
+        "basis": space.basis, "k": k, "k_neurons": k_neurons, "format": fmt, "items": len(items),
+        "written": done, "skipped_existing": skipped, "seconds": round(time.perf_counter() - t0, 2),
+        "copying_scores": scores.tolist() if scores is not None else None,
+        "token_note": "token strings show spaces as " + visible(" "),
+    }
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
