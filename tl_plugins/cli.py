@@ -29,6 +29,14 @@ def list_cmd() -> None:
     click.echo("\nentry points (group 'tl_plugins'):")
     for rec in entry_points():
         click.echo(f"  {rec.name:<12} {rec.value:<28} {rec.dist} {rec.version}: {rec.status}")
+    from tl_plugins.plugins import collect, plugin_errors
+
+    for hook in ("tl_plugins_register_models", "tl_plugins_register_benchmarks"):
+        collect(hook)
+    if plugin_errors:
+        click.echo("\nerrors raised by plugins (the rest of the host keeps working):")
+        for name, hook, text in plugin_errors:
+            click.echo(f"  {name}: {hook}: {text}")
 
 
 @cli.command("models")

@@ -171,7 +171,7 @@ def registry() -> dict[str, PluginInfo]:
                 version=_version,
             )
 
-        impl.function(register=register)
+        _call_isolated(pm, impl, "tl_plugins_register", register)
     _registry = found
     return found
 
@@ -208,5 +208,26 @@ def collect(hook_name: str) -> dict[str, tuple[Callable, str]]:
             raise ValueError(f"{hook_name}: {name!r} is registered twice")
         found[name] = (obj, summary)
 
-    getattr(pm.hook, hook_name)(register=register)
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        _call_isolated(pm, impl, hook_name, register)
     return found
+
+
+# (plugin name, hook name, error text) for register-style hooks that raised: shown by `tl-plugins list`.
+plugin_errors: list[tuple[str, str, str]] = []
+
+
+def _call_isolated(pm: pluggy.PluginManager, impl: Any, hook_name: str, register: Callable) -> None:
+    """Call one implementation of a register-style hook; a broken plugin must not break the host."""
+    import warnings
+
+    try:
+        impl.function(register=register)
+    except ValueError:
+        raise  # duplicate names and bad declarations are the caller's business
+    except Exception as exc:
+        name = pm.get_name(impl.plugin) or "?"
+        text = f"{type(exc).__name__}: {exc}"
+        if (name, hook_name, text) not in plugin_errors:
+            plugin_errors.append((name, hook_name, text))
+            warnings.warn(f"tl_plugins: plugin {name!r} failed in {hook_name}: {text}", stacklevel=3)

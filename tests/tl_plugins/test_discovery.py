@@ -74,3 +74,24 @@ def test_cli_list_shows_sources_and_block_status():
                          text=True, check=True).stdout
     assert "iclgd" in out and "blocked (TL_PLUGINS_BLOCK)" in out
     assert "entry point topk" in out
+
+
+def test_a_plugin_that_raises_in_a_register_hook_does_not_break_the_host():
+    from tl_plugins import hookimpl
+    from tl_plugins.plugins import collect, plugin_errors
+
+    class Broken:
+        @staticmethod
+        @hookimpl
+        def tl_plugins_register_benchmarks(register):
+            raise ImportError("missing dependency xyz")
+
+    tl_plugins.register_plugin(Broken, name="test-broken-bench")
+    try:
+        with pytest.warns(UserWarning, match="missing dependency xyz"):
+            found = collect("tl_plugins_register_benchmarks")
+        assert "load" in found
+        assert any(n == "test-broken-bench" and "xyz" in t for n, _, t in plugin_errors)
+    finally:
+        tl_plugins.unregister_plugin(name="test-broken-bench")
+        plugin_errors.clear()

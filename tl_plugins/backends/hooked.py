@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-try:  # transformer-lens 4.x removed HookedTransformer; the package must still import there.
-    from transformer_lens import HookedTransformer as _HookedTransformer
-except ImportError:  # pragma: no cover - exercised only on transformer-lens 4.x
-    _HookedTransformer = None
+
+def _hooked_transformer_class():
+    """HookedTransformer, or None on transformer-lens 4.x (which removed it).
+
+    Looked up lazily: a model can only be a HookedTransformer if transformer_lens was imported, and
+    importing it takes seconds, which ``tl-plugins --help`` should not pay.
+    """
+    if "transformer_lens" not in sys.modules:
+        return None
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # pragma: no cover - transformer-lens 4.x
+        return None
+    return HookedTransformer
 
 
 class HookedBackend:
@@ -20,7 +31,8 @@ class HookedBackend:
 
     @staticmethod
     def accepts(model: Any) -> bool:
-        return _HookedTransformer is not None and isinstance(model, _HookedTransformer)
+        cls = _hooked_transformer_class()
+        return cls is not None and isinstance(model, cls)
 
     @property
     def cfg(self) -> Any:
