@@ -1,0 +1,42 @@
+"""Shared fixtures for tl_topk tests: tiny random models (fast) and SmolLM2 (slow, session scope)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tl_plugins
+from tl_plugins.models import tiny
+
+
+@pytest.fixture
+def gpt2():
+    """2-layer GPT-2-like model, 4 heads, learned positions, LayerNorm, GELU."""
+    return tiny.build(tiny.TINY_GPT2, seed=1)
+
+
+@pytest.fixture
+def llama():
+    """2-layer Llama-like model: 4 query heads over 2 K/V heads, rotary, RMSNorm, gated SiLU MLP."""
+    return tiny.build(tiny.TINY_LLAMA, seed=2)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 90, (2, 24), generator=g)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return tl_plugins.models.load("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    monkeypatch.delenv("TL_TOPK_BACKEND", raising=False)

@@ -1,0 +1,274 @@
+"""``tl_plugins.enable(model, "topk", ...)`` on TransformerLens models, against the unmodified model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tl_plugins
+from tl_plugins.models import tiny
+from tl_topk.ops.dense import dense_topk_attention
+
+
+def test_k_covering_all_keys_is_bit_exact(model, tokens):
+    ref = model(tokens)
+    with tl_plugins.enabled(model, "topk", k=tokens.shape[1]):
+        assert torch.equal(model(tokens), ref)
+        _, cache = model.run_with_cache(tokens)  # the hooked route
+        assert torch.equal(model.run_with_cache(tokens)[0], ref)
+    with tl_plugins.enabled(model, "topk", k=1.0):
+        assert torch.equal(model(tokens), ref)
+
+
+def test_chunked_route_at_k_n_matches_within_1e6(model, tokens):
+    # k = n with padding: rows with fewer valid keys go through the chunked op, not the pass
+    mask = torch.ones_like(tokens)
+    mask[0, :5] = 0
+    z0 = "blocks.0.attn.hook_z"
+    ref, ref_cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=z0)
+    with tl_plugins.enabled(model, "topk", k=tokens.shape[1] - 1, backend="chunked"):
+        # k = n - 1 >= n_valid for every row of sequence 0 past the padding, not for sequence 1
+        out, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=z0)
+    torch.testing.assert_close(cache[z0][0, 5:], ref_cache[z0][0, 5:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[0, 5:], ref[0, 5:], atol=1e-5, rtol=0)
+    assert not torch.isnan(out).any()
+
+
+def test_sparse_model_chunked_equals_hooked_dense_route(model, tokens):
+    with tl_plugins.enabled(model, "topk", k=3, ff_k=5):
+        fast = model(tokens)
+        hooked, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=0)
+    assert (fast - model(tokens)).abs().max() > 1e-3  # top-k really changed the model
+
+
+def test_hook_contract_under_run_with_cache(model, tokens):
+    _, dense_cache = model.run_with_cache(tokens)
+    with tl_plugins.enabled(model, "topk", k=3):
+        _, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        scores = cache["attn_scores", layer]
+        pattern = cache["pattern", layer]
+        assert ((pattern > 0).sum(-1) <= 3).all()
+        torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+        # full masked scores: finite wherever causal attention allows, and the kept keys are the top 3
+        n = tokens.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        assert torch.isfinite(scores[..., causal]).all()
+        top3 = scores.topk(3, dim=-1).indices
+        assert torch.gather(pattern[..., 2:, :], -1, top3[..., 2:, :]).gt(0).all()
+    torch.testing.assert_close(cache["attn_scores", 0], dense_cache["attn_scores", 0])
+    for name in ["hook_q", "hook_k", "hook_v"]:
+        assert torch.equal(cache[f"blocks.0.attn.{name}"], dense_cache[f"blocks.0.attn.{name}"])
+    assert {f"blocks.1.attn.hook_z", "blocks.1.hook_attn_out"} <= set(cache.keys())
+
+
+def test_model_attention_matches_functional_oracle(llama, tokens):
+    """Layer 0 z from the plugin equals the dense oracle applied to the cached post-rotary q, k, v."""
+    with tl_plugins.enabled(llama, "topk", k=4):
+        _, cache = llama.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn.hook_"))
+    q, k, v = cache["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_rot_k"], cache["blocks.0.attn.hook_v"]
+    z = dense_topk_attention(q, k, v, (4,) * 4, causal=True, scale=llama.blocks[0].attn.attn_scale ** -1)
+    torch.testing.assert_close(cache["blocks.0.attn.hook_z"], z, atol=1e-5, rtol=0)
+
+
+def test_editing_scores_changes_the_selection(gpt2, tokens):
+    def boost_key0(scores, hook):
+        scores[..., 0] = scores[..., 0] + 1e4
+        return scores
+
+    with tl_plugins.enabled(gpt2, "topk", k=1):
+        _, cache = gpt2.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+        with gpt2.hooks([("blocks.0.attn.hook_attn_scores", boost_key0)]):
+            _, edited = gpt2.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+    p = edited["blocks.0.attn.hook_pattern"]
+    assert torch.equal(p[..., 0], torch.ones_like(p[..., 0]))
+    assert not torch.equal(cache["blocks.0.attn.hook_pattern"], p)
+
+
+def test_activation_patching_still_works(gpt2, tokens):
+    clean, corrupt = tokens[:1], tokens[1:]
+    with tl_plugins.enabled(gpt2, "topk", k=3):
+        clean_logits, clean_cache = gpt2.run_with_cache(clean)
+        name = "blocks.1.attn.hook_z"
+
+        def patch(z, hook):
+            return clean_cache[name]
+
+        patched = gpt2.run_with_hooks(corrupt, fwd_hooks=[(name, patch)])
+        # patching every head's z of the last layer and the resid before it reproduces the clean run
+        def patch_resid(x, hook):
+            return clean_cache["blocks.1.hook_resid_pre"]
+
+        full = gpt2.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.hook_resid_pre", patch_resid)])
+        corrupt_logits = gpt2(corrupt)
+    torch.testing.assert_close(full, clean_logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(patched, corrupt_logits)
+
+
+def test_disable_restores_bit_exactly(model, tokens):
+    ref = model(tokens)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tl_plugins.enable(model, "topk", k=2, ff_k=3)
+    assert not torch.equal(model(tokens), ref)
+    tl_plugins.disable(model, "topk")
+    assert torch.equal(model(tokens), ref)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "_tl_plugins_state" not in model.__dict__
+    assert all("forward" not in b.attn.__dict__ for b in model.blocks)
+
+
+def test_kv_cache_decode_equals_full_forward(llama, tokens):
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    ones = lambda n: torch.ones(tokens.shape[0], n, dtype=torch.long)  # noqa: E731
+    with tl_plugins.enabled(llama, "topk", k=3):
+        full = llama(tokens, attention_mask=ones(tokens.shape[1]))
+        cache = TransformerLensKeyValueCache.init_cache(llama.cfg, llama.cfg.device, tokens.shape[0])
+        outs = [llama(tokens[:, :10], past_kv_cache=cache, attention_mask=ones(10))]
+        for i in range(10, tokens.shape[1]):
+            outs.append(llama(tokens[:, i:i + 1], past_kv_cache=cache, attention_mask=ones(1)))
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
+
+
+def test_generate_matches_greedy_full_forward(llama):
+    prompt = torch.tensor([[5, 17, 3, 44, 8, 9]])
+    with tl_plugins.enabled(llama, "topk", k=2):
+        out = llama.generate(prompt, max_new_tokens=6, do_sample=False, use_past_kv_cache=True, verbose=False,
+                           stop_at_eos=False)
+        seq = prompt
+        for _ in range(6):
+            nxt = llama(seq)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_chunked_equals_hooked_route(model, tokens, side):
+    mask = torch.ones_like(tokens)
+    if side == "left":
+        mask[0, :6] = 0
+    else:
+        mask[1, -6:] = 0
+    with tl_plugins.enabled(model, "topk", k=3):
+        fast = model(tokens, attention_mask=mask)
+        hooked, _ = model.run_with_cache(tokens, attention_mask=mask)
+    assert not torch.isnan(fast).any()
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], hooked[real], atol=1e-5, rtol=0)
+
+
+def test_per_layer_per_head_and_layers_limit(llama, tokens):
+    ref = llama(tokens)
+    with tl_plugins.enabled(llama, "topk", k={1: 2}):
+        _, c = llama.run_with_cache(tokens)
+        assert ((c["pattern", 0] > 0).sum(-1).max() == tokens.shape[1])
+        assert ((c["pattern", 1] > 0).sum(-1).max() == 2)
+    with tl_plugins.enabled(llama, "topk", k={(0, 1): 1, (1, 3): 0.25}):
+        _, c = llama.run_with_cache(tokens)
+        nnz0, nnz1 = (c["pattern", 0] > 0).sum(-1), (c["pattern", 1] > 0).sum(-1)
+        assert nnz0[:, 1].max() == 1 and nnz0[:, 0].max() == tokens.shape[1]
+        assert nnz1[:, 3, -1].max() == 6 and nnz1[:, 2].max() == tokens.shape[1]
+    with tl_plugins.enabled(llama, "topk", k={0: [1, None, 2, 3]}):
+        _, c = llama.run_with_cache(tokens)
+        assert (c["pattern", 0] > 0).sum(-1).amax(dim=(0, 2)).tolist() == [1, tokens.shape[1], 2, 3]
+    with tl_plugins.enabled(llama, "topk", k=2, layers=[1]):
+        _, c = llama.run_with_cache(tokens)
+        assert (c["pattern", 0] > 0).sum(-1).max() == tokens.shape[1]
+    assert torch.equal(llama(tokens), ref)
+
+
+def test_ff_topk_identity_at_d_mlp_and_sparsity_below(model, tokens):
+    ref = model(tokens)
+    d_mlp = model.cfg.d_mlp
+    with tl_plugins.enabled(model, "topk", ff_k=d_mlp):
+        assert torch.equal(model(tokens), ref)
+    with tl_plugins.enabled(model, "topk", ff_k=7):
+        _, cache = model.run_with_cache(tokens)
+        pre = cache["pre", 0]
+        post = cache["post", 0]
+    gated = model.cfg.gated_mlp
+    act = (post / cache["blocks.0.mlp.hook_pre_linear"]) if gated else post
+    assert ((post != 0).sum(-1) <= 7).all()
+    kept = pre.topk(7, dim=-1).indices
+    expect = model.blocks[0].mlp.act_fn(pre).gather(-1, kept)
+    torch.testing.assert_close(act.gather(-1, kept), expect, atol=1e-4, rtol=1e-4)
+
+
+def test_composes_with_saelens(tokens):
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = HookedSAETransformer(tiny.build(tiny.TINY_GPT2, seed=1).cfg)
+        model.load_state_dict(tiny.build(tiny.TINY_GPT2, seed=1).state_dict())
+        cfg = StandardSAEConfig(d_in=64, d_sae=96, reshape_activations="hook_z")
+        cfg.metadata.hook_name = "blocks.1.attn.hook_z"
+        sae = StandardSAE(cfg)
+        for p in sae.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+    tl_plugins.enable(model, "topk", k=3)
+    plain = model(tokens)
+    z = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_z")[1]["blocks.1.attn.hook_z"]
+    model.add_sae(sae, use_error_term=True)
+    out, cache = model.run_with_cache(tokens, names_filter=lambda n: "sae" in n)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)  # error term: exact reconstruction
+    acts = cache["blocks.1.attn.hook_z.hook_sae_acts_post"]
+    torch.testing.assert_close(acts, sae.encode(z), atol=1e-5, rtol=1e-5)
+    model.reset_saes()
+    model.add_sae(sae, use_error_term=False)
+    assert not torch.allclose(model(tokens), plain, atol=1e-3)  # the SAE's reconstruction is used
+    model.reset_saes()
+    torch.testing.assert_close(model(tokens), plain, atol=0, rtol=0)
+    tl_plugins.disable(model, "topk")
+
+
+def test_deepcopy_of_enabled_model(gpt2, tokens):
+    tl_plugins.enable(gpt2, "topk", k=2)
+    twin = copy.deepcopy(gpt2)
+    torch.testing.assert_close(twin(tokens), gpt2(tokens), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("options, exc, match", [
+    (dict(k=0), ValueError, "k"),
+    (dict(k=-1), ValueError, "k"),
+    (dict(k=2.5), ValueError, "fraction"),
+    (dict(k=1.01), ValueError, r"\(0, 1\]"),
+    (dict(k="4"), TypeError, "k"),
+    (dict(), ValueError, "ff_k"),
+    (dict(k={9: 2}), ValueError, "unknown layer"),
+    (dict(k={(0, 7): 2}), ValueError, "unknown head"),
+    (dict(k=2, layers=[5]), ValueError, "layers"),
+    (dict(ff_k=0), ValueError, "ff_k"),
+    (dict(k=2, backend="cuda"), ValueError, "backend"),
+    (dict(k=2, chunk_size=0), ValueError, "chunk_size"),
+    (dict(q=2), TypeError, "unknown option"),
+])
+def test_bad_options_leave_model_untouched(gpt2, tokens, options, exc, match):
+    ref = gpt2(tokens)
+    with pytest.raises(exc, match=match):
+        tl_plugins.enable(gpt2, "topk", **options)
+    assert tl_plugins.active(gpt2) == {}
+    assert torch.equal(gpt2(tokens), ref)
+
+
+def test_unsupported_models_refused():
+    alibi = tiny.build(tiny.TINY_GPT2, positional_embedding_type="alibi")
+    with pytest.raises(tl_plugins.UnsupportedModelError, match="alibi"):
+        tl_plugins.enable(alibi, "topk", k=2)
+    solu = tiny.build(tiny.TINY_GPT2, act_fn="solu_ln")
+    with pytest.raises(ValueError, match="solu_ln"):
+        tl_plugins.enable(solu, "topk", ff_k=4)
+    assert tl_plugins.active(solu) == {} and tl_plugins.active(alibi) == {}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_triton_backend_on_cpu_model_refused(gpt2, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        tl_plugins.enable(gpt2, "topk", k=2, backend="triton")
+    assert tl_plugins.active(gpt2) == {}

@@ -1,0 +1,95 @@
+"""The selection rule (k largest valid scores, ties to the smaller index) against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tl_topk.ops.selection import (
+    count_valid,
+    k_per_row,
+    per_head_spec,
+    topk_keep_mask,
+    topk_select,
+    validate_k_value,
+)
+
+NEG = float("-inf")
+
+
+def brute_keep(row: list[float], k: int) -> set[int]:
+    """Sort (score desc, index asc) in plain Python; keep the first k valid keys."""
+    valid = [(-s, j) for j, s in enumerate(row) if s != NEG]
+    return {j for _, j in sorted(valid)[:k]}
+
+
+@st.composite
+def score_rows(draw):
+    n = draw(st.integers(1, 12))
+    # Small integer values make ties common; some keys masked.
+    vals = draw(st.lists(st.one_of(st.integers(-3, 3).map(float), st.just(NEG)), min_size=n, max_size=n))
+    k = draw(st.integers(1, n + 2))
+    return vals, k
+
+
+@settings(max_examples=150, deadline=None)
+@given(score_rows())
+def test_keep_mask_matches_brute_force(case):
+    vals, k = case
+    s = torch.tensor([vals])
+    keep = topk_keep_mask(s, torch.tensor([k]))
+    assert set(torch.nonzero(keep[0]).flatten().tolist()) == brute_keep(vals, k)
+
+
+@settings(max_examples=100, deadline=None)
+@given(score_rows())
+def test_select_returns_the_same_set(case):
+    vals, k = case
+    s = torch.tensor([vals])
+    kk = min(k, len(vals))
+    v, idx = topk_select(s, torch.tensor([k]), kk)
+    chosen = {int(j) for j, x in zip(idx[0].tolist(), v[0].tolist()) if x != NEG}
+    assert chosen == brute_keep(vals, k)
+
+
+def test_ties_go_to_smaller_index():
+    s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
+    assert topk_keep_mask(s, torch.tensor([2])).tolist() == [[False, True, True, False, False]]
+    # a large all-equal row: torch.topk's own choice is not the rule's
+    s = torch.zeros(1, 1000)
+    keep = topk_keep_mask(s, torch.tensor([3]))
+    assert torch.nonzero(keep[0]).flatten().tolist() == [0, 1, 2]
+    v, idx = topk_select(s, torch.tensor([3]), 3)
+    assert sorted(idx[0].tolist()) == [0, 1, 2]
+
+
+def test_count_valid_causal_with_padding_and_offset():
+    pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
+    got = count_valid(3, 5, True, pad, 2, "cpu")  # queries at key positions 2, 3, 4
+    assert got.tolist() == [[1, 2, 3], [3, 4, 4]]
+    assert count_valid(2, 5, False, pad, 2, "cpu").tolist() == [[3, 3], [4, 4]]
+    assert count_valid(3, 3, True, None, 1, "cpu").tolist() == [[1, 2, 3]]
+
+
+def test_fraction_rounds_up_and_per_head_entries():
+    n_valid = torch.tensor([[1, 10, 30]])
+    rows = k_per_row((0.1, 3, None), n_valid, 30)
+    assert rows[0, 0].tolist() == [1, 1, 3]  # ceil(0.1 * 30) = 3, not 4 from float error
+    assert rows[0, 1].tolist() == [3, 3, 3]
+    assert rows[0, 2].tolist() == [30, 30, 30]
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (1.5, ValueError), (0.0, ValueError),
+                                      (float("nan"), ValueError), (True, TypeError), ("8", TypeError),
+                                      (None, TypeError)])
+def test_bad_k_values(bad, exc):
+    with pytest.raises(exc, match="k"):
+        validate_k_value(bad, "k")
+
+
+def test_per_head_spec_length_checked():
+    with pytest.raises(ValueError, match="one entry per query head"):
+        per_head_spec([1, 2], 3)
+    assert per_head_spec(torch.tensor([1, 2, 3]), 3) == (1, 2, 3)
