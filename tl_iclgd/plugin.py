@@ -1,0 +1,255 @@
+"""tl_plugins hooks for "iclgd": registration, the ``tl-plugins iclgd`` commands, the benchmark, the report.
+
+"iclgd" observes and never changes the forward pass (``changes_forward=False``). Enabling it only
+stores default fine-tuning settings: ``tl_plugins.enable(model, "iclgd", lr=1e-3)`` makes
+``tl_iclgd.compare(model, task)`` use ``GDConfig(lr=1e-3)`` when no ``gd=`` is given.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import click
+
+from tl_plugins import hookimpl
+
+DEFAULT_LR = 1e-3
+_enabled: "dict[int, object]" = {}
+
+
+@hookimpl
+def tl_plugins_register(register):
+    from tl_iclgd.gd import GDConfig
+
+    register("iclgd", config=GDConfig, changes_forward=False,
+             summary="ICL vs gradient descent on cached activations: vanilla GD, layer-causal GD, metrics, baselines")
+
+
+@hookimpl
+def tl_plugins_enable(model, name, config, backend):
+    if name != "iclgd":
+        return None
+    return True  # nothing to install: the config is kept by the host (tl_plugins.active)
+
+
+@hookimpl
+def tl_plugins_disable(model, name, backend):
+    return True if name == "iclgd" else None
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+@click.group("iclgd", context_settings={"help_option_names": ["-h", "--help"]})
+def iclgd_group():
+    """ICL vs gradient descent (Deutch et al. 2024): compare ZSL, ICL, GD and layer-causal GD."""
+
+
+@iclgd_group.command("tasks")
+def tasks_cmd():
+    """List the built-in tasks."""
+    from tl_iclgd.tasks import BUILTIN_TASKS
+
+    for name, fn in BUILTIN_TASKS.items():
+        t = fn()
+        click.echo(f"{name:<16} {len(t.demos):>3} demos, {len(t.queries):>3} queries  {(fn.__doc__ or '').splitlines()[0]}")
+
+
+@iclgd_group.command("compare")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name (tl-plugins models).")
+@click.option("--task", "task_name", default="antonyms", show_default=True, help="Built-in task (tl-plugins iclgd tasks).")
+@click.option("--lr", type=float, default=DEFAULT_LR, show_default=True, help="SGD learning rate.")
+@click.option("--params", default="kv", show_default=True, help="Trained attention projections: letters of 'qkvo'.")
+@click.option("--loss", type=click.Choice(["all_tokens", "label_only"]), default="all_tokens", show_default=True)
+@click.option("--readout", type=click.Choice(["resid_post", "resid_mid"]), default="resid_post", show_default=True,
+              help="Where LCGD reads each layer out.")
+@click.option("--methods", default="gd,lcgd", show_default=True, help="Comma-separated: gd, lcgd.")
+@click.option("--baselines", default="", help="Comma-separated: untrained, untrained_embeddings.")
+@click.option("--n-demos", type=int, default=16, show_default=True)
+@click.option("--n-queries", type=int, default=50, show_default=True)
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated ints.")
+@click.option("--position", type=click.Choice(["prompt_end", "first_label_token"]), default="prompt_end",
+              show_default=True)
+@click.option("--context-budget", type=int, default=None, help="Tokens ICL may use (default: n_ctx).")
+@click.option("--no-kendall", is_flag=True, help="Skip Kendall tau.")
+@click.option("--per-layer", is_flag=True, help="Also print the per-layer table.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default="iclgd_compare.json", show_default=True,
+              help="Write the full result (settings, aggregate, per layer, runs) here.")
+def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, baselines, n_demos, n_queries, seeds,
+                position, context_budget, no_kendall, per_layer, json_out):
+    """Run ZSL, ICL and fine-tuning on a task; print the table (mean ± std over seeds) and write JSON."""
+    import pandas as pd
+
+    from tl_iclgd.compare import compare
+    from tl_iclgd.gd import GDConfig
+    from tl_plugins import models
+
+    try:
+        gd = GDConfig(lr=lr, params=params, loss=loss, readout=readout)
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc))
+    model = models.load(model_name)
+    res = compare(model, task_name, gd, methods=[m.strip() for m in methods.split(",") if m.strip()],
+                  baselines=[b.strip() for b in baselines.split(",") if b.strip()], n_demos=n_demos,
+                  n_queries=n_queries, seeds=seed_list, position=position, context_budget=context_budget,
+                  kendall=not no_kendall, progress=True)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        click.echo(res.table().to_string(index=False))
+        if per_layer:
+            click.echo(res.to_frame("layer").to_string(index=False))
+    if json_out:
+        Path(json_out).write_text(res.to_json())
+        click.echo(f"written {json_out} ({res.settings['seconds']:.1f} s)")
+
+
+@hookimpl
+def tl_plugins_register_commands(cli):
+    cli.add_command(iclgd_group)
+
+
+# -- benchmark --------------------------------------------------------------------------------------
+
+def _synthetic_task(d_vocab: int, n_demos: int, n_queries: int):
+    """A copy-the-token task on raw ids, for models without a tokenizer (tiny test models)."""
+    import random
+
+    from tl_iclgd.tasks import TokenizedTask
+
+    rng = random.Random(0)
+    arrow = 3
+
+    def pair():
+        x = rng.randrange(10, d_vocab)
+        return ([x, arrow], [x])
+    return TokenizedTask.from_ids([pair() for _ in range(n_demos)], [pair() for _ in range(n_queries)],
+                                  name="copy_token")
+
+
+def bench_iclgd(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu"):
+    """Full comparison (ZSL, ICL, GD, LCGD; every metric) on a real model: time, peak memory, tables."""
+    import pandas as pd
+    import torch
+
+    from tl_iclgd import capture as C
+    from tl_iclgd.compare import compare
+    from tl_iclgd.gd import GDConfig, finetune
+    from tl_iclgd.tasks import get_task, tokenize_task
+    from tl_plugins import models
+    from tl_plugins.bench import BenchResult, PeakRSS, _rss_bytes, device_description, median_time
+
+    n_demos, n_queries = (4, 8) if quick else (16, 50)
+    m = models.load(model, device=device) if model == "smollm2-135m" else models.load(model)
+    has_tok = getattr(m, "tokenizer", None) is not None
+    task = "antonyms" if has_tok else _synthetic_task(m.cfg.d_vocab, n_demos, n_queries)
+    gd = GDConfig(lr=DEFAULT_LR)
+    res = BenchResult("iclgd", device=device_description(device))
+    gc.collect()
+    rss0 = _rss_bytes()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        full = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,))
+        t_full = time.perf_counter() - t0
+    with PeakRSS() as mem_b:
+        t0 = time.perf_counter()
+        base = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,),
+                       baselines=("untrained", "untrained_embeddings"))
+        t_base = time.perf_counter() - t0
+    res.add(what="full comparison, trained model (ZSL, ICL, GD, LCGD, all metrics)", seconds=t_full,
+            ratio_to_full=1.0, peak_rss_gb=mem.peak / 2**30)
+    res.add(what="same + untrained and trained-embeddings baselines", seconds=t_base,
+            ratio_to_full=t_base / t_full, peak_rss_gb=mem_b.peak / 2**30)
+
+    # phases, side by side (medians)
+    if has_tok:
+        ttask = tokenize_task(get_task("antonyms").sample(n_demos, n_queries, 0), m)
+    else:
+        ttask = task
+    queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
+    prefix = ttask.prefix_tokens()
+    rep = 1 if quick else 3
+    t_zsl = median_time(lambda: C.capture(m, (), queries), repeat=rep)
+    t_icl = median_time(lambda: C.capture(m, prefix, queries), repeat=rep)
+    t_icl_full = median_time(lambda: C.capture(m, prefix, queries, use_prefix_cache=False), repeat=rep)
+    t_gd = median_time(lambda: finetune(m, ttask, gd), repeat=rep, warmup=0)
+    t_lc = median_time(lambda: finetune(m, ttask, GDConfig(lr=DEFAULT_LR, layer_causal=True)), repeat=rep, warmup=0)
+    for what, t in [("ZSL capture", t_zsl), ("ICL capture, prefix KV cache", t_icl),
+                    ("ICL capture, full forward per query", t_icl_full), ("GD fine-tuning", t_gd),
+                    ("LCGD fine-tuning", t_lc)]:
+        res.add(what=what, seconds=t, ratio_to_full=t / t_full, peak_rss_gb=float("nan"))
+    res.check("full comparison at most 5 minutes" + (" (quick sizes)" if quick else ""), t_full <= 300)
+    res.check("peak memory at most 3 GB", mem.peak <= 3 * 2**30)
+    res.check("prefix KV cache faster than a full forward per query", t_icl < t_icl_full)
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        res.notes.append(f"model {model}, task {getattr(ttask, 'name', task)}, {n_demos} demos, {n_queries} queries, "
+                         f"{m.cfg.n_layers} layers, lr {gd.lr}, seed 0; RSS before the run {rss0 / 2**30:.2f} GB")
+        res.notes.append("aggregate (mean over examples, then layers):\n" + base.table().to_string(index=False))
+    res.extra = {"trained": full.to_frame().to_dict(orient="records"),
+                 "baselines": base.to_frame().to_dict(orient="records")}
+    return res
+
+
+@hookimpl
+def tl_plugins_register_benchmarks(register):
+    register("iclgd", bench_iclgd, summary="ICL vs GD: full comparison on SmolLM2 (time, peak memory, tables)")
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+def _layer_figure(layer_df, metric: str, title: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for (variant, method), d in layer_df[layer_df.metric == metric].groupby(["variant", "method"], sort=False):
+        fig.add_trace(go.Scatter(x=d.layer, y=d["mean"], mode="lines+markers", name=f"{method} / {variant}",
+                                 line=dict(dash="solid" if variant == "trained" else "dot")))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=metric, height=380,
+                      margin=dict(l=50, r=20, t=50, b=40))
+    return fig
+
+
+@hookimpl
+def tl_plugins_report_sections(report):
+    import plotly.graph_objects as go
+
+    from tl_iclgd.compare import compare, icl_accuracy_curve
+    from tl_iclgd.gd import GDConfig, check_unprocessed
+
+    model = report.model
+    try:
+        check_unprocessed(model)
+    except ValueError as exc:
+        report.add_section("ICL vs GD", html=f"<p>Skipped: {exc}</p>", order=60)
+        return
+    has_tok = getattr(model, "tokenizer", None) is not None
+    quick = report.quick
+    n_demos, n_queries = (4, 8) if quick else (16, 50)
+    task = "antonyms" if has_tok else _synthetic_task(model.cfg.d_vocab, n_demos, n_queries)
+    res = None
+    for _ in report.progress([0], desc="iclgd compare"):
+        res = compare(model, task, GDConfig(lr=DEFAULT_LR), methods=("gd", "lcgd"), n_demos=n_demos,
+                      n_queries=n_queries, seeds=(0,), baselines=("untrained", "untrained_embeddings"))
+    layer_df = res.to_frame("layer")
+    figs = [
+        _layer_figure(layer_df, "SimAOU", "SimAOU (raw) per layer: GD and LCGD, trained vs untrained"),
+        _layer_figure(layer_df, "SimAOU_norm", "SimAOU_norm (original codes' normalisation) per layer"),
+        _layer_figure(layer_df, "SimAM_delta", "SimAM_delta per layer"),
+    ]
+    html = (f"<p>Task <code>{res.settings['task']}</code>, {n_demos} demonstrations, {n_queries} queries, "
+            f"lr {DEFAULT_LR}, K/V of every layer, seed 0. Dotted lines: untrained baselines (all random, or "
+            "trained embeddings with random blocks), one seeded initialisation shared by their ZSL, ICL and FT "
+            "runs. Scores near the trained model's for the baselines mean the metric does not show that ICL "
+            "and GD agree for a learned reason (Deutch et al. 2024).</p>")
+    tables = [res.table()]
+    if has_tok:
+        curve = icl_accuracy_curve(model, "antonyms", n_demos=(0, 2, 4) if quick else (0, 1, 2, 4, 8, 16),
+                                   n_queries=8 if quick else 20)
+        cdf = curve.to_frame()
+        fig = go.Figure(go.Scatter(x=cdf.n_demos, y=cdf.accuracy, mode="lines+markers"))
+        fig.update_layout(title="ICL accuracy vs number of demonstrations (antonyms)", xaxis_title="demonstrations",
+                          yaxis_title="accuracy", height=340, yaxis_range=[0, 1.05])
+        figs.append(fig)
+        tables.append(cdf)
+    report.add_section("ICL vs GD (Deutch et al. 2024)", html=html, figures=figs, tables=tables, order=60)
