@@ -14,6 +14,13 @@ class UnknownPluginError(TLPluginsError, KeyError):
         return str(self.args[0])
 
 
+class UnknownModelError(TLPluginsError, KeyError):
+    """A model name that the zoo does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class PluginBlockedError(TLPluginsError):
     """A plugin that TL_PLUGINS_BLOCK / TL_PLUGINS_LOAD excluded."""
 

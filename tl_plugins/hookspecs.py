@@ -17,11 +17,14 @@ def tl_plugins_register(register):
     """Declare the plugins this module provides.
 
     Call ``register(name, *, config=ConfigDataclass, summary="one line", changes_forward=bool,
-    backends=("hooked",))`` once per plugin. ``config`` is a dataclass whose fields are the keyword
-    arguments accepted by ``tl_plugins.enable(model, name, **fields)``; its ``__post_init__`` must
-    validate them and raise ``ValueError``/``TypeError`` naming the argument, the value and what is
-    accepted. ``changes_forward`` says whether enabling alters the model's forward pass (the host then
-    promises that disabling restores the outputs bit-exactly). A name may be registered only once.
+    attention_seam=bool, mlp_seam=bool, backends=("hooked",))`` once per plugin. ``config`` is a
+    dataclass whose fields are the keyword arguments accepted by ``tl_plugins.enable(model, name,
+    **fields)``; its ``__post_init__`` must validate them and raise ``ValueError``/``TypeError`` naming
+    the argument, the value and what is accepted. ``changes_forward`` says whether enabling alters the
+    model's forward pass (the host then promises that disabling restores the outputs bit-exactly).
+    ``attention_seam`` / ``mlp_seam`` ask the host to install the attention seam
+    (``tl_plugins_attention``) / the MLP activation seam (``tl_plugins_mlp_activation``) while the
+    plugin is enabled. A name may be registered only once.
     """
 
 

@@ -26,7 +26,9 @@ def load(name: str, **options: Any):
 
     found = collect("tl_plugins_register_models")
     if not isinstance(name, str) or name not in found:
-        raise KeyError(f"name: unknown model {name!r}; available: {', '.join(sorted(found))}")
+        from tl_plugins.errors import UnknownModelError
+
+        raise UnknownModelError(f"name: unknown model {name!r}; available: {', '.join(sorted(found))}")
     loader, _ = found[name]
     return loader(**options)
 
