@@ -23,6 +23,7 @@ from tl_plugins.errors import (  # noqa: E402
     NotEnabledError,
     PluginBlockedError,
     TLPluginsError,
+    UnknownModelError,
     UnknownPluginError,
     UnsupportedModelError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "reset_plugin_manager",
     "TLPluginsError",
     "UnknownPluginError",
+    "UnknownModelError",
     "PluginBlockedError",
     "NotEnabledError",
     "UnsupportedModelError",
