@@ -43,7 +43,9 @@ def _gather_rows(x: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
 
 def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
     """out.reshape(-1, d)[rows] += src rows; out [b, h_kv, n_k, d] contiguous."""
-    out.view(-1, out.shape[-1]).index_add_(0, rows, src.reshape(-1, out.shape[-1]))
+    # index_put_(accumulate=True) is several times faster than index_add_ on CPU when many
+    # queries pick the same keys (attention sinks), and it is deterministic there.
+    out.view(-1, out.shape[-1]).index_put_((rows,), src.reshape(-1, out.shape[-1]), accumulate=True)
 
 
 class ChunkedTopKAttention(torch.autograd.Function):
@@ -95,10 +97,10 @@ class ChunkedTopKAttention(torch.autograd.Function):
             index[:, :, :, q0:q1, :kc] = idx.to(torch.int32)
             if capped is not None:
                 capped[:, :, :, q0:q1, :kc] = vals
-            vg = _gather_rows(vh, _flat_rows(idx, n_k), idx.shape)
-            # mul + sum, not a batched matmul: bmm over thousands of 1 x kk matrices loops in Python-
-            # visible slices on CPU.
-            out[:, :, :, q0:q1] = (p.unsqueeze(-1) * vg.to(compute)).sum(-2)
+            vg = _gather_rows(vh, _flat_rows(idx, n_k), idx.shape).to(compute)
+            # One bmm over [rows, 1, kk] x [rows, kk, d], on contiguous 3-d views: a broadcasting
+            # matmul on the 6-d shapes falls back to a loop of small copies on CPU.
+            out[:, :, :, q0:q1] = torch.bmm(p.reshape(-1, 1, kc), vg.reshape(-1, kc, dv)).view(*p.shape[:-1], dv)
         ctx.save_for_backward(q, k, v, probs, index, capped)
         ctx.scale, ctx.softcap, ctx.chunk_size, ctx.budget = scale, softcap, chunk_size, budget
         return out.reshape(b, h, n_q, dv).permute(0, 2, 1, 3).to(v.dtype)
@@ -126,8 +128,9 @@ class ChunkedTopKAttention(torch.autograd.Function):
             idx = index[:, :, :, q0:q1].long()
             do_c = do[:, :, :, q0:q1]
             flat = _flat_rows(idx, n_k)
-            vg = _gather_rows(vh, flat, idx.shape)
-            dp = (vg * do_c.unsqueeze(-2)).sum(-1)  # [b, h_kv, g, c, kk]
+            rows_c = p.shape[:-1]
+            vg = _gather_rows(vh, flat, idx.shape).view(-1, kk, dv)
+            dp = torch.bmm(vg, do_c.reshape(-1, dv, 1)).view(*rows_c, kk)
             del vg
             ds = p * (dp - (p * dp).sum(-1, keepdim=True))
             if ctx.softcap is not None:
@@ -135,8 +138,8 @@ class ChunkedTopKAttention(torch.autograd.Function):
                 slope = torch.where(p > 0, 1 - (c / ctx.softcap) ** 2, torch.zeros_like(c))
                 ds = ds * slope
             ds = ds * ctx.scale
-            kg = _gather_rows(kh, flat, idx.shape)
-            dq[:, :, :, q0:q1] = (ds.unsqueeze(-1) * kg).sum(-2)
+            kg = _gather_rows(kh, flat, idx.shape).view(-1, kk, d)
+            dq[:, :, :, q0:q1] = torch.bmm(ds.reshape(-1, 1, kk), kg).view(*rows_c, d)
             del kg
             _scatter_rows(dk, flat, ds.unsqueeze(-1) * qh[:, :, :, q0:q1].unsqueeze(-2))
             _scatter_rows(dvh, flat, p.unsqueeze(-1) * do_c.unsqueeze(-2))

@@ -1,0 +1,180 @@
+"""Model-level measurements: perplexity vs k (attention, feed-forward, both) and pattern sparsity.
+
+Results are small dataclasses with ``.to_frame()``, ``.figure()`` (plotly) and ``_repr_html_()``.
+Text is the standard library's Python documentation (``pydoc_data.topics``): real prose and code no
+one here wrote, on every machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+import tl_plugins
+
+MODES = ("attention", "feed-forward", "both")
+
+
+def docs_text(n_chars: int = 200_000) -> str:
+    """Concatenated ``pydoc_data.topics`` entries in sorted key order (deterministic)."""
+    from pydoc_data.topics import topics
+
+    parts, total = [], 0
+    for key in sorted(topics):
+        parts.append(topics[key])
+        total += len(topics[key])
+        if total >= n_chars:
+            break
+    return "\n".join(parts)
+
+
+def docs_tokens(model: Any, n_tokens: int) -> torch.Tensor:
+    """[1, n_tokens] tokens of the docs text; models without a tokenizer get bytes modulo d_vocab."""
+    text = docs_text(max(20_000, n_tokens * 8))
+    if getattr(model, "tokenizer", None) is not None:
+        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [b % model.cfg.d_vocab for b in text.encode("utf-8")]
+    if len(ids) < n_tokens:
+        raise ValueError(f"n_tokens: got {n_tokens}; the docs text gives only {len(ids)} tokens")
+    return torch.tensor(ids[:n_tokens], device=model.cfg.device).unsqueeze(0)
+
+
+@torch.no_grad()
+def perplexity(model: Any, tokens: torch.Tensor) -> float:
+    """exp(mean next-token loss) of ``model`` on ``tokens`` [batch, pos]."""
+    return math.exp(float(model(tokens, return_type="loss")))
+
+
+@dataclass
+class PerplexitySweep:
+    """Perplexity of one model on one text for each (mode, k); ``ratio`` is to the dense model."""
+
+    model_name: str
+    n_tokens: int
+    dense: float
+    rows: list[dict] = field(default_factory=list)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        df = self.to_frame()
+        for mode in MODES:
+            d = df[df["mode"] == mode]
+            if len(d):
+                fig.add_trace(go.Scatter(x=d["k"], y=d["perplexity"], mode="lines+markers", name=mode))
+        fig.add_hline(y=self.dense, line_dash="dot", annotation_text="dense")
+        fig.update_layout(title=f"{self.model_name}: perplexity vs k ({self.n_tokens} tokens of Python docs)",
+                          xaxis_title="k (keys per query / units per token)", yaxis_title="perplexity",
+                          xaxis_type="log", yaxis_type="log", height=420)
+        return fig
+
+    def _repr_html_(self) -> str:
+        return (f"<h4>perplexity vs k: {self.model_name}, {self.n_tokens} tokens, dense {self.dense:.3f}</h4>"
+                + self.to_frame().to_html(index=False))
+
+
+def perplexity_sweep(model: Any, tokens: torch.Tensor, ks: Sequence[Any], *, modes: Iterable[str] = MODES,
+                     model_name: str = "", progress=None, backend: str = "auto") -> PerplexitySweep:
+    """Perplexity with top-k attention, top-k feed-forward, or both, for each k in ``ks``.
+
+    ``ks`` entries are ints or ``"n"`` (dense: every key / every unit). The model is left as it was.
+    """
+    if tl_plugins.active(model).get("topk") is not None:
+        raise ValueError("model: the topk plugin is already enabled; disable it before a sweep")
+    dense = perplexity(model, tokens)
+    sweep = PerplexitySweep(model_name, tokens.shape[1], dense)
+    jobs = [(m, k) for m in modes for k in ks]
+    for mode, k in (progress(jobs, "topk perplexity") if progress else jobs):
+        if mode not in MODES:
+            raise ValueError(f"modes: got {mode!r}; accepted: {', '.join(MODES)}")
+        if k == "n":
+            ppl = dense
+        else:
+            opts = {"attention": dict(k=k), "feed-forward": dict(ff_k=k), "both": dict(k=k, ff_k=k)}[mode]
+            with tl_plugins.enabled(model, "topk", backend=backend, **opts):
+                ppl = perplexity(model, tokens)
+        sweep.rows.append(dict(mode=mode, k=str(k) if k == "n" else int(k), perplexity=ppl,
+                               ratio=ppl / dense))
+    return sweep
+
+
+@dataclass
+class PatternSparsity:
+    """Per layer: non-zeros per row under top-k, and the dense pattern's mass inside its top k."""
+
+    model_name: str
+    k: int
+    n_tokens: int
+    rows: list[dict] = field(default_factory=list)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        df = self.to_frame()
+        fig = go.Figure([go.Bar(x=df["layer"], y=df["dense_mass_in_topk"], name="dense mass in top-k")])
+        fig.update_layout(title=f"{self.model_name}: share of each layer's dense attention inside its top-{self.k}",
+                          xaxis_title="layer", yaxis_title="mean mass", yaxis_range=[0, 1], height=360)
+        return fig
+
+    def _repr_html_(self) -> str:
+        return self.to_frame().to_html(index=False)
+
+
+@torch.no_grad()
+def pattern_sparsity(model: Any, tokens: torch.Tensor, k: int, model_name: str = "") -> PatternSparsity:
+    """One dense run and one top-k run with the patterns cached; per-layer statistics."""
+    names = lambda n: n.endswith("hook_pattern")  # noqa: E731
+    _, dense = model.run_with_cache(tokens, names_filter=names)
+    with tl_plugins.enabled(model, "topk", k=k):
+        _, sparse = model.run_with_cache(tokens, names_filter=names)
+    out = PatternSparsity(model_name, k, tokens.shape[1])
+    for layer in range(model.cfg.n_layers):
+        p = dense["pattern", layer]
+        s = sparse["pattern", layer]
+        kk = min(k, p.shape[-1])
+        mass = p.topk(kk, dim=-1).values.sum(-1)
+        out.rows.append(dict(
+            layer=layer,
+            nonzeros_per_row=float((s > 0).sum(-1).float().mean()),
+            max_nonzeros=int((s > 0).sum(-1).max()),
+            dense_mass_in_topk=float(mass.mean()),
+            worst_head_mass=float(mass.mean(dim=(0, 2)).min()),
+        ))
+    return out
+
+
+def paper_style_topk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_top: int, *, causal: bool,
+                     chunk: int = 1024) -> torch.Tensor:
+    """Gupta et al.'s reference shape: per query chunk, dense scores, torch.topk, softmax over the k
+    values, scatter into a dense zero buffer, dense matmul with (repeated) V. Plain autograd.
+    A benchmark baseline only (ties are not broken by index)."""
+    b, n_q, h, d = q.shape
+    n_k, h_kv = k.shape[1], k.shape[2]
+    kr = k.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
+    vr = v.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
+    qt = q.transpose(1, 2)
+    outs = []
+    for q0 in range(0, n_q, chunk):
+        s = qt[:, :, q0:q0 + chunk] @ kr.transpose(-1, -2) * d ** -0.5
+        if causal:
+            rows = torch.arange(q0, min(n_q, q0 + chunk), device=q.device) + n_k - n_q
+            s = s.masked_fill(torch.arange(n_k, device=q.device)[None, :] > rows[:, None], float("-inf"))
+        vals, idx = s.topk(min(k_top, n_k), dim=-1)
+        dense = torch.zeros_like(s).scatter(-1, idx, vals.softmax(-1))
+        outs.append(dense @ vr)
+    return torch.cat(outs, 2).transpose(1, 2)
