@@ -148,6 +148,13 @@ class EmbeddingSpace:
             return self.w.W_U
         return torch.linalg.pinv(self.w.W_E.double()).to(self.w.W_E.dtype)  # [d_model, d_vocab]
 
+    @cached_property
+    def W_T(self) -> torch.Tensor:
+        """``W^T`` contiguous ``[d_vocab, d_model]`` (one token's write direction is a row)."""
+        if self.read_basis in ("paper", "unembed") and self.write_basis in ("paper", "unembed", "full-circuit"):
+            return self.R  # the same matrix, W_U^T
+        return self.W.T.contiguous()
+
     # -- tokens --------------------------------------------------------------------------------
     def _token_strings_fn(self):
         return (lambda: self.token_strings) if self.tokenizer is not None else None
@@ -349,7 +356,7 @@ class EmbeddingSpace:
         _topk._check_mode(mode)
         t0 = time.perf_counter()
         if kind == "value":
-            scores = self._values_flat @ self.W[:, t]
+            scores = self._values_flat @ self.W_T[t]
         elif kind == "key":
             scores = self._keys_flat @ self.R[t]
         elif kind == "gate":
@@ -378,7 +385,7 @@ class EmbeddingSpace:
         t0 = time.perf_counter()
         if kind == "ov":
             x = torch.einsum("m,lhmd->lhd", self.R[s], W["W_V"])
-            y = torch.einsum("lhdm,m->lhd", W["W_O"], self.W[:, d])
+            y = torch.einsum("lhdm,m->lhd", W["W_O"], self.W_T[d])
         elif kind == "qk":
             x = torch.einsum("m,lhmd->lhd", self.R[s], W["W_Q"])
             y = torch.einsum("m,lhmd->lhd", self.R[d], W["W_K"])
