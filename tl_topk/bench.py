@@ -79,6 +79,26 @@ def _methods(k_top: int, device: str) -> dict[str, Callable]:
     return m
 
 
+def _fixed_mmap_threshold() -> bool:
+    """Make glibc serve allocations >= 128 KiB with mmap and return them on free.
+
+    By default glibc raises its mmap threshold after large frees (up to 32 MiB), so freed tensor
+    memory stays resident and later allocations do not show in the resident set: peak-RSS figures
+    would depend on what ran before. Returns False where mallopt is unavailable (non-glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 128 * 1024) == 1
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_extra(fn: Callable, q, k, v, device: str) -> int:
     """Peak extra bytes of one forward + backward of ``fn`` (inputs already allocated)."""
     run = _fwd_bwd(fn, q, k, v)
@@ -96,6 +116,13 @@ def bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device: 
     topk_name = "topk-triton" if device.startswith("cuda") else "topk-chunked"
     methods = _methods(k_top, device)
     measured: dict[int, float] = {}
+    if not device.startswith("cuda") and not _fixed_mmap_threshold():
+        result.notes.append("could not fix glibc's mmap threshold: CPU memory figures may be understated")
+    # First calls allocate thread pools and allocator arenas once: keep them out of the figures.
+    wq, wk, wv = _inputs(min(ns), device)
+    for name in (topk_name, "dense-math"):
+        _fwd_bwd(methods[name], wq, wk, wv)()
+    del wq, wk, wv
     for n in (progress(ns, "memory vs n") if progress else ns):
         q, k, v = _inputs(n, device)
         top = peak_extra(methods[topk_name], q, k, v, device)

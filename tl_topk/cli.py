@@ -1,8 +1,86 @@
-"""``tl-plugins topk ...`` commands (filled in below)."""
+"""``tl-plugins topk ...``: perplexity vs k, pattern sparsity, and which backend runs here."""
+
+from __future__ import annotations
 
 import click
 
 
-@click.group("topk")
+def _parse_k(values):
+    out = []
+    for v in values:
+        if v == "n":
+            out.append("n")
+            continue
+        try:
+            k = int(v)
+        except ValueError:
+            raise click.BadParameter(f"got {v!r}; accepted: integers >= 1 or 'n' (dense)", param_hint="--k")
+        if k < 1:
+            raise click.BadParameter(f"got {v!r}; accepted: integers >= 1 or 'n' (dense)", param_hint="--k")
+        out.append(k)
+    return out
+
+
+@click.group("topk", context_settings={"help_option_names": ["-h", "--help"]})
 def topk_group() -> None:
-    """Top-k attention and feed-forward (Gupta et al. 2021)."""
+    """Top-k attention and top-k feed-forward (Gupta et al. 2021) on TransformerLens models."""
+
+
+@topk_group.command("perplexity")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+              help="Model name (see `tl-plugins models`).")
+@click.option("--k", "ks", multiple=True, default=("4", "8", "16", "32", "64", "128", "n"), show_default=True,
+              help="k values (repeat the option); 'n' means dense.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["attention", "feed-forward", "both"]),
+              default=("attention", "feed-forward", "both"), show_default=True,
+              help="Where top-k applies (repeat the option).")
+@click.option("--tokens", "n_tokens", default=1024, show_default=True, type=click.IntRange(min=2),
+              help="Tokens of the stdlib Python docs text to score.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "dense", "chunked", "triton"]), help="Attention backend.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
+def perplexity_cmd(model_name, ks, modes, n_tokens, backend, csv_path) -> None:
+    """Perplexity of MODEL on the Python docs text vs k (attention, feed-forward, both)."""
+    from tqdm.auto import tqdm
+
+    import tl_plugins
+    from tl_topk.analysis import docs_tokens, perplexity_sweep
+
+    model = tl_plugins.models.load(model_name)
+    tokens = docs_tokens(model, n_tokens)
+    sweep = perplexity_sweep(model, tokens, _parse_k(ks), modes=modes, model_name=model_name, backend=backend,
+                             progress=lambda it, desc: tqdm(it, desc=desc, leave=False))
+    click.echo(f"dense perplexity {sweep.dense:.4f} ({model_name}, {n_tokens} tokens)")
+    click.echo(sweep.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if csv_path:
+        sweep.to_frame().to_csv(csv_path, index=False)
+
+
+@topk_group.command("sparsity")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True)
+@click.option("--k", "k", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--tokens", "n_tokens", default=256, show_default=True, type=click.IntRange(min=2))
+def sparsity_cmd(model_name, k, n_tokens) -> None:
+    """Per layer: non-zeros per pattern row under top-k, and the dense pattern's mass in its top k."""
+    import tl_plugins
+    from tl_topk.analysis import docs_tokens, pattern_sparsity
+
+    model = tl_plugins.models.load(model_name)
+    result = pattern_sparsity(model, docs_tokens(model, n_tokens), k, model_name=model_name)
+    click.echo(result.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+
+
+@topk_group.command("backends")
+def backends_cmd() -> None:
+    """Which backends can run here and what `auto` picks on CPU and CUDA."""
+    import os
+
+    import torch
+
+    from tl_topk.ops import triton_kernels
+
+    click.echo(f"TL_TOPK_BACKEND={os.environ.get('TL_TOPK_BACKEND', '') or '(unset)'}")
+    click.echo("dense    available (oracle; used whenever hook_attn_scores/hook_pattern are hooked)")
+    click.echo("chunked  available (linear memory; auto on CPU)")
+    click.echo(f"triton   {triton_kernels.availability()}")
+    click.echo(f"cuda     {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from tl_topk.ops.attention import BACKENDS
+from tl_topk.ops.feedforward import FF_RULES
 from tl_topk.ops.selection import validate_k_value
 
 
@@ -67,6 +68,8 @@ class TopKConfig:
     Attributes:
         k: attention k (see the module docstring); None leaves attention dense.
         ff_k: feed-forward k (int, fraction of d_mlp, or {layer: k}); None leaves MLPs dense.
+        ff_rule: "value" (keep the largest pre-activations, the paper's rule) or "magnitude" (keep the
+            largest |act(pre)|).
         layers: only these layers get top-k (attention and feed-forward); None = all.
         backend: "auto", "dense", "chunked" or "triton" (env TL_TOPK_BACKEND overrides).
         chunk_size: query rows per chunk for the chunked backend (None: from ``memory_budget_mb``).
@@ -75,6 +78,7 @@ class TopKConfig:
 
     k: Any = None
     ff_k: Any = None
+    ff_rule: str = "value"
     layers: Optional[Any] = None
     backend: str = "auto"
     chunk_size: Optional[int] = None
@@ -91,6 +95,8 @@ class TopKConfig:
             self._layers = frozenset(_check_index(x, "layers") for x in self.layers)
         else:
             self._layers = None
+        if self.ff_rule not in FF_RULES:
+            raise ValueError(f"ff_rule: got {self.ff_rule!r}; accepted: {', '.join(FF_RULES)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: got {self.backend!r}; accepted: {', '.join(BACKENDS)}")
         if self.chunk_size is not None and (isinstance(self.chunk_size, bool)

@@ -97,7 +97,7 @@ def mlp_activation(call: Any) -> Optional[torch.Tensor]:
     units = cfg.ff_units(call.layer, call.pre.shape[-1])
     if units is None:
         return None
-    return topk_activation(call.pre, units, call.act_fn)
+    return topk_activation(call.pre, units, call.act_fn, rule=cfg.ff_rule)
 
 
 def check_model(model: Any, cfg: TopKConfig) -> None:

@@ -43,14 +43,23 @@ def topk_units_mask(pre: torch.Tensor, k_units: int) -> torch.Tensor:
     return topk_keep_mask(pre.detach(), rows)
 
 
-def topk_activation(pre: torch.Tensor, k_units: int, act_fn: Callable[[torch.Tensor], torch.Tensor]):
-    """``act_fn(pre)`` with all but each row's ``k_units`` largest pre-activations zeroed.
+FF_RULES = ("value", "magnitude")
 
-    pre: [batch, pos, d_mlp] (for gated MLPs the gate pre-activation). Returns the same shape. With
-    ``k_units >= d_mlp`` this is ``act_fn(pre)`` itself.
+
+def topk_activation(pre: torch.Tensor, k_units: int, act_fn: Callable[[torch.Tensor], torch.Tensor],
+                    rule: str = "value"):
+    """``act_fn(pre)`` with all but each row's ``k_units`` selected units zeroed.
+
+    pre: [batch, pos, d_mlp] (for gated MLPs the gate pre-activation). Returns the same shape.
+    ``rule="value"`` (the paper's) keeps the largest pre-activations; ``"magnitude"`` keeps the
+    largest ``|act_fn(pre)|`` (units whose output is farthest from zero, which matters for SiLU/GELU,
+    where negative pre-activations give non-zero outputs). With ``k_units >= d_mlp`` this is
+    ``act_fn(pre)`` itself.
     """
+    if rule not in FF_RULES:
+        raise ValueError(f"rule: got {rule!r}; accepted: {', '.join(FF_RULES)}")
     out = act_fn(pre)
     if k_units >= pre.shape[-1]:
         return out
-    keep = topk_units_mask(pre, k_units)
+    keep = topk_units_mask(pre if rule == "value" else out.abs(), k_units)
     return torch.where(keep, out, torch.zeros_like(out))
