@@ -40,10 +40,32 @@ SELECTED = {
     "tests/unit/test_generate_no_tokenizer.py": "generate with and without the KV cache",
     "tests/integration/test_start_at_layer.py": "start_at_layer",
     "tests/integration/test_stop_at_layer.py": "stop_at_layer",
+    "tests/acceptance/test_activation_cache.py": "ActivationCache: head/neuron results, decompositions",
+    "tests/unit/test_direct_path_patching.py": "path patching through hooks",
+    "tests/acceptance/test_hook_tokens.py": "hook_tokens",
+    "tests/unit/test_patching.py": "activation patching (transformer_lens.patching)",
+    "tests/integration/test_head_detector.py": "head detector on attention patterns",
+    "tests/integration/test_left_padding.py": "left/right padding: attention masks, positions",
+    "tests/integration/test_generation_compatibility.py": "generate: output logits, KV cache, batches",
 }
 
+_BRIDGE = "TransformerBridge.boot_transformers needs the model hub"
 # Selected tests left out, by node id prefix, with the reason (also listed in docs/conformance.md).
-DESELECTED: dict[str, str] = {}
+DESELECTED: dict[str, str] = {
+    "tests/integration/test_generation_compatibility.py::TestTransformerBridgeGenerationModelOutput":
+        _BRIDGE,
+    "tests/integration/test_generation_compatibility.py::TestTransformerBridgeHFGenerate": _BRIDGE,
+    "tests/integration/test_generation_compatibility.py::TestGenerationBackwardCompatibility::"
+    "test_bridge_basic_generation_unchanged": _BRIDGE,
+    "tests/integration/test_generation_compatibility.py::TestBlockBridgeBatchCompatibility": _BRIDGE,
+    **{f"tests/integration/test_head_detector.py::{name}":
+       "asserts head scores of the real solu-2l weights (hub); the stand-in is random"
+       for name in ("Test_specific_heads", "Test_detect_head_successful",
+                    "test_detect_head_exclude_bos", "test_detect_head_exclude_current_token",
+                    "test_detect_head_with_cache")},
+    "tests/integration/test_head_detector.py::test_detect_head_with_invalid_head_name":
+        "needs jaxtyping/beartype runtime checks (TL's --jaxtyping-packages addopt, not installed here)",
+}
 
 PER_TEST_TIMEOUT_S = 180
 SUITE_TIMEOUT_S = 480
@@ -171,6 +193,12 @@ def run_suite(root: Path, label: str, plugin: str = "", config: Optional[dict] =
         OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
         TOKENIZERS_PARALLELISM="false",
     )
+    # load only the plugin under test (the others' imports cost time and are not under test)
+    env.pop("TL_PLUGINS_BLOCK", None)
+    if plugin_module or not plugin:
+        env["TL_PLUGINS_AUTOLOAD"] = "0"
+    else:
+        env["TL_PLUGINS_LOAD"] = plugin
     cmd = [
         sys.executable, "-m", "pytest", "-c", str(root / "tl-conformance.ini"),
         "--rootdir", str(root), "-p", "tl_conformance_inject", "-p", "no:cacheprovider",

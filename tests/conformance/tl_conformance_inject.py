@@ -32,6 +32,7 @@ import functools
 import importlib
 import json
 import os
+import sys
 import threading
 import time
 import traceback
@@ -69,9 +70,9 @@ def _config_for(cfg) -> dict:
     out = {}
     for key, value in _CONFIG.items():
         if value == "$d_mlp":
-            value = int(cfg.d_mlp) if getattr(cfg, "d_mlp", None) else None
-            if value is None:
+            if getattr(cfg, "attn_only", False) or not getattr(cfg, "d_mlp", None):
                 continue  # attention-only models have no MLP to configure
+            value = int(cfg.d_mlp)
         out[key] = value
     return out
 
@@ -82,22 +83,39 @@ def _count(kind: str) -> None:
     per[_current_test] = per.get(_current_test, 0) + 1
 
 
-def _traces(model) -> list[str]:
-    """Attributes tl_plugins left on the model or its modules (there must be none after a refusal)."""
-    found = [k for k in model.__dict__ if k.startswith("_tl_plugins")]
+def _modules_of(model) -> list:
     blocks = model.__dict__.get("blocks")
-    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     if isinstance(blocks, list):  # a shell around a bare attention module
-        modules += [b.attn for b in blocks]
-    for module in modules:
-        found += [f"{type(module).__name__}.{k}" for k in module.__dict__
-                  if k.startswith("_tl_plugins") or k in ("forward", "act_fn")]
+        return [("blocks.0.attn", b.attn) for b in blocks]
+    return list(model.named_modules())
+
+
+def _slots(model) -> dict:
+    """The instance slots a seam takes over (``forward``, ``act_fn``) and what fills them."""
+    out = {}
+    for name, module in _modules_of(model):
+        for key in ("forward", "act_fn"):
+            if key in module.__dict__:
+                value = module.__dict__[key]
+                out[f"{name}.{key}"] = (type(value).__name__, id(getattr(value, "__func__", value)))
+    return out
+
+
+def _traces(model, before: dict) -> list[str]:
+    """What a refused enable left on the model (the host contract: nothing)."""
+    found = [k for k in model.__dict__ if k.startswith("_tl_plugins")]
+    for name, module in _modules_of(model):
+        found += [f"{name}.{k}" for k in module.__dict__ if k.startswith("_tl_plugins")]
+    after = _slots(model)
+    found += [f"{k}: {after.get(k)} (before: {before.get(k)})"
+              for k in set(after) | set(before) if after.get(k) != before.get(k)]
     return found
 
 
 def _enable(model, kind: str) -> None:
     import tl_plugins
 
+    before = _slots(model)
     try:
         tl_plugins.enable(model, _PLUGIN, **_config_for(model.cfg))
     except Exception as exc:
@@ -106,7 +124,7 @@ def _enable(model, kind: str) -> None:
         # model; the refusal is listed and the conformance tests check it was an expected one.
         _record["refused"].append({
             "test": _current_test, "kind": kind, "error": type(exc).__name__,
-            "reason": str(exc)[:500], "left_behind": _traces(model),
+            "reason": str(exc)[:500], "left_behind": _traces(model, before),
         })
         return
     _count(kind)
@@ -170,12 +188,13 @@ def _wrap_attention_init(cls) -> None:
 
 _COMMON = dict(d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=256, normalization_type="LN")
 
-# name -> config fields; small random stand-ins of the hub models the selected tests load (4 layers
-# where a test reads blocks.3)
+# name -> config fields; small random stand-ins of the hub models the selected tests load, narrow
+# (d_model 64) but with the layer and head counts the tests index (blocks.6, 8 heads of solu-2l)
 OFFLINE_MODELS = {
-    "solu-1l": dict(_COMMON, n_layers=1, act_fn="solu_ln", positional_embedding_type="standard"),
+    "solu-1l": dict(_COMMON, n_layers=1, n_heads=8, d_head=8, act_fn="solu_ln",
+                    positional_embedding_type="standard"),
     "gpt2-small": dict(
-        _COMMON, n_layers=4, act_fn="gelu_new", positional_embedding_type="standard",
+        _COMMON, n_layers=12, act_fn="gelu_new", positional_embedding_type="standard",
         original_architecture="GPT2LMHeadModel",
     ),
     "pythia-14m": dict(
@@ -191,6 +210,14 @@ OFFLINE_MODELS = {
     ),
 }
 OFFLINE_MODELS["gpt2"] = OFFLINE_MODELS["gpt2-small"]
+OFFLINE_MODELS["solu-2l"] = dict(OFFLINE_MODELS["solu-1l"], n_layers=2)
+OFFLINE_MODELS["facebook/opt-125m"] = dict(
+    _COMMON, n_layers=12, act_fn="relu", positional_embedding_type="standard",
+    original_architecture="OPTForCausalLM",
+)
+OFFLINE_MODELS["attn-only-2l"] = dict(
+    _COMMON, n_layers=2, attn_only=True, positional_embedding_type="shortformer", d_mlp=None,
+)
 
 
 _corpus_files: list[str] = []
@@ -237,24 +264,39 @@ def word_tokenizer():
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def offline_from_pretrained(cls, model_name, *args, **kwargs):
-    from transformer_lens import HookedTransformerConfig
+# from_pretrained's weight-processing defaults; from_pretrained_no_processing turns them all off
+_PROCESSING = dict(fold_ln=True, center_writing_weights=True, center_unembed=True,
+                   fold_value_biases=True, refactor_factored_attn_matrices=False)
 
-    fields = OFFLINE_MODELS.get(model_name)
-    if fields is None:
-        raise RuntimeError(
-            f"conformance: from_pretrained({model_name!r}) has no offline stand-in; known: "
-            f"{', '.join(sorted(OFFLINE_MODELS))}"
-        )
-    tok = word_tokenizer()
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg = HookedTransformerConfig(
-            seed=0, d_vocab=len(tok), model_name=model_name,
-            default_prepend_bos=kwargs.get("default_prepend_bos", True), **fields,
-        )
-        model = cls(cfg, tokenizer=tok, default_padding_side=kwargs.get("default_padding_side", "right"))
-    return model.eval()
+
+def _offline_loader(processing: bool):
+    def from_pretrained(cls, model_name, *args, **kwargs):
+        from transformer_lens import HookedTransformerConfig
+
+        fields = OFFLINE_MODELS.get(model_name)
+        if fields is None:
+            raise RuntimeError(
+                f"conformance: from_pretrained({model_name!r}) has no offline stand-in; known: "
+                f"{', '.join(sorted(OFFLINE_MODELS))}"
+            )
+        tok = word_tokenizer()
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = HookedTransformerConfig(
+                seed=0, d_vocab=len(tok), model_name=model_name,
+                default_prepend_bos=kwargs.get("default_prepend_bos", True), **fields,
+            )
+            model = cls(cfg, tokenizer=tok,
+                        default_padding_side=kwargs.get("default_padding_side", "right"))
+            # the same processing path as the real loader (the plugin is already enabled, as it is
+            # when a real from_pretrained constructs the model and then processes the weights)
+            options = {k: kwargs.get(k, v) if processing else False for k, v in _PROCESSING.items()}
+            if cfg.attn_only or cfg.normalization_type is None:
+                options["fold_ln"] = False
+            model.load_and_process_state_dict(model.state_dict(), **options)
+        return model.eval()
+
+    return from_pretrained
 
 
 def _shim_auto_tokenizer() -> None:
@@ -296,18 +338,27 @@ def pytest_configure(config):
     from transformer_lens.components import Attention, GroupedQueryAttention
 
     _wrap_model_init(HookedTransformer)
-    try:
-        from sae_lens import HookedSAETransformer
-
-        _wrap_model_init(HookedSAETransformer)
-    except Exception:  # sae_lens is optional for this run
-        pass
+    if "sae_lens" in sys.modules:  # importing it costs seconds; the TL tests never do
+        _wrap_model_init(sys.modules["sae_lens"].HookedSAETransformer)
     _wrap_attention_init(Attention)
     _wrap_attention_init(GroupedQueryAttention)
-    HookedTransformer.from_pretrained = classmethod(offline_from_pretrained)
+    HookedTransformer.from_pretrained = classmethod(_offline_loader(processing=True))
+    HookedTransformer.from_pretrained_no_processing = classmethod(_offline_loader(processing=False))
     _shim_auto_tokenizer()
-    HookedTransformer.from_pretrained_no_processing = classmethod(offline_from_pretrained)
     _record["started"] = time.time()
+
+
+def pytest_plugin_registered(plugin, manager):
+    """Skip the full ``gc.collect()`` TL's root conftest runs after every test.
+
+    Its class-scoped autouse fixture runs once per module-level test function and costs ~0.4 s on
+    a torch heap: most of this subset's run time. It only frees memory; no test depends on it.
+    """
+    path = str(getattr(plugin, "__file__", "") or "")
+    if path.endswith(os.path.join("tests", "conftest.py")) and hasattr(plugin, "cleanup_class_memory"):
+        import gc
+
+        plugin.gc = types.SimpleNamespace(collect=lambda *a: 0, set_threshold=gc.set_threshold)
 
 
 def pytest_collectstart(collector):
@@ -341,8 +392,8 @@ def pytest_runtest_logreport(report):
             longrepr = report.longrepr
             reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
             _record["longrepr"][nodeid] = reason
-    if report.when == "call":
-        _record["durations"][nodeid] = round(report.duration, 3)
+    durations = _record["durations"]
+    durations[nodeid] = round(durations.get(nodeid, 0.0) + report.duration, 3)
 
 
 def pytest_collectreport(report):
