@@ -115,17 +115,17 @@ def topk_attention(
     softcap = float(softcap) if softcap is not None else None
     from tl_topk.ops import triton_kernels
 
-    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, spec, softcap))
-    if chosen == "triton":
-        triton_kernels.check_available(q)
     if n_k == 0 or n_q == 0:
         return q.new_zeros(b, n_q, h, v.shape[3])
-    if chosen == "dense":
-        return dense_topk_attention(q, k, v, spec, causal=causal, key_padding_mask=key_padding_mask,
-                                    scale=scale, softcap=softcap)
     n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device)
     k_rows = k_per_row(spec, n_valid, n_k)
     kk = int(k_rows.max().item())
+    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap))
+    if chosen == "triton":
+        triton_kernels.check_available(q)
+    if chosen == "dense":
+        return dense_topk_attention(q, k, v, spec, causal=causal, key_padding_mask=key_padding_mask,
+                                    scale=scale, softcap=softcap)
     if chosen == "triton":
         return triton_kernels.triton_topk_attention(q, k, v, k_rows, kk, causal=causal,
                                                     key_padding_mask=key_padding_mask, scale=scale,

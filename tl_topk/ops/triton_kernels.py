@@ -1,17 +1,73 @@
-"""Triton backend (placeholder until the kernel lands)."""
+"""The ``triton`` backend's front: availability checks and the call into ``_triton_impl``.
+
+The kernels live in ``_triton_impl`` and are imported only when first used, because Triton reads
+``TRITON_INTERPRET`` (run kernels in its CPU interpreter, for tests) when that module is imported.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
+MAX_K = 128  # per-row top-k buffer = one key tile; larger k does not fit registers
+HEAD_DIMS = (16, 32, 64, 128)
 
-def supports(q, spec, softcap) -> bool:
-    return False
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def availability() -> str:
+    """One line: can the triton backend run here, and why not."""
+    if not installed():
+        return "not available: the triton package is not installed (pip install triton)"
+    if torch.cuda.is_available():
+        return "available (CUDA); auto picks it for supported calls on CUDA tensors"
+    if _interpret():
+        return "available in the CPU interpreter (TRITON_INTERPRET=1): for tests only, slow"
+    return "not available: needs CUDA (or TRITON_INTERPRET=1 for the CPU interpreter)"
 
 
 def check_available(q: torch.Tensor) -> None:
-    raise RuntimeError("backend='triton': not implemented yet")
+    """Raise ``RuntimeError`` naming the reason when the triton backend cannot run on ``q``'s device."""
+    if not installed():
+        raise RuntimeError("backend='triton': the triton package is not installed; pip install triton, "
+                           "or use backend='chunked'")
+    if q.device.type != "cuda" and not _interpret():
+        raise RuntimeError(f"backend='triton' needs CUDA tensors, got device {q.device}; use backend='chunked' "
+                           "on CPU (or set TRITON_INTERPRET=1 before importing to run Triton's CPU interpreter)")
 
 
-def triton_topk_attention(*args, **kwargs):
-    raise RuntimeError("backend='triton': not implemented yet")
+def unsupported_reason(q: torch.Tensor, kk: int, softcap) -> str | None:
+    """Why the kernel cannot take this call (None when it can)."""
+    if softcap is not None:
+        return "attention soft-capping is not implemented in the kernel"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"d_head {q.shape[-1]} is not one of {HEAD_DIMS}"
+    if kk > MAX_K:
+        return f"k = {kk} exceeds the kernel's per-row buffer of {MAX_K}"
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} is not float32/bfloat16/float16"
+    return None
+
+
+def supports(q: torch.Tensor, kk: int, softcap) -> bool:
+    """True when ``auto`` may pick triton: CUDA tensors, Triton installed and a supported call."""
+    return q.device.type == "cuda" and installed() and unsupported_reason(q, kk, softcap) is None
+
+
+def triton_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap):
+    """z [b, q_pos, h, d] from the kernels; raises ``ValueError`` for calls they do not support."""
+    check_available(q)
+    reason = unsupported_reason(q, kk, softcap)
+    if reason is not None:
+        raise ValueError(f"backend='triton': {reason}; use backend='chunked'")
+    from tl_topk.ops._triton_impl import TritonTopKAttention
+
+    return TritonTopKAttention.apply(q, k, v, k_rows, kk, causal, key_padding_mask, scale)
