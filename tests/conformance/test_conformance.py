@@ -21,6 +21,8 @@ import pytest
 
 import harness
 
+pytestmark = pytest.mark.slow
+
 PASSTHROUGH = "conformance-passthrough"
 DENSE_K = 10**9
 
@@ -65,6 +67,9 @@ def topk_unavailable(config: dict):
     return None
 
 
+BROKEN = dict(plugin="conformance-broken-padding", config={}, plugin_module="conformance_broken")
+
+
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def plugin_run(request, conformance_runs):
     spec = CONFIGS[request.param]
@@ -102,12 +107,24 @@ def test_plugin_was_really_enabled(plugin_run):
     assert plugin_run.model_enables > 0, "no HookedTransformer built by the TL tests got the plugin"
     assert plugin_run.module_enables > 0, "no bare attention module built by the TL tests got the plugin"
     files_enabled = {t.split("::")[0] for t, n in plugin_run.enables_per_test.items() if n > 0}
+    files_refused = {r["test"].split("::")[0] for r in plugin_run.refused}
     files_run = {t.split("::")[0] for t in plugin_run.outcomes}
-    # every selected file builds at least one model or attention module with the plugin on
-    assert files_run <= files_enabled, sorted(files_run - files_enabled)
+    # every selected file builds at least one model or attention module with the plugin on, or
+    # builds only models the plugin refuses (checked below to be expected refusals)
+    assert files_run <= files_enabled | files_refused, sorted(files_run - files_enabled - files_refused)
+    assert len(files_enabled & files_run) >= len(files_run) // 2, sorted(files_run - files_enabled)
     expected = EXPECTED_REFUSALS[plugin_run.label]
     unexpected = [r for r in plugin_run.refused if not any(e in r["reason"] for e in expected)]
     assert not unexpected, f"the plugin refused models it should accept: {unexpected[:5]}"
     # the host contract: a refused enable leaves the model exactly as it was
     dirty = [r for r in plugin_run.refused if r["left_behind"]]
     assert not dirty, f"a refused enable left attributes behind: {dirty[:5]}"
+
+
+def test_harness_catches_a_plugin_that_ignores_padding(baseline, conformance_runs):
+    """Negative control: a plugin whose attention drops the padding mask must fail TL's tests."""
+    run = conformance_runs("broken-padding", **BROKEN)
+    assert run.model_enables > 0
+    cmp = harness.compare(baseline, run)
+    caught = {t.split("::")[0] for t in cmp.regressions}
+    assert "tests/integration/test_left_padding.py" in caught, cmp.message()
