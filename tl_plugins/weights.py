@@ -233,58 +233,10 @@ class WeightView:
         b = getattr(mlp, "b_out", None)
         return self._out(b) if b is not None else torch.zeros(self.d_model, dtype=mlp.W_in.dtype)
 
-    # -- stacked over layers -------------------------------------------------------------------
-    @property
-    def W_Q(self) -> torch.Tensor:
-        return self._stack(self.W_Q_layer)
-
-    @property
-    def W_K(self) -> torch.Tensor:
-        return self._stack(self.W_K_layer)
-
-    @property
-    def W_V(self) -> torch.Tensor:
-        return self._stack(self.W_V_layer)
-
-    @property
-    def W_O(self) -> torch.Tensor:
-        return self._stack(self.W_O_layer)
-
-    @property
-    def b_Q(self) -> torch.Tensor:
-        return self._stack(self.b_Q_layer)
-
-    @property
-    def b_K(self) -> torch.Tensor:
-        return self._stack(self.b_K_layer)
-
-    @property
-    def b_V(self) -> torch.Tensor:
-        return self._stack(self.b_V_layer)
-
-    @property
-    def b_O(self) -> torch.Tensor:
-        return self._stack(self.b_O_layer)
-
-    @property
-    def W_in(self) -> torch.Tensor:
-        return self._stack(self.W_in_layer)
-
+    # -- stacked over layers: W_Q, W_K, W_V, W_O, b_Q, b_K, b_V, b_O, W_in, W_out, b_in, b_out --
     @property
     def W_gate(self) -> Optional[torch.Tensor]:
         return self._stack(self.W_gate_layer) if self.gated_mlp else None
-
-    @property
-    def W_out(self) -> torch.Tensor:
-        return self._stack(self.W_out_layer)
-
-    @property
-    def b_in(self) -> torch.Tensor:
-        return self._stack(self.b_in_layer)
-
-    @property
-    def b_out(self) -> torch.Tensor:
-        return self._stack(self.b_out_layer)
 
     # -- norms ---------------------------------------------------------------------------------
     def ln_final_w(self) -> Optional[torch.Tensor]:
@@ -297,6 +249,18 @@ class WeightView:
             f"WeightView(n_layers={self.n_layers}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
             f"d_model={self.d_model}, d_vocab={self.d_vocab}, processing={self.processing.describe()})"
         )
+
+
+def _stacked(per_layer: str) -> property:
+    def get(self: WeightView) -> torch.Tensor:
+        return self._stack(getattr(self, per_layer))
+
+    get.__doc__ = f"``{per_layer}(l)`` for every layer, stacked on a leading [n_layers] axis."
+    return property(get)
+
+
+for _name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out"):
+    setattr(WeightView, _name, _stacked(f"{_name}_layer"))
 
 
 def weights(model: Any) -> WeightView:
