@@ -198,8 +198,8 @@ def bench_topk(*, quick: bool = False, model: str = "smollm2-135m", device: str 
     lm = tl_plugins.models.load(model)
     if quick:
         bench_perplexity(result, lm, model, 128, [4, 16, "n"])
-        bench_memory(result, [256, 512, 1024], dense_max_n=1024, k_top=32, device=device)
-        bench_time(result, 1024, 32, device, repeat=1)
+        bench_memory(result, [128, 256, 512], dense_max_n=512, k_top=32, device=device)
+        bench_time(result, 512, 32, device, repeat=1)
     else:
         bench_perplexity(result, lm, model, 1024, [4, 8, 16, 32, 64, 128, "n"])
         del lm

@@ -44,7 +44,7 @@ def report_section(report) -> None:
     )
 
     mem = BenchResult("topk-memory")
-    ns = [256, 512, 1024] if quick else [512, 1024, 2048, 4096]
+    ns = [128, 256, 512] if quick else [512, 1024, 2048, 4096]
     bench_memory(mem, ns, dense_max_n=ns[-1], k_top=32, device="cpu", progress=report.progress)
     df = mem.to_frame()
     fig = go.Figure([

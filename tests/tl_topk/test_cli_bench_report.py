@@ -1,0 +1,103 @@
+"""The topk CLI group, the quick benchmark and the report section (tiny models; SmolLM2 is slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tl_plugins
+from tl_plugins.cli import build_cli
+from tl_plugins.report import Report
+
+
+def test_cli_help_and_backends():
+    cli = build_cli()
+    r = CliRunner().invoke(cli, ["topk", "--help"])
+    assert r.exit_code == 0 and "perplexity" in r.output and "sparsity" in r.output
+    r = CliRunner().invoke(cli, ["topk", "backends"])
+    assert r.exit_code == 0 and "chunked" in r.output and "triton" in r.output
+
+
+def test_cli_perplexity_tiny_model_dense_row_equals_plain_perplexity():
+    from tl_topk.analysis import docs_tokens, perplexity
+
+    cli = build_cli()
+    r = CliRunner().invoke(cli, ["topk", "perplexity", "--model", "tiny-llama", "--k", "2", "--k", "n",
+                                 "--mode", "attention", "--tokens", "40"])
+    assert r.exit_code == 0, r.output
+    model = tl_plugins.models.load("tiny-llama")
+    dense = perplexity(model, docs_tokens(model, 40))
+    assert f"dense perplexity {dense:.4f}" in r.output
+
+
+def test_cli_rejects_bad_k():
+    r = CliRunner().invoke(build_cli(), ["topk", "perplexity", "--model", "tiny-llama", "--k", "0"])
+    assert r.exit_code != 0 and "--k" in r.output
+
+
+def test_perplexity_sweep_leaves_model_untouched_and_dense_k_is_exact():
+    from tl_topk.analysis import docs_tokens, perplexity_sweep
+
+    model = tl_plugins.models.load("tiny-gpt2")
+    tokens = docs_tokens(model, 32)
+    ref = model(tokens)
+    sweep = perplexity_sweep(model, tokens, [32, 2], modes=["attention", "both"])
+    df = sweep.to_frame()
+    assert tl_plugins.active(model) == {} and torch.equal(model(tokens), ref)
+    # k = 32 >= every row's valid keys: exactly the dense perplexity
+    assert df[(df["mode"] == "attention") & (df["k"] == 32)]["ratio"].item() == 1.0
+    assert (df[df["k"] == 2]["ratio"] != 1.0).all()
+
+
+def test_ff_rule_magnitude_keeps_largest_outputs(llama):
+    tokens = torch.randint(0, 90, (1, 12))
+    with tl_plugins.enabled(llama, "topk", ff_k=5, ff_rule="magnitude"):
+        _, cache = llama.run_with_cache(tokens, names_filter=lambda n: "blocks.0.mlp" in n)
+    pre = cache["blocks.0.mlp.hook_pre"]
+    act = llama.blocks[0].mlp.act_fn(pre)
+    kept = (cache["blocks.0.mlp.hook_post"] != 0)
+    expect = torch.zeros_like(kept).scatter(-1, act.abs().topk(5, dim=-1).indices, True)
+    assert torch.equal(kept, expect)
+    with pytest.raises(ValueError, match="ff_rule"):
+        tl_plugins.enable(llama, "topk", ff_k=5, ff_rule="abs")
+
+
+def test_quick_bench_on_tiny_model_reports_ratios():
+    from tl_topk.bench import bench_topk
+
+    result = bench_topk(quick=True, model="tiny-llama")
+    df = result.to_frame()
+    assert set(df["part"]) == {"perplexity", "memory", "time"}
+    dense = df[(df["part"] == "perplexity") & (df["k"] == "n")]
+    assert (dense["ratio_to_dense"] == 1.0).all()
+    assert any("linearly" in name for name in result.checks)
+    assert "CPU" in result.device
+
+
+def test_report_section_quick_tiny_model():
+    from tl_topk.report import report_section
+
+    model = tl_plugins.models.load("tiny-llama")
+    report = Report(model, "tiny-llama", options={"quick": True}, progress=False)
+    report_section(report)
+    titles = [s.title for s in report.sections]
+    assert titles == ["Top-k: perplexity vs k", "Top-k: pattern sparsity per layer",
+                      "Top-k: extra memory vs sequence length"]
+    sparsity = report.sections[1].tables[0]
+    assert (sparsity["max_nonzeros"] <= 8).all()
+    assert tl_plugins.active(model) == {}
+
+
+@pytest.mark.slow
+def test_smollm2_topk_64_close_to_dense(smollm2):
+    """The real model: top-64 attention on 256 docs tokens stays within 1% of dense perplexity."""
+    from tl_topk.analysis import docs_tokens, perplexity
+
+    tokens = docs_tokens(smollm2, 256)
+    dense = perplexity(smollm2, tokens)
+    with tl_plugins.enabled(smollm2, "topk", k=64):
+        sparse = perplexity(smollm2, tokens)
+    with tl_plugins.enabled(smollm2, "topk", k=256):
+        assert perplexity(smollm2, tokens) == dense  # k covers every key: bit-exact pass-through
+    assert abs(sparse / dense - 1) < 0.01
