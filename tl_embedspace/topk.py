@@ -90,6 +90,8 @@ def as_index(ids: IndexLike, size: int, name: str) -> Optional[torch.Tensor]:
     if ids is None:
         return None
     t = torch.as_tensor(ids)
+    if t.numel() == 0:
+        raise ValueError(f"{name}: the filter selects no ids")
     if t.dtype == torch.bool:
         if t.shape != (size,):
             raise ValueError(f"{name}: a bool mask must have shape ({size},); got {tuple(t.shape)}")
