@@ -84,7 +84,8 @@ class PerplexitySweep:
 
 
 def perplexity_sweep(model: Any, tokens: torch.Tensor, ks: Sequence[Any], *, modes: Iterable[str] = MODES,
-                     model_name: str = "", progress=None, backend: str = "auto") -> PerplexitySweep:
+                     model_name: str = "", progress=None, backend: str = "auto",
+                     ff_rule: str = "value") -> PerplexitySweep:
     """Perplexity with top-k attention, top-k feed-forward, or both, for each k in ``ks``.
 
     ``ks`` entries are ints or ``"n"`` (dense: every key / every unit). The model is left as it was.
@@ -100,7 +101,8 @@ def perplexity_sweep(model: Any, tokens: torch.Tensor, ks: Sequence[Any], *, mod
         if k == "n":
             ppl = dense
         else:
-            opts = {"attention": dict(k=k), "feed-forward": dict(ff_k=k), "both": dict(k=k, ff_k=k)}[mode]
+            opts = {"attention": dict(k=k), "feed-forward": dict(ff_k=k, ff_rule=ff_rule),
+                    "both": dict(k=k, ff_k=k, ff_rule=ff_rule)}[mode]
             with tl_plugins.enabled(model, "topk", backend=backend, **opts):
                 ppl = perplexity(model, tokens)
         sweep.rows.append(dict(mode=mode, k=str(k) if k == "n" else int(k), perplexity=ppl,

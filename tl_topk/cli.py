@@ -38,8 +38,10 @@ def topk_group() -> None:
               help="Tokens of the stdlib Python docs text to score.")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", "dense", "chunked", "triton"]), help="Attention backend.")
+@click.option("--ff-rule", default="value", show_default=True, type=click.Choice(["value", "magnitude"]),
+              help="Feed-forward selection: largest pre-activations (paper) or largest |act(pre)|.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
-def perplexity_cmd(model_name, ks, modes, n_tokens, backend, csv_path) -> None:
+def perplexity_cmd(model_name, ks, modes, n_tokens, backend, ff_rule, csv_path) -> None:
     """Perplexity of MODEL on the Python docs text vs k (attention, feed-forward, both)."""
     from tqdm.auto import tqdm
 
@@ -49,6 +51,7 @@ def perplexity_cmd(model_name, ks, modes, n_tokens, backend, csv_path) -> None:
     model = tl_plugins.models.load(model_name)
     tokens = docs_tokens(model, n_tokens)
     sweep = perplexity_sweep(model, tokens, _parse_k(ks), modes=modes, model_name=model_name, backend=backend,
+                             ff_rule=ff_rule,
                              progress=lambda it, desc: tqdm(it, desc=desc, leave=False))
     click.echo(f"dense perplexity {sweep.dense:.4f} ({model_name}, {n_tokens} tokens)")
     click.echo(sweep.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
