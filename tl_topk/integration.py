@@ -82,6 +82,8 @@ def attention(call: Any) -> Optional[torch.Tensor]:
     if hooked:
         return call.dense(scores_transform=scores_transform(spec))
     pad = call.key_padding_mask if call.causal else None
+    if pad is not None and bool(pad.all()):
+        pad = None  # TransformerLens passes an all-ones mask with a KV cache: skip a pass over the scores
     return topk_attention(
         call.q, call.k, call.v, spec, causal=call.causal, key_padding_mask=pad, scale=call.scale,
         softcap=call.softcap, backend=cfg.backend, chunk_size=cfg.chunk_size,
