@@ -67,6 +67,19 @@ DESELECTED: dict[str, str] = {
         "needs jaxtyping/beartype runtime checks (TL's --jaxtyping-packages addopt, not installed here)",
 }
 
+DENSE_K = 10**9  # larger than any sequence in the TL tests: every row keeps all its keys
+
+# label -> how to run it: plugin name, enable() options ("$d_mlp" = the model's d_mlp), and the
+# module to register by hand for the plugins that live in this folder
+CONFIGS = {
+    "passthrough": dict(plugin="conformance-passthrough", config={},
+                        plugin_module="conformance_passthrough"),
+    "topk-dense": dict(plugin="topk", config={"k": DENSE_K}),
+    "topk-dense-ff": dict(plugin="topk", config={"k": DENSE_K, "ff_k": "$d_mlp"}),
+}
+# the negative control: must fail TL's padding / KV-cache tests
+BROKEN = dict(plugin="conformance-broken-padding", config={}, plugin_module="conformance_broken")
+
 PER_TEST_TIMEOUT_S = 180
 SUITE_TIMEOUT_S = 480
 
@@ -268,3 +281,36 @@ def compare(baseline: SuiteResult, run: SuiteResult) -> Comparison:
             cmp.fixed[tid] = after
     cmp.extra = sorted(set(run.outcomes) - set(baseline.outcomes))
     return cmp
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python tests/conformance/harness.py [LABEL ...]``: run configurations, print a summary."""
+    import argparse
+
+    choices = ["baseline", *CONFIGS, "broken-padding"]
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("labels", nargs="*", default=["baseline", "passthrough"], choices=choices)
+    parser.add_argument("--workdir", default=None, help="where the JSON reports go")
+    args = parser.parse_args(argv)
+    root = fetch_tl_tests()
+    specs = {"baseline": {}, **CONFIGS, "broken-padding": BROKEN}
+    labels = args.labels if "baseline" in args.labels else ["baseline", *args.labels]
+    results = {label: run_suite(root, label, workdir=args.workdir, **specs[label]) for label in labels}
+    base = results["baseline"]
+    print(f"TransformerLens {tl_version()} tests, {len(selected_files(root))} files")
+    print(f"{'config':<16}{'passed':>7}{'failed':>7}{'error':>6}{'skipped':>8}{'enables':>9}"
+          f"{'refused':>8}{'regressions':>12}{'seconds':>8}")
+    for label, res in results.items():
+        c = res.counts()
+        reg = len(compare(base, res).regressions) if label != "baseline" else 0
+        print(f"{label:<16}{c['passed']:>7}{c['failed']:>7}{c['error']:>6}{c['skipped']:>8}"
+              f"{res.model_enables + res.module_enables:>9}{len(res.refused):>8}{reg:>12}"
+              f"{res.seconds:>8}")
+    for label, res in results.items():
+        if label != "baseline" and compare(base, res).regressions:
+            print(compare(base, res).message())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,9 +23,6 @@ import harness
 
 pytestmark = pytest.mark.slow
 
-PASSTHROUGH = "conformance-passthrough"
-DENSE_K = 10**9
-
 # Attention variants the host's seam refuses by design (UnsupportedModelError); the TL tests that
 # build them run on the plain module and the refusal is listed, not counted as an enable.
 SEAM_REFUSALS = ("cfg.clip_qkv=", "cfg.use_logn_attn=", "cfg.load_in_4bit=")
@@ -33,11 +30,7 @@ SEAM_REFUSALS = ("cfg.clip_qkv=", "cfg.use_logn_attn=", "cfg.load_in_4bit=")
 # outputs (documented in docs/topk.md), e.g. SoLU.
 FF_REFUSALS = ("ff_k: model act_fn",)
 
-CONFIGS = {
-    "passthrough": dict(plugin=PASSTHROUGH, config={}, plugin_module="conformance_passthrough"),
-    "topk-dense": dict(plugin="topk", config={"k": DENSE_K}),
-    "topk-dense-ff": dict(plugin="topk", config={"k": DENSE_K, "ff_k": "$d_mlp"}),
-}
+CONFIGS = harness.CONFIGS
 EXPECTED_REFUSALS = {
     "passthrough": SEAM_REFUSALS,
     "topk-dense": SEAM_REFUSALS,
@@ -65,9 +58,6 @@ def topk_unavailable(config: dict):
     except Exception as exc:  # any failure here means the plugin is not usable yet
         return f'tl_plugins.enable(tiny-gpt2, "topk", **{probe}) fails: {type(exc).__name__}: {exc}'
     return None
-
-
-BROKEN = dict(plugin="conformance-broken-padding", config={}, plugin_module="conformance_broken")
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -123,7 +113,7 @@ def test_plugin_was_really_enabled(plugin_run):
 
 def test_harness_catches_a_plugin_that_ignores_padding(baseline, conformance_runs):
     """Negative control: a plugin whose attention drops the padding mask must fail TL's tests."""
-    run = conformance_runs("broken-padding", **BROKEN)
+    run = conformance_runs("broken-padding", **harness.BROKEN)
     assert run.model_enables > 0
     cmp = harness.compare(baseline, run)
     caught = {t.split("::")[0] for t in cmp.regressions}
