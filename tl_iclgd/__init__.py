@@ -2,7 +2,7 @@
 
     import tl_plugins, tl_iclgd
     model = tl_plugins.models.load("smollm2-135m")          # unprocessed weights
-    res = tl_iclgd.compare(model, "antonyms", tl_iclgd.GDConfig(lr=1e-3),
+    res = tl_iclgd.compare(model, "antonyms", tl_iclgd.GDConfig(lr=0.1),
                            methods=("gd", "lcgd"), baselines=("untrained",))
     res.table()                                               # mean ± std over seeds
 

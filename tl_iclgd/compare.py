@@ -122,6 +122,16 @@ def _json_default(x):
 
 # -- helpers ----------------------------------------------------------------------------------------
 
+def _active_config(model: Any) -> GDConfig:
+    try:
+        import tl_plugins
+
+        cfg = tl_plugins.active(model).get("iclgd")
+    except Exception:  # the host may not know the model; defaults then
+        cfg = None
+    return cfg if isinstance(cfg, GDConfig) else GDConfig()
+
+
 def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, n_demos: Optional[int],
                   n_queries: Optional[int], position: str, prepend_bos: bool,
                   single_token_labels: bool) -> TokenizedTask:
@@ -242,23 +252,39 @@ def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *
             run_rows.append({**base, "metric": name, "value": float(v)})
 
 
-def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: GDConfig = GDConfig(), *,
+def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDConfig] = None, *,
             methods: Sequence[str] = METHODS, baselines: Sequence[str] = (), n_demos: Optional[int] = 16,
             n_queries: Optional[int] = 50, seeds: Sequence[int] = (0,), position: str = "prompt_end",
             prepend_bos: Optional[bool] = None, context_budget: Optional[int] = None,
             single_token_labels: bool = True, batch_size: int = 64, kendall: bool = True,
-            progress: bool = False) -> Comparison:
+            progress: bool = False, num_threads: Optional[int] = None) -> Comparison:
     """Run ZSL, ICL and FT (each method) on ``task`` and compute every metric (see the module doc).
 
     gd: the shared fine-tuning settings; ``methods`` picks vanilla GD ("gd") and/or layer-causal GD
     ("lcgd"), overriding ``gd.layer_causal``. baselines: any of "untrained", "untrained_embeddings".
     n_demos / n_queries: drawn from the task's pools per seed (None = all). context_budget: tokens
     ICL may use (default: the model's n_ctx); ICL keeps the last demonstrations that fit and GD trains
-    on all of them; the counts are reported as n_demos_icl / n_demos_gd.
+    on all of them; the counts are reported as n_demos_icl / n_demos_gd. gd=None takes the settings
+    given to ``tl_plugins.enable(model, "iclgd", ...)`` if any, else ``GDConfig()``.
+    num_threads: torch threads for the run (restored after); 1 is much faster on an oversubscribed CPU.
     """
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads: got {num_threads!r}; accepted: None or an int >= 1")
+        before = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            return compare(model, task, gd, methods=methods, baselines=baselines, n_demos=n_demos,
+                           n_queries=n_queries, seeds=seeds, position=position, prepend_bos=prepend_bos,
+                           context_budget=context_budget, single_token_labels=single_token_labels,
+                           batch_size=batch_size, kendall=kendall, progress=progress)
+        finally:
+            torch.set_num_threads(before)
     import pandas as pd
     from dataclasses import replace
 
+    if gd is None:
+        gd = _active_config(model)
     if not isinstance(gd, GDConfig):
         raise TypeError(f"gd: got {type(gd).__name__}; accepted: a tl_iclgd.GDConfig")
     methods = tuple(methods)
@@ -297,7 +323,7 @@ def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: GDConfig = GD
                 "methods": list(methods), "baselines": list(baselines), "lr": gd.lr, "params": gd.params,
                 "loss": gd.loss, "order": gd.order, "readout": gd.readout, "epochs": gd.epochs,
                 "prepend_bos": prepend_bos, "context_budget": context_budget,
-                "n_layers": model.cfg.n_layers, "seconds": round(time.perf_counter() - t0, 2)}
+                "n_layers": model.cfg.n_layers, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2)}
     return Comparison(pd.DataFrame(layer_rows), pd.DataFrame(run_rows), settings)
 
 

@@ -40,7 +40,8 @@ _PARAM_LETTERS = "qkvo"
 class GDConfig:
     """How to fine-tune on the demonstrations (see the module doc).
 
-    lr: SGD learning rate (> 0). params: letters from "qkvo" choosing attention projections of every
+    lr: SGD learning rate (> 0); the default 0.1 is the smallest of {0.03, 0.1, 0.3} at which one epoch
+    clearly lowers the demonstrations' loss on SmolLM2-135M antonyms (9.3 -> 5.7 nats). params: letters from "qkvo" choosing attention projections of every
     layer (weights and biases; "kv" is the papers' choice) or a tuple of exact parameter names.
     layers: restrict ``params`` letters to these layers (None = all). order: "icl" (the ICL prompt's
     order) or "reverse". loss: "all_tokens" or "label_only". epochs: passes over the demonstrations.
@@ -48,7 +49,7 @@ class GDConfig:
     allow_processed: run on folded/centred weights anyway.
     """
 
-    lr: float = 1e-3
+    lr: float = 0.1
     params: Union[str, tuple[str, ...]] = "kv"
     layers: Optional[tuple[int, ...]] = None
     order: str = "icl"

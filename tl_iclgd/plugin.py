@@ -16,7 +16,7 @@ import click
 
 from tl_plugins import hookimpl
 
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 0.1
 _enabled: "dict[int, object]" = {}
 
 
@@ -74,11 +74,13 @@ def tasks_cmd():
               show_default=True)
 @click.option("--context-budget", type=int, default=None, help="Tokens ICL may use (default: n_ctx).")
 @click.option("--no-kendall", is_flag=True, help="Skip Kendall tau.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch threads; 1 is several times faster than 2 on a CPU shared with other work.")
 @click.option("--per-layer", is_flag=True, help="Also print the per-layer table.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default="iclgd_compare.json", show_default=True,
               help="Write the full result (settings, aggregate, per layer, runs) here.")
 def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, baselines, n_demos, n_queries, seeds,
-                position, context_budget, no_kendall, per_layer, json_out):
+                position, context_budget, no_kendall, threads, per_layer, json_out):
     """Run ZSL, ICL and fine-tuning on a task; print the table (mean ± std over seeds) and write JSON."""
     import pandas as pd
 
@@ -91,11 +93,16 @@ def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, basel
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     except ValueError as exc:
         raise click.BadParameter(str(exc))
+    if threads < 1:
+        raise click.BadParameter(f"got {threads}; accepted: an int >= 1", param_hint="--threads")
     model = models.load(model_name)
+    if getattr(model, "tokenizer", None) is None:
+        raise click.BadParameter(f"model {model_name!r} has no tokenizer, so built-in tasks cannot be tokenised; "
+                                 "use the Python API with a TokenizedTask", param_hint="--model")
     res = compare(model, task_name, gd, methods=[m.strip() for m in methods.split(",") if m.strip()],
                   baselines=[b.strip() for b in baselines.split(",") if b.strip()], n_demos=n_demos,
                   n_queries=n_queries, seeds=seed_list, position=position, context_budget=context_budget,
-                  kendall=not no_kendall, progress=True)
+                  kendall=not no_kendall, progress=True, num_threads=threads)
     with pd.option_context("display.width", 250, "display.max_columns", 40):
         click.echo(res.table().to_string(index=False))
         if per_layer:

@@ -370,12 +370,12 @@ def _split(name: str, pairs: list[tuple[str, str]], **kw: Any) -> Task:
     rng = random.Random(1234)
     pairs = list(pairs)
     rng.shuffle(pairs)
-    k = len(pairs) // 2
+    k = (len(pairs) * 2) // 5  # 40% demonstrations, 60% queries
     return Task(demos=pairs[:k], queries=pairs[k:], name=name, **kw)
 
 
 def antonyms() -> Task:
-    """Word -> antonym ("hot -> cold"); 97 pairs, demos and queries pools split in half (seeded)."""
+    """Word -> antonym ("hot -> cold"); 97 pairs; 40% form the demonstration pool, 60% the query pool (seeded split)."""
     return _split("antonyms", _ANTONYMS)
 
 
