@@ -68,6 +68,7 @@ DESELECTED: dict[str, str] = {
 }
 
 DENSE_K = 10**9  # larger than any sequence in the TL tests: every row keeps all its keys
+KERNEL_FRACTION = 0.9999
 
 # label -> how to run it: plugin name, enable() options ("$d_mlp" = the model's d_mlp), and the
 # module to register by hand for the plugins that live in this folder
@@ -76,6 +77,9 @@ CONFIGS = {
                         plugin_module="conformance_passthrough"),
     "topk-dense": dict(plugin="topk", config={"k": DENSE_K}),
     "topk-dense-ff": dict(plugin="topk", config={"k": DENSE_K, "ff_k": "$d_mlp"}),
+    # k as a fraction just under 1: every row still keeps all its valid keys (ceil(0.9999 n) = n
+    # for n <= 10000), but the plugin cannot tell statically, so its top-k kernels really run
+    "topk-kernel": dict(plugin="topk", config={"k": KERNEL_FRACTION, "chunk_size": 3}),
 }
 # the negative control: must fail TL's padding / KV-cache tests
 BROKEN = dict(plugin="conformance-broken-padding", config={}, plugin_module="conformance_broken")

@@ -35,6 +35,7 @@ EXPECTED_REFUSALS = {
     "passthrough": SEAM_REFUSALS,
     "topk-dense": SEAM_REFUSALS,
     "topk-dense-ff": SEAM_REFUSALS + FF_REFUSALS,
+    "topk-kernel": SEAM_REFUSALS,
 }
 
 
