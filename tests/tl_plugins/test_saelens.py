@@ -33,6 +33,8 @@ from transformer_lens import HookedTransformerConfig  # noqa: E402
 
 from tl_plugins.models.tiny import TINY_GPT2, TINY_LLAMA  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ~25 small models built and torn down; a few seconds each on 2 cores
+
 PASSTHROUGH = "saelens-passthrough"
 TOPK_K = 2
 Z_HOOK = "blocks.0.attn.hook_z"
