@@ -30,6 +30,7 @@ def untrained_like(model: Any, keep: str = "none", seed: int = 0):
 
     cfg = copy.deepcopy(model.cfg)
     cfg.seed = None  # HookedTransformerConfig(seed=...) would reseed the global RNG
+    cfg.init_weights = True  # loaders set False (weights come from a file): torch.empty would stay garbage
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
@@ -45,6 +46,9 @@ def untrained_like(model: Any, keep: str = "none", seed: int = 0):
                         or ".ln1." in name or ".ln2." in name):
                     p.copy_(src[name])
     new.eval()
+    for name, p in new.named_parameters():
+        if not torch.isfinite(p).all():  # pragma: no cover - guards against an init that left memory unset
+            raise RuntimeError(f"untrained_like: parameter {name} is not finite after initialisation")
     record_processing(new, fold_ln=False, center_writing_weights=False, center_unembed=False,
                       fold_value_biases=False)
     return new

@@ -135,12 +135,27 @@ def _synthetic_task(d_vocab: int, n_demos: int, n_queries: int):
                                   name="copy_token")
 
 
-def bench_iclgd(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu"):
-    """Full comparison (ZSL, ICL, GD, LCGD; every metric) on a real model: time, peak memory, tables."""
+def bench_iclgd(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu", threads: int = 1):
+    """Full comparison (ZSL, ICL, GD, LCGD; every metric) on a real model: time, peak memory, tables.
+
+    Runs with ``threads`` torch threads (default 1: on a 2-core CPU shared with other work one thread is
+    several times faster than two; the ratio is measured below and printed).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _bench(quick=quick, model=model, device=device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench(*, quick: bool, model: str, device: str):
     import pandas as pd
     import torch
 
-    from tl_iclgd import capture as C
+    from tl_iclgd.capture import capture
     from tl_iclgd.compare import compare
     from tl_iclgd.gd import GDConfig, finetune
     from tl_iclgd.tasks import get_task, tokenize_task
@@ -156,45 +171,62 @@ def bench_iclgd(*, quick: bool = False, model: str = "smollm2-135m", device: str
     gc.collect()
     rss0 = _rss_bytes()
     with PeakRSS() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         full = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,))
-        t_full = time.perf_counter() - t0
+        t_full, c_full = time.perf_counter() - t0, time.process_time() - c0
     with PeakRSS() as mem_b:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         base = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,),
                        baselines=("untrained", "untrained_embeddings"))
-        t_base = time.perf_counter() - t0
+        t_base, c_base = time.perf_counter() - t0, time.process_time() - c0
     res.add(what="full comparison, trained model (ZSL, ICL, GD, LCGD, all metrics)", seconds=t_full,
-            ratio_to_full=1.0, peak_rss_gb=mem.peak / 2**30)
-    res.add(what="same + untrained and trained-embeddings baselines", seconds=t_base,
+            cpu_seconds=c_full, ratio_to_full=1.0, peak_rss_gb=mem.peak / 2**30)
+    res.add(what="same, plus untrained and trained-embeddings baselines", seconds=t_base, cpu_seconds=c_base,
             ratio_to_full=t_base / t_full, peak_rss_gb=mem_b.peak / 2**30)
 
-    # phases, side by side (medians)
-    if has_tok:
-        ttask = tokenize_task(get_task("antonyms").sample(n_demos, n_queries, 0), m)
-    else:
-        ttask = task
+    # the phases side by side (medians)
+    ttask = tokenize_task(get_task("antonyms").sample(n_demos, n_queries, 0), m) if has_tok else task
     queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
     prefix = ttask.prefix_tokens()
     rep = 1 if quick else 3
-    t_zsl = median_time(lambda: C.capture(m, (), queries), repeat=rep)
-    t_icl = median_time(lambda: C.capture(m, prefix, queries), repeat=rep)
-    t_icl_full = median_time(lambda: C.capture(m, prefix, queries, use_prefix_cache=False), repeat=rep)
-    t_gd = median_time(lambda: finetune(m, ttask, gd), repeat=rep, warmup=0)
-    t_lc = median_time(lambda: finetune(m, ttask, GDConfig(lr=DEFAULT_LR, layer_causal=True)), repeat=rep, warmup=0)
-    for what, t in [("ZSL capture", t_zsl), ("ICL capture, prefix KV cache", t_icl),
-                    ("ICL capture, full forward per query", t_icl_full), ("GD fine-tuning", t_gd),
-                    ("LCGD fine-tuning", t_lc)]:
-        res.add(what=what, seconds=t, ratio_to_full=t / t_full, peak_rss_gb=float("nan"))
+    phases = [
+        ("ZSL capture", lambda: capture(m, (), queries)),
+        ("ICL capture, prefix KV cache", lambda: capture(m, prefix, queries)),
+        ("ICL capture, full forward per query", lambda: capture(m, prefix, queries, use_prefix_cache=False)),
+        ("GD fine-tuning (16 SGD steps)" if not quick else "GD fine-tuning", lambda: finetune(m, ttask, gd)),
+        ("LCGD fine-tuning", lambda: finetune(m, ttask, GDConfig(lr=DEFAULT_LR, layer_causal=True))),
+    ]
+    times = {}
+    for what, fn in phases:
+        c0 = time.process_time()
+        times[what] = median_time(fn, repeat=rep, warmup=0 if quick else 1)
+        res.add(what=what, seconds=times[what], cpu_seconds=(time.process_time() - c0) / (rep + (0 if quick else 1)),
+                ratio_to_full=times[what] / t_full, peak_rss_gb=float("nan"))
+    # one thread vs the machine's default, side by side, on the ICL capture
+    t1 = times["ICL capture, prefix KV cache"]
+    nthreads = torch.get_num_threads()
+    default_threads = max(1, min(2, __import__("os").cpu_count() or 1))
+    torch.set_num_threads(default_threads)
+    try:
+        t2 = median_time(lambda: capture(m, prefix, queries), repeat=rep, warmup=0)
+    finally:
+        torch.set_num_threads(nthreads)
+    res.add(what=f"ICL capture with {default_threads} threads (vs {nthreads} above)", seconds=t2,
+            cpu_seconds=float("nan"), ratio_to_full=t2 / t_full, peak_rss_gb=float("nan"))
     res.check("full comparison at most 5 minutes" + (" (quick sizes)" if quick else ""), t_full <= 300)
     res.check("peak memory at most 3 GB", mem.peak <= 3 * 2**30)
-    res.check("prefix KV cache faster than a full forward per query", t_icl < t_icl_full)
+    res.check("prefix KV cache faster than a full forward per query",
+              t1 < times["ICL capture, full forward per query"])
     with pd.option_context("display.width", 250, "display.max_columns", 40):
-        res.notes.append(f"model {model}, task {getattr(ttask, 'name', task)}, {n_demos} demos, {n_queries} queries, "
-                         f"{m.cfg.n_layers} layers, lr {gd.lr}, seed 0; RSS before the run {rss0 / 2**30:.2f} GB")
-        res.notes.append("aggregate (mean over examples, then layers):\n" + base.table().to_string(index=False))
+        res.notes.append(f"model {model}, task {getattr(ttask, 'name', task)}, {n_demos} demos, {n_queries} "
+                         f"queries, {m.cfg.n_layers} layers, lr {gd.lr}, K/V of every layer, seed 0, "
+                         f"{nthreads} torch thread(s); RSS before the run {rss0 / 2**30:.2f} GB; "
+                         f"1-thread/{default_threads}-thread ICL capture time ratio {t1 / t2:.2f}")
+        res.notes.append("aggregate (mean over examples, then layers), trained and untrained:\n"
+                         + base.table().to_string(index=False))
     res.extra = {"trained": full.to_frame().to_dict(orient="records"),
-                 "baselines": base.to_frame().to_dict(orient="records")}
+                 "baselines": base.to_frame().to_dict(orient="records"),
+                 "layers": base.to_frame("layer").to_dict(orient="records")}
     return res
 
 
@@ -204,6 +236,14 @@ def tl_plugins_register_benchmarks(register):
 
 
 # -- report -----------------------------------------------------------------------------------------
+
+def _threads(n: int) -> int:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
+
 
 def _layer_figure(layer_df, metric: str, title: str):
     import plotly.graph_objects as go
@@ -237,7 +277,8 @@ def tl_plugins_report_sections(report):
     res = None
     for _ in report.progress([0], desc="iclgd compare"):
         res = compare(model, task, GDConfig(lr=DEFAULT_LR), methods=("gd", "lcgd"), n_demos=n_demos,
-                      n_queries=n_queries, seeds=(0,), baselines=("untrained", "untrained_embeddings"))
+                      n_queries=n_queries, seeds=(0,), baselines=("untrained", "untrained_embeddings"),
+                      num_threads=1)
     layer_df = res.to_frame("layer")
     figs = [
         _layer_figure(layer_df, "SimAOU", "SimAOU (raw) per layer: GD and LCGD, trained vs untrained"),
@@ -251,8 +292,12 @@ def tl_plugins_report_sections(report):
             "and GD agree for a learned reason (Deutch et al. 2024).</p>")
     tables = [res.table()]
     if has_tok:
-        curve = icl_accuracy_curve(model, "antonyms", n_demos=(0, 2, 4) if quick else (0, 1, 2, 4, 8, 16),
-                                   n_queries=8 if quick else 20)
+        torch_threads = _threads(1)
+        try:
+            curve = icl_accuracy_curve(model, "antonyms", n_demos=(0, 2, 4) if quick else (0, 1, 2, 4, 8, 16),
+                                       n_queries=8 if quick else 20)
+        finally:
+            _threads(torch_threads)
         cdf = curve.to_frame()
         fig = go.Figure(go.Scatter(x=cdf.n_demos, y=cdf.accuracy, mode="lines+markers"))
         fig.update_layout(title="ICL accuracy vs number of demonstrations (antonyms)", xaxis_title="demonstrations",

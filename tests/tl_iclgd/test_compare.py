@@ -1,0 +1,95 @@
+"""The compare pipeline on tiny models: bookkeeping, zero updates counted, truncation reported."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import tl_plugins
+from tl_iclgd.compare import LAYER_METRICS, compare, predictions
+from tl_iclgd.gd import GDConfig
+
+
+def test_compare_runs_and_aggregates(llama3, make_task):
+    task = make_task(n_demos=6, n_queries=8)
+    before = {n: p.detach().clone() for n, p in llama3.named_parameters()}
+    res = compare(llama3, task, GDConfig(lr=0.3), methods=("gd", "lcgd"), baselines=("untrained",),
+                  n_demos=4, n_queries=6, seeds=(0, 1))
+    assert all(torch.equal(before[n], p) for n, p in llama3.named_parameters())
+    # variants x methods x seeds x layers x metrics
+    assert len(res.layers) == 2 * 2 * 2 * 3 * len(LAYER_METRICS)
+    agg = res.to_frame()
+    assert set(agg.variant) == {"trained", "untrained"} and set(agg.method) == {"gd", "lcgd"}
+    row = agg[(agg.variant == "trained") & (agg.method == "gd") & (agg.metric == "SimAOU")].iloc[0]
+    per_seed = res.layers[(res.layers.variant == "trained") & (res.layers.method == "gd")
+                          & (res.layers.metric == "SimAOU")].groupby("seed").value.mean()
+    assert row["mean"] == pytest.approx(per_seed.mean()) and row["std"] == pytest.approx(per_seed.std())
+    layer = res.to_frame("layer")
+    assert len(layer[(layer.variant == "trained") & (layer.method == "gd") & (layer.metric == "SimAOU")]) == 3
+    wide = res.table()
+    assert list(wide.columns[:3]) == ["variant", "method", "SimAOU"] and len(wide) == 4
+    runs = res.to_frame("runs")
+    n_icl = runs[(runs.metric == "n_demos_icl") & (runs.variant == "trained")]["mean"].iloc[0]
+    assert n_icl == 4
+    # the SimAM before FT does not depend on the method
+    sb = agg[(agg.metric == "SimAM_before") & (agg.variant == "trained")]["mean"]
+    assert sb.iloc[0] == pytest.approx(sb.iloc[1])
+    assert not math.isnan(agg[agg.metric == "Kendall_tau"]["mean"].iloc[0])
+    payload = json.loads(res.to_json())
+    assert payload["settings"]["methods"] == ["gd", "lcgd"] and len(payload["layers"]) == len(res.layers)
+
+
+def test_zero_updates_are_counted_not_hidden(llama3, make_task):
+    task = make_task(n_demos=4, n_queries=6)
+    # training layer 2 only: layers 0 and 1 of the FT run equal ZSL exactly, so their updates are zero
+    res = compare(llama3, task, GDConfig(lr=0.3, layers=(2,)), methods=("gd",), n_demos=4, n_queries=6,
+                  kendall=False)
+    lay = res.to_frame("layer")
+    simaou = lay[lay.metric == "SimAOU"].set_index("layer")
+    assert simaou.loc[0, "n_nan"] == 6 and simaou.loc[1, "n_nan"] == 6 and simaou.loc[2, "n_nan"] == 0
+    assert math.isnan(simaou.loc[0, "mean"]) and not math.isnan(simaou.loc[2, "mean"])
+    zu = res.zero_updates()
+    assert set(zu.metric) >= {"SimAOU", "SimAOU_norm", "SimAM_delta"}
+
+
+def test_truncation_to_context_budget_is_reported(llama3, make_task):
+    task = make_task(n_demos=6, n_queries=4)
+    res = compare(llama3, task, GDConfig(lr=0.1), methods=("gd",), n_demos=6, n_queries=4, context_budget=14,
+                  kendall=True)
+    runs = res.to_frame("runs").set_index("metric")["mean"]
+    assert runs["n_demos_gd"] == 6 and 1 <= runs["n_demos_icl"] < 6
+
+
+def test_enabled_config_is_the_default(llama3, make_task):
+    task = make_task(n_demos=2, n_queries=2)
+    with tl_plugins.enabled(llama3, "iclgd", lr=0.01, params="v"):
+        res = compare(llama3, task, methods=("gd",), n_demos=2, n_queries=2, kendall=False)
+    assert res.settings["lr"] == 0.01 and res.settings["params"] == "v"
+    assert "iclgd" not in tl_plugins.active(llama3)
+
+
+def test_predictions_closed_label_set():
+    from tl_iclgd.capture import Capture
+
+    logits = torch.zeros(2, 10)
+    logits[0, 7] = 5.0  # argmax of the vocabulary, but not a label
+    logits[0, 3] = 1.0
+    logits[1, 4] = 2.0
+    cap = Capture(torch.zeros(2, 1, 1), [], logits)
+    assert predictions(cap, None).tolist() == [7, 4]
+    assert predictions(cap, (3, 4)).tolist() == [3, 4]
+
+
+def test_compare_bad_input(llama3, make_task):
+    task = make_task()
+    with pytest.raises(ValueError, match="methods: got"):
+        compare(llama3, task, GDConfig(), methods=("sgd",))
+    with pytest.raises(ValueError, match="baselines: got"):
+        compare(llama3, task, GDConfig(), baselines=("random",))
+    with pytest.raises(ValueError, match="n_demos: got 40"):
+        compare(llama3, task, GDConfig(), n_demos=40)
+    with pytest.raises(TypeError, match="gd: got dict"):
+        compare(llama3, task, {"lr": 1})
+    with pytest.raises(ValueError, match="num_threads"):
+        compare(llama3, task, GDConfig(), num_threads=0)
