@@ -80,6 +80,9 @@ CONFIGS = {
     # k as a fraction just under 1: every row still keeps all its valid keys (ceil(0.9999 n) = n
     # for n <= 10000), but the plugin cannot tell statically, so its top-k kernels really run
     "topk-kernel": dict(plugin="topk", config={"k": KERNEL_FRACTION, "chunk_size": 3}),
+    # really sparse top-k, enabled and at once disabled on every model: what disable leaves behind
+    # must not change a single TL test
+    "topk-cycled": dict(plugin="topk", config={"k": 2, "ff_k": 2}, cycle=True),
 }
 # the negative control: must fail TL's padding / KV-cache tests
 BROKEN = dict(plugin="conformance-broken-padding", config={}, plugin_module="conformance_broken")
@@ -164,6 +167,9 @@ class SuiteResult:
     seconds: float
     returncode: int
     output_tail: str = ""
+    attention_calls: int = 0
+    mlp_activation_calls: int = 0
+    cycle_leftovers: list = field(default_factory=list)
 
     def count(self, outcome: str) -> int:
         return sum(1 for o in self.outcomes.values() if o == outcome)
@@ -190,7 +196,7 @@ def selected_files(root: Path) -> list[str]:
 
 def run_suite(root: Path, label: str, plugin: str = "", config: Optional[dict] = None,
               plugin_module: str = "", files: Optional[list[str]] = None,
-              workdir: Optional[Path] = None) -> SuiteResult:
+              workdir: Optional[Path] = None, cycle: bool = False) -> SuiteResult:
     """Run the selected TL tests in a pytest subprocess with ``plugin`` enabled on every model."""
     config = dict(config or {})
     files = files if files is not None else selected_files(root)
@@ -203,6 +209,7 @@ def run_suite(root: Path, label: str, plugin: str = "", config: Optional[dict] =
         TL_CONFORMANCE_PLUGIN=plugin,
         TL_CONFORMANCE_CONFIG=json.dumps(config),
         TL_CONFORMANCE_PLUGIN_MODULE=plugin_module,
+        TL_CONFORMANCE_CYCLE="1" if cycle else "",
         TL_CONFORMANCE_REPORT=str(report),
         TL_CONFORMANCE_TOKENIZER_DIR=str(root.parent / "tokenizers"),
         HF_HUB_OFFLINE="1",
@@ -248,6 +255,9 @@ def run_suite(root: Path, label: str, plugin: str = "", config: Optional[dict] =
         seconds=round(seconds, 1),
         returncode=rc,
         output_tail=out[-3000:],
+        attention_calls=data.get("attention_calls", 0),
+        mlp_activation_calls=data.get("mlp_activation_calls", 0),
+        cycle_leftovers=data.get("cycle_leftovers", []),
     )
 
 
@@ -303,12 +313,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = results["baseline"]
     print(f"TransformerLens {tl_version()} tests, {len(selected_files(root))} files")
     print(f"{'config':<16}{'passed':>7}{'failed':>7}{'error':>6}{'skipped':>8}{'enables':>9}"
-          f"{'refused':>8}{'regressions':>12}{'seconds':>8}")
+          f"{'refused':>8}{'attn calls':>11}{'mlp calls':>10}{'regressions':>12}{'seconds':>8}")
     for label, res in results.items():
         c = res.counts()
         reg = len(compare(base, res).regressions) if label != "baseline" else 0
         print(f"{label:<16}{c['passed']:>7}{c['failed']:>7}{c['error']:>6}{c['skipped']:>8}"
-              f"{res.model_enables + res.module_enables:>9}{len(res.refused):>8}{reg:>12}"
+              f"{res.model_enables + res.module_enables:>9}{len(res.refused):>8}"
+              f"{res.attention_calls:>11}{res.mlp_activation_calls:>10}{reg:>12}"
               f"{res.seconds:>8}")
     for label, res in results.items():
         if label != "baseline" and compare(base, res).regressions:

@@ -36,6 +36,7 @@ EXPECTED_REFUSALS = {
     "topk-dense": SEAM_REFUSALS,
     "topk-dense-ff": SEAM_REFUSALS + FF_REFUSALS,
     "topk-kernel": SEAM_REFUSALS,
+    "topk-cycled": SEAM_REFUSALS + FF_REFUSALS,
 }
 
 
@@ -110,6 +111,16 @@ def test_plugin_was_really_enabled(plugin_run):
     # the host contract: a refused enable leaves the model exactly as it was
     dirty = [r for r in plugin_run.refused if r["left_behind"]]
     assert not dirty, f"a refused enable left attributes behind: {dirty[:5]}"
+    assert not plugin_run.cycle_leftovers, plugin_run.cycle_leftovers[:5]
+
+
+def test_plugin_code_path_was_taken(plugin_run):
+    """The seams were really called during the TL tests (not only installed)."""
+    if CONFIGS[plugin_run.label].get("cycle"):
+        assert plugin_run.attention_calls == 0, "a disabled plugin's seam was still called"
+        return
+    assert plugin_run.attention_calls > 0
+    assert plugin_run.mlp_activation_calls > 0
 
 
 def test_harness_catches_a_plugin_that_ignores_padding(baseline, conformance_runs):

@@ -24,6 +24,7 @@ Environment:
                                    pass-through plugin lives in tests/conformance)
     TL_CONFORMANCE_REPORT          where to write the JSON report
     TL_CONFORMANCE_TOKENIZER_DIR   folder for the trained tokenizers (built once per corpus)
+    TL_CONFORMANCE_CYCLE           "1": disable right after enabling (checks what disable leaves)
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import pytest
 import torch
 
 _PLUGIN = os.environ.get("TL_CONFORMANCE_PLUGIN", "").strip()
+# "1": disable right after enabling (the TL tests then check that nothing was left behind)
+_CYCLE = os.environ.get("TL_CONFORMANCE_CYCLE", "") == "1"
 _CONFIG = json.loads(os.environ.get("TL_CONFORMANCE_CONFIG", "") or "{}")
 
 _local = threading.local()
@@ -55,6 +58,9 @@ _record: dict = {
     "module_enables": 0,
     "refused": [],
     "enables_per_test": {},
+    "attention_calls": 0,  # calls that went through the attention seam (any plugin)
+    "mlp_activation_calls": 0,
+    "cycle_leftovers": [],
     "outcomes": {},
     "longrepr": {},
     "durations": {},
@@ -68,10 +74,11 @@ _record: dict = {
 
 def _config_for(cfg) -> dict:
     out = {}
+    no_mlp = getattr(cfg, "attn_only", False) or not getattr(cfg, "d_mlp", None)
     for key, value in _CONFIG.items():
+        if key == "ff_k" and no_mlp:
+            continue  # attention-only models have no MLP to configure
         if value == "$d_mlp":
-            if getattr(cfg, "attn_only", False) or not getattr(cfg, "d_mlp", None):
-                continue  # attention-only models have no MLP to configure
             value = int(cfg.d_mlp)
         out[key] = value
     return out
@@ -128,6 +135,31 @@ def _enable(model, kind: str) -> None:
         })
         return
     _count(kind)
+    if _CYCLE:
+        tl_plugins.disable(model, _PLUGIN)
+        left = _traces(model, before)
+        if left:
+            _record["cycle_leftovers"].append({"test": _current_test, "left_behind": left})
+
+
+class _SeamCounter:
+    """Counts calls through the seams, so a run shows the plugin's code path was really taken."""
+
+    def __init__(self):
+        from tl_plugins import hookimpl
+
+        @hookimpl(wrapper=True)
+        def tl_plugins_attention(call):
+            _record["attention_calls"] += 1
+            return (yield)
+
+        @hookimpl(wrapper=True)
+        def tl_plugins_mlp_activation(call):
+            _record["mlp_activation_calls"] += 1
+            return (yield)
+
+        self.tl_plugins_attention = tl_plugins_attention
+        self.tl_plugins_mlp_activation = tl_plugins_mlp_activation
 
 
 def _depth() -> int:
@@ -328,11 +360,12 @@ def pytest_configure(config):
         elif path.is_dir():
             _corpus_files.extend(str(p) for p in path.rglob("test_*.py"))
     module = os.environ.get("TL_CONFORMANCE_PLUGIN_MODULE", "").strip()
-    if module and _PLUGIN:
+    if _PLUGIN:
         import tl_plugins
 
-        if tl_plugins.get_plugin_manager().get_plugin(module) is None:
+        if module and tl_plugins.get_plugin_manager().get_plugin(module) is None:
             tl_plugins.register_plugin(importlib.import_module(module), name=module)
+        tl_plugins.register_plugin(_SeamCounter(), name="tl-conformance-seam-counter")
 
     from transformer_lens import HookedTransformer
     from transformer_lens.components import Attention, GroupedQueryAttention
