@@ -38,7 +38,7 @@ def _case(b, n_q, n_k, h, h_kv, seed, d=16):
 
 @pytest.mark.parametrize("b, n_q, n_k, h, h_kv, k_top, causal, padding", [
     (1, 20, 20, 2, 1, 3, True, None),          # GQA, n not a multiple of the tile
-    (2, 9, 33, 4, 2, 5, True, "left"),         # decode-like offset, left padding, fully masked rows
+    (1, 7, 20, 4, 2, 5, True, "left"),         # decode-like offset, left padding, fully masked rows
     (1, 17, 17, 2, 2, 17, False, "right"),     # k = n: dense
     (1, 24, 24, 2, 1, 1, True, None),          # k = 1: hard attention
     (1, 16, 16, 2, 2, 0.3, True, None),        # fraction of valid keys
@@ -49,7 +49,7 @@ def test_triton_equals_dense_forward_and_backward(b, n_q, n_k, h, h_kv, k_top, c
     if padding:
         pad = torch.ones(b, n_k, dtype=torch.bool, device=DEVICE)
         if padding == "left":
-            pad[0, :12] = False
+            pad[0, :15] = False
         else:
             pad[-1, -5:] = False
     ref = topk_attention(q, k, v, k_top, causal=causal, key_padding_mask=pad, backend="dense")
