@@ -70,14 +70,18 @@ class ChunkedTopKAttention(torch.autograd.Function):
         out = torch.zeros(b, h_kv, g, n_q, dv, dtype=compute, device=q.device)
         # Score buffer, its mask and topk temporaries dominate: ~4 copies of [b, h, rows, n_k].
         rows = chunk_rows(b * h * n_k * 4 * 4, n_q, budget, chunk_size)
-        kt = kh.to(compute).transpose(-1, -2).unsqueeze(2)  # [b, h_kv, 1, d, n_k]
+        # K transposed once, [b, h_kv, d, n_k]; each chunk is one batched matmul over (b, h_kv) with the
+        # group's query heads stacked as rows, so K is neither repeated nor broadcast-copied.
+        kt = kh.to(compute).transpose(-1, -2).contiguous()
         for q0 in range(0, n_q, rows):
             q1 = min(n_q, q0 + rows)
             k_end = min(n_k, q1 + offset) if causal else n_k
             if k_end <= 0:
                 continue  # every row of this chunk is fully masked: zeros
             # Scale q (O(rows d)) rather than the scores (O(rows n)).
-            s = (qh[:, :, :, q0:q1].to(compute) * scale) @ kt[..., :k_end]  # [b, h_kv, g, c, k_end]
+            c = q1 - q0
+            qc = (qh[:, :, :, q0:q1].to(compute) * scale).reshape(b, h_kv, g * c, d)
+            s = (qc @ kt[..., :k_end]).view(b, h_kv, g, c, k_end)
             if softcap is not None:
                 s.div_(softcap).tanh_().mul_(softcap)
             if causal:
