@@ -30,10 +30,9 @@ def conformance_runs(tl_root, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tl-conformance")
     cache: dict[str, harness.SuiteResult] = {}
 
-    def get(label: str, plugin: str = "", config: dict | None = None, plugin_module: str = ""):
+    def get(label: str, **spec):
         if label not in cache:
-            cache[label] = harness.run_suite(tl_root, label, plugin=plugin, config=config,
-                                             plugin_module=plugin_module, workdir=workdir)
+            cache[label] = harness.run_suite(tl_root, label, workdir=workdir, **spec)
         return cache[label]
 
     return get
