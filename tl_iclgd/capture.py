@@ -102,6 +102,16 @@ def _attn_input(model: Any, layer: int, normalized: torch.Tensor) -> torch.Tenso
     return out.detach()
 
 
+def _unembed(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """Logits of residual vectors [..., d_model] through the (untrained) final norm and unembedding."""
+    x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+    logits = model.unembed(x)
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
 def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]], *,
             predict_offset: int = -1, params: Optional[dict[str, torch.Tensor]] = None,
             use_prefix_cache: bool = True, batch_size: int = 64, demo_start: Optional[int] = None,
@@ -177,8 +187,9 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
                 if want_attn_in:
                     fwd.append((f"blocks.{layer}.ln1.hook_normalized", keep_norm))
             with torch.no_grad(), model.hooks(fwd_hooks=fwd):
-                logits = call_with_params(model, params, toks, return_type="logits", **kw)
-            pred = logits[:, predict_offset].float()
+                # stop before the final norm: unembedding every position would cost as much as a block
+                resid = call_with_params(model, params, toks, stop_at_layer=L, **kw)
+                pred = _unembed(model, resid[:, predict_offset]).float()
             if logits_out is None:
                 logits_out = torch.empty(N, pred.shape[-1])
             idx_t = torch.tensor(idx)

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from tl_iclgd.capture import _attn_input, call_with_params
+from tl_iclgd.capture import _attn_input, _unembed, call_with_params
 from tl_iclgd.tasks import TokenizedTask
 
 LOSSES = ("all_tokens", "label_only")
@@ -238,12 +238,7 @@ def _ce(logits: torch.Tensor, toks: torch.Tensor, mask: Optional[torch.Tensor]) 
 
 
 def _logit_lens(model: Any, resid: torch.Tensor) -> torch.Tensor:
-    x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    logits = model.unembed(x)
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
+    return _unembed(model, resid)
 
 
 def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_inputs: bool = False
@@ -312,14 +307,16 @@ def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_in
                 per_layer = _ce(_logit_lens(model, resid), toks[0], mask)  # [L]
                 loss = per_layer.sum()
             grads = torch.autograd.grad(loss, list(P.values()), allow_unused=True)
-        gn = torch.zeros(L, dtype=torch.float64)
+        sq = [torch.zeros((), dtype=torch.float32) for _ in range(L)]
         new = {}
-        for (name, p), g, layer in zip(P.items(), grads, layer_idx):
-            if g is None:
-                g = torch.zeros_like(p)
-            if layer is not None:
-                gn[layer] += g.double().pow(2).sum()
-            new[name] = (p.detach() - config.lr * g).requires_grad_(True)
+        with torch.no_grad():
+            for (name, p), g, layer in zip(P.items(), grads, layer_idx):
+                if g is None:
+                    g = torch.zeros_like(p)
+                if layer is not None:
+                    sq[layer] = sq[layer] + torch.linalg.vector_norm(g.float()) ** 2
+                new[name] = (p.detach() - config.lr * g).requires_grad_(True)
+        gn = torch.stack(sq).double()
         P = new
         losses.append(float(loss.detach()))
         gnorms.append(gn.sqrt())
