@@ -399,8 +399,10 @@ class EmbeddingSpace:
     @staticmethod
     def _rank(scores: torch.Tensor, k: int, mode: str, per_layer: int):
         key = scores.abs() if mode == "abs" else (-scores if mode == "smallest" else scores)
-        order = torch.argsort(-key.double(), stable=True)[:k]
-        return order // per_layer, order % per_layer, scores[order]
+        _, idx = torch.topk(key, min(k, key.numel()))
+        idx = idx.sort().values  # ties: the smaller flat index first
+        idx = idx[torch.argsort(-key[idx], stable=True)]
+        return idx // per_layer, idx % per_layer, scores[idx]
 
     def copying_scores(self) -> torch.Tensor:
         """Eigenvalue copying score of every head's OV circuit: ``[n_layers, n_heads]``."""

@@ -222,16 +222,26 @@ def topk_product(
     nr, nc = A.shape[0], B.shape[1]
     stats = TopkStats(rows_total=nr, cols_total=nc)
 
-    # Norms in float64 so that the pruning bound itself is not a source of error.
-    a_norm = A.double().norm(dim=1)
-    b_norm = B.double().norm(dim=0)
+    # Norms and offsets in float64 so that the pruning bound itself is not a source of error.
+    Ad, Bd = A.double(), B.double()
+    a_norm = Ad.norm(dim=1)
+    b_norm = Bd.norm(dim=0)
     _check_finite(a_norm, b_norm)
-    a_order = torch.argsort(-a_norm, stable=True)
-    b_order = torch.argsort(-b_norm, stable=True)
-    A, a_norm, row_ids = A[a_order], a_norm[a_order].cpu(), row_ids[a_order.cpu()]
-    B, b_norm, col_ids = B[:, b_order], b_norm[b_order].cpu(), col_ids[b_order.cpu()]
-    slack = rounding_slack(r, A.dtype)
-    b_max = float(b_norm[0]) if nc else 0.0
+    # Centre the rows: a.b = (a - c).b + c.b <= |a - c| |b| + c.b. With c the mean row this
+    # removes a component shared by all rows, which otherwise makes the plain Cauchy-Schwarz
+    # bound |a| |b| useless (an OV circuit whose entries are mostly large and negative).
+    c = Ad.mean(0) if (prune and nr > 1) else torch.zeros(r, dtype=torch.float64, device=A.device)
+    rho = (Ad - c).norm(dim=1).cpu()
+    offset = (c @ Bd).cpu()
+    if mode == "abs":
+        offset = offset.abs()
+    del Ad, Bd
+    order = torch.argsort(-rho, stable=True)
+    A, rho, row_ids = A[order.to(A.device)], rho[order], row_ids[order]
+    # entry(i, j) <= rho_i * slope_j + intercept_j, with the float rounding of the chunk product
+    # (relative to |a_i| |b_j|) added to the intercept
+    slope = b_norm.cpu()
+    intercept = offset + (rounding_slack(r, A.dtype) - 1.0) * float(a_norm.max()) * slope
     row_ids_dev = row_ids.to(A.device)
     col_ids_dev = col_ids.to(A.device)
     n_candidates = nr * nc
@@ -243,39 +253,43 @@ def topk_product(
     best_vals = torch.empty(0, dtype=torch.float64)
     best_keys = torch.empty(0, dtype=torch.long)
     threshold = -math.inf
-
-    # Seed the threshold from the highest-norm rows: the k-th best of any k real entries is a
-    # valid lower bound for the k-th best overall.
-    a_l, b_l = a_norm.tolist(), b_norm.tolist()
-    a_neg, b_neg = [-x for x in a_l], [-x for x in b_l]
+    rho_neg = (-rho).tolist()
     budget_elems = chunk * nc
     i = 0
     first = True
     while i < nr:
-        if prune and threshold > 0:
-            a_i = a_l[i]
-            if a_i * b_max * slack < threshold:
-                break  # no remaining row can reach the threshold
-            ncols = bisect.bisect_right(b_neg, -threshold / (a_i * slack))
+        if prune and threshold > -math.inf:
+            r0 = float(rho[i])
+            bound = slope * r0 + intercept
+            if float(bound.max()) < threshold:
+                break  # rows are sorted by rho: no remaining row can reach the threshold
+            sel = (bound >= threshold).nonzero().flatten()
+            ncols = sel.numel()
             # Rows further down need fewer columns; end the chunk where a row needs less than
-            # half of this prefix, so that little of the chunk is computed in vain.
-            half_norm = b_l[max(0, ncols // 2 - 1)]
-            rows_ok = bisect.bisect_right(a_neg, -threshold / (slack * half_norm)) - i
+            # half of these, so that little of the chunk is computed in vain.
+            r_cut = r0
+            for f in (0.9, 0.75, 0.5, 0.25, 0.0):
+                if int((slope * (r0 * f) + intercept >= threshold).sum()) * 2 < ncols:
+                    break
+                r_cut = r0 * f
+            rows_ok = bisect.bisect_right(rho_neg, -r_cut) - i
             stop = min(nr, i + max(1, min(budget_elems // max(1, ncols), rows_ok)))
+            Bc, cid = B[:, sel.to(B.device)], col_ids_dev[sel.to(A.device)]
         else:
             ncols = nc
-            # a small first chunk seeds the threshold cheaply from the highest-norm rows
+            # a small first chunk seeds the threshold cheaply from the rows of largest norm
             stop = min(nr, i + (min(chunk, max(64, -(-2 * k // max(1, nc)))) if first else chunk))
+            Bc, cid = B, col_ids_dev
         if ncols == 0:
             break
-        C = A[i:stop] @ B[:, :ncols]
+        C = A[i:stop] @ Bc
         stats.chunks += 1
         stats.entries_computed += C.numel()
         stats.rows_visited = stop
         if mode == "abs":
             C.abs_()
         if exclude_diagonal:
-            _mask_diagonal(C, row_ids_dev[i:stop], col_ids_dev[:ncols])
+            _mask_diagonal(C, row_ids_dev[i:stop], cid)
         if first and n_candidates > k:
             kk = min(k, ncols)
             seeds = C.topk(kk, dim=1).values.flatten()
@@ -283,7 +297,7 @@ def topk_product(
             if seeds.numel() >= k:
                 threshold = float(torch.topk(seeds, k).values[-1])
             first = False
-        best_vals, best_keys = _scan_chunk(C, threshold, row_ids_dev[i:stop], col_ids_dev[:ncols], m,
+        best_vals, best_keys = _scan_chunk(C, threshold, row_ids_dev[i:stop], cid, m,
                                            best_vals, best_keys, k, budget_bytes)
         if best_vals.numel() >= k:
             threshold = max(threshold, float(best_vals[k - 1]))
