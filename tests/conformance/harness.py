@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,12 +101,12 @@ def tl_version() -> str:
 
 
 def _cache_root() -> Path:
-    import tl_plugins.models.cache as cache
+    from tl_plugins.models import cache
 
     return cache.cache_dir() / "tl-tests"
 
 
-def fetch_tl_tests(version: Optional[str] = None) -> Path:
+def fetch_tl_tests(version: str | None = None) -> Path:
     """Return a folder holding TransformerLens ``version``'s ``tests/`` (downloaded once, cached).
 
     Raises ``FetchError`` when the download fails.
@@ -123,7 +122,7 @@ def fetch_tl_tests(version: Optional[str] = None) -> Path:
             "--disable-pip-version-check", f"transformer_lens=={version}", "-d", tmp,
         ]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         except subprocess.TimeoutExpired as exc:
             raise FetchError(f"pip download of transformer_lens=={version} timed out") from exc
         archives = list(Path(tmp).glob("*.tar.gz"))
@@ -196,9 +195,9 @@ def selected_files(root: Path) -> list[str]:
     return [f for f in SELECTED if (root / f).exists()]
 
 
-def run_suite(root: Path, label: str, plugin: str = "", config: Optional[dict] = None,
-              plugin_module: str = "", files: Optional[list[str]] = None,
-              workdir: Optional[Path] = None, cycle: bool = False) -> SuiteResult:
+def run_suite(root: Path, label: str, plugin: str = "", config: dict | None = None,
+              plugin_module: str = "", files: list[str] | None = None,
+              workdir: Path | None = None, cycle: bool = False) -> SuiteResult:
     """Run the selected TL tests in a pytest subprocess with ``plugin`` enabled on every model."""
     config = dict(config or {})
     files = files if files is not None else selected_files(root)
@@ -235,7 +234,7 @@ def run_suite(root: Path, label: str, plugin: str = "", config: Optional[dict] =
     cmd += files
     start = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False,
                               timeout=SUITE_TIMEOUT_S)
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
@@ -275,8 +274,8 @@ class Comparison:
     extra: list[str] = field(default_factory=list)
 
     def message(self, limit: int = 6) -> str:
-        lines = [f"{self.run.label}: {len(self.regressions)} test(s) pass without the plugin "
-                 f"but not with it ({self.run.counts()} vs baseline {self.baseline.counts()})"]
+        lines = [(f"{self.run.label}: {len(self.regressions)} test(s) pass without the plugin "
+                  f"but not with it ({self.run.counts()} vs baseline {self.baseline.counts()})")]
         for tid, outcome in sorted(self.regressions.items())[:limit]:
             lines.append(f"--- {tid}: {outcome}\n{self.run.longrepr.get(tid, '')[-1500:]}")
         if self.missing:
@@ -299,7 +298,7 @@ def compare(baseline: SuiteResult, run: SuiteResult) -> Comparison:
     return cmp
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python tests/conformance/harness.py [LABEL ...]``: run configurations, print a summary."""
     import argparse
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 import harness
+import pytest
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +56,7 @@ def topk_unavailable(config: dict):
     try:
         tl_plugins.enable(model, "topk", **probe)
         tl_plugins.disable(model, "topk")
-    except Exception as exc:  # any failure here means the plugin is not usable yet
+    except Exception as exc:  # noqa: BLE001 - any failure means the plugin is not usable yet
         return f'tl_plugins.enable(tiny-gpt2, "topk", **{probe}) fails: {type(exc).__name__}: {exc}'
     return None
 

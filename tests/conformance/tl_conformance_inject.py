@@ -1,7 +1,7 @@
 """Pytest plugin injected into TransformerLens's own test-suite by the conformance harness.
 
 Loaded with ``-p tl_conformance_inject`` in a subprocess whose working directory is the unpacked
-TransformerLens source distribution. It does three things:
+TransformerLens source distribution. It does four things:
 
 1. Enables a tl_plugins plugin on every model the TL tests build. ``HookedTransformer.__init__``
    (and ``HookedSAETransformer.__init__``) are wrapped so that, when the outermost constructor
@@ -11,10 +11,13 @@ TransformerLens source distribution. It does three things:
    ``tl_plugins.enable`` path is used there too.
 2. Replaces ``HookedTransformer.from_pretrained`` with an offline loader: the few hub names the
    selected tests ask for become small random models of the same architecture family, seeded,
-   with a byte-level BPE tokenizer trained on the selected test files (GPT-2 style: BOS = EOS = PAD). The baseline run uses
-   the same loader, so with and without the plugin the tests see identical models.
-3. Writes a JSON report (every test's outcome, failure text, and how many enables happened in
-   each test) to ``$TL_CONFORMANCE_REPORT`` at the end of the session.
+   weights processed as from_pretrained does, with a byte-level BPE tokenizer trained on the
+   selected test files (GPT-2 style: BOS = EOS = PAD). The baseline run uses the same loader, so
+   with and without the plugin the tests see identical models.
+3. Counts calls through the host's seams (a pass-through wrapper hookimpl), so a run shows the
+   plugin's code path was really taken.
+4. Writes a JSON report (every test's outcome, failure text, enables and refusals per test, seam
+   calls) to ``$TL_CONFORMANCE_REPORT`` at the end of the session.
 
 Environment:
     TL_CONFORMANCE_PLUGIN          plugin name to enable ("" or unset: baseline, enable nothing)
@@ -125,7 +128,7 @@ def _enable(model, kind: str) -> None:
     before = _slots(model)
     try:
         tl_plugins.enable(model, _PLUGIN, **_config_for(model.cfg))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a refusal may be any exception (host contract)
         # A plugin may refuse a model (the host contract: raise, and the model is left as it was),
         # e.g. an attention variant the seam does not reproduce. The test then runs on the plain
         # model; the refusal is listed and the conformance tests check it was an expected one.
@@ -443,5 +446,5 @@ def pytest_sessionfinish(session, exitstatus):
     _record["exitstatus"] = int(exitstatus)
     try:
         Path(path).write_text(json.dumps(_record, indent=1, sort_keys=True))
-    except Exception:  # the report is the only channel back; say why it failed
+    except Exception:  # noqa: BLE001 - the report is the only channel back; say why it failed
         traceback.print_exc()

@@ -27,11 +27,11 @@ import tl_plugins
 from tl_plugins import hookimpl
 
 sae_lens = pytest.importorskip("sae_lens")
-from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig  # noqa: E402
-from sae_lens.saes.sae import SAEMetadata  # noqa: E402
-from transformer_lens import HookedTransformerConfig  # noqa: E402
+from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformerConfig
 
-from tl_plugins.models.tiny import TINY_GPT2, TINY_LLAMA  # noqa: E402
+from tl_plugins.models.tiny import TINY_GPT2, TINY_LLAMA
 
 pytestmark = pytest.mark.slow  # ~25 small models built and torn down; a few seconds each on 2 cores
 
@@ -78,7 +78,7 @@ def _topk_unavailable():
         model = tl_plugins.models.load("tiny-gpt2")
         tl_plugins.enable(model, "topk", k=TOPK_K)
         tl_plugins.disable(model, "topk")
-    except Exception as exc:  # not usable yet
+    except Exception as exc:  # noqa: BLE001 - any failure means not usable yet
         return f'tl_plugins.enable(model, "topk", k={TOPK_K}) fails: {type(exc).__name__}: {exc}'
     return None
 
