@@ -11,6 +11,7 @@ the ``tests/`` folder is unpacked: the tests import the *installed* ``transforme
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -312,19 +313,28 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels if "baseline" in args.labels else ["baseline", *args.labels]
     results = {label: run_suite(root, label, workdir=args.workdir, **specs[label]) for label in labels}
     base = results["baseline"]
+
+    def baseline_for(label: str) -> SuiteResult:
+        files = tuple(specs[label].get("files") or ())
+        if not files:
+            return base
+        return dataclasses.replace(
+            base, outcomes={t: o for t, o in base.outcomes.items() if t.startswith(files)})
+
     print(f"TransformerLens {tl_version()} tests, {len(selected_files(root))} files")
     print(f"{'config':<16}{'passed':>7}{'failed':>7}{'error':>6}{'skipped':>8}{'enables':>9}"
           f"{'refused':>8}{'attn calls':>11}{'mlp calls':>10}{'regressions':>12}{'seconds':>8}")
     for label, res in results.items():
         c = res.counts()
-        reg = len(compare(base, res).regressions) if label != "baseline" else 0
+        reg = len(compare(baseline_for(label), res).regressions) if label != "baseline" else 0
         print(f"{label:<16}{c['passed']:>7}{c['failed']:>7}{c['error']:>6}{c['skipped']:>8}"
               f"{res.model_enables + res.module_enables:>9}{len(res.refused):>8}"
               f"{res.attention_calls:>11}{res.mlp_activation_calls:>10}{reg:>12}"
               f"{res.seconds:>8}")
     for label, res in results.items():
-        if label != "baseline" and compare(base, res).regressions:
-            print(compare(base, res).message())
+        cmp = compare(baseline_for(label), res)
+        if label != "baseline" and (cmp.regressions or cmp.missing):
+            print(cmp.message())
     return 0
 
 
