@@ -170,6 +170,57 @@ def bench_time(result: BenchResult, n: int, k_top: int, device: str, repeat: int
                             f"the time of {topk_name}")
 
 
+def _oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def bench_gpu(result: BenchResult, device: str, ns, k_top: int = 32, paper_max_n: int = 16384):
+    """Part 4 (CUDA only): 12 heads x 64, bf16 and fp32, causal, batch 1, forward + backward.
+
+    Triton top-k vs SDPA (flash / memory-efficient) vs the paper-style implementation; each time and
+    peak extra memory is a ratio to SDPA measured in the same run. Out-of-memory is recorded, not raised.
+    """
+    from tl_topk.analysis import paper_style_topk
+
+    methods = _methods(k_top, device)
+    fns = {"topk-triton": methods["topk-triton"], "sdpa-flash": methods["sdpa-flash"],
+           "paper-style": lambda q, k, v: paper_style_topk(q, k, v, k_top, causal=True)}
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in ns:
+            q, k, v = _inputs(n, device, dtype=dtype, n_heads=12, n_kv_heads=12, d_head=64)
+            got = {}
+            for name, fn in fns.items():
+                if name == "paper-style" and n > paper_max_n:
+                    continue
+                try:
+                    t = median_time(_fwd_bwd(fn, q, k, v), repeat=3, warmup=1, sync=True)
+                    mem = peak_cuda_extra(_fwd_bwd(fn, q, k, v), device)
+                    got[name] = (t, mem)
+                except RuntimeError as exc:
+                    if not _oom(exc):
+                        raise
+                    torch.cuda.empty_cache()
+                    result.notes.append(f"gpu {dtype} n={n}: {name} ran out of memory")
+            base = got.get("sdpa-flash")
+            for name, (t, mem) in got.items():
+                result.add(part="gpu", n=n, k=k_top, method=f"{name} {str(dtype).replace('torch.', '')}",
+                           seconds=t, extra_MiB=mem / 2**20,
+                           ratio_to_baseline=t / base[0] if base else float("nan"),
+                           memory_ratio_to_sdpa=mem / base[1] if base and base[1] else float("nan"),
+                           baseline="sdpa-flash")
+            if base and "topk-triton" in got:
+                t, mem = got["topk-triton"]
+                tag = f"{str(dtype).replace('torch.', '')} n={n}"
+                result.check(f"gpu {tag}: triton fwd+bwd <= 2x SDPA ({t / base[0]:.2f}x)", t <= 2 * base[0])
+                result.check(f"gpu {tag}: triton extra memory <= 1.2x SDPA ({mem / max(base[1], 1):.2f}x)",
+                             mem <= 1.2 * base[1])
+                if "paper-style" in got:
+                    sp = got["paper-style"][0] / t
+                    result.check(f"gpu {tag}: triton >= 50x faster than paper-style ({sp:.1f}x)", sp >= 50)
+            del q, k, v
+            torch.cuda.empty_cache()
+
+
 def bench_perplexity(result: BenchResult, model: Any, model_name: str, n_tokens: int, ks, progress=None):
     from tl_topk.analysis import docs_tokens, perplexity_sweep
 
@@ -198,6 +249,8 @@ def bench_topk(*, quick: bool = False, model: str = "smollm2-135m", device: str 
     lm = tl_plugins.models.load(model)
     if quick:
         bench_perplexity(result, lm, model, 128, [4, 16, "n"])
+        if device.startswith("cuda"):
+            bench_gpu(result, device, [4096], paper_max_n=4096)
         bench_memory(result, [128, 256, 512], dense_max_n=512, k_top=32, device=device)
         bench_time(result, 512, 32, device, repeat=1)
     else:
@@ -205,10 +258,9 @@ def bench_topk(*, quick: bool = False, model: str = "smollm2-135m", device: str 
         del lm
         gc.collect()
         if device.startswith("cuda"):
-            bench_memory(result, [4096, 8192, 16384, 32768, 65536, 131072], dense_max_n=16384, k_top=32,
-                         device=device)
+            bench_memory(result, [4096, 8192, 16384, 32768], dense_max_n=16384, k_top=32, device=device)
             bench_time(result, 4096, 32, device, repeat=5)
-            bench_time(result, 16384, 32, device, repeat=3)
+            bench_gpu(result, device, [4096, 8192, 16384, 32768, 65536, 131072])
         else:
             bench_memory(result, [1024, 2048, 4096, 8192, 16384, 32768], dense_max_n=4096, k_top=32,
                          device=device)
