@@ -22,6 +22,7 @@ attention layer's input), so x_i . x_q is the "attention" of the query to traini
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -318,6 +319,7 @@ def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDCo
                     kendall=kendall, variant=variant, layer_rows=layer_rows, run_rows=run_rows)
         if m is not model:
             del m
+            gc.collect()  # free the baseline model before the next one is built (peak memory)
     settings = {"task": task if isinstance(task, str) else getattr(task, "name", "custom"),
                 "n_demos": n_demos, "n_queries": n_queries, "seeds": list(seeds), "position": position,
                 "methods": list(methods), "baselines": list(baselines), "lr": gd.lr, "params": gd.params,
