@@ -29,6 +29,7 @@ import torch
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 MODES = ("largest", "smallest", "abs")
+MIN_CHUNK_ROWS = 512
 
 IndexLike = Union[None, torch.Tensor, Sequence[int]]
 
@@ -273,7 +274,10 @@ def topk_product(
                     break
                 r_cut = r0 * f
             rows_ok = bisect.bisect_right(rho_neg, -r_cut) - i
-            stop = min(nr, i + max(1, min(budget_elems // max(1, ncols), rows_ok)))
+            # ... but never so few rows that the per-chunk bookkeeping (a few passes over the
+            # columns) outweighs the product itself
+            rows = min(budget_elems // max(1, ncols), max(rows_ok, MIN_CHUNK_ROWS))
+            stop = min(nr, i + max(1, rows))
             Bc, cid = B[:, sel.to(B.device)], col_ids_dev[sel.to(A.device)]
         else:
             ncols = nc
