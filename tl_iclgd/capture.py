@@ -69,6 +69,9 @@ class Capture:
                              "argmax": self.logits.argmax(-1).tolist(),
                              "n_query_tokens": [s.shape[-1] for s in self.scores]})
 
+    def _repr_html_(self) -> str:
+        return f"<b>Capture</b> {tuple(self.attn_out.shape)}" + self.to_frame().to_html(index=False)
+
 
 def prefix_cache(model: Any, context: Sequence[int], params: Optional[dict[str, torch.Tensor]] = None):
     """Run ``context`` [P] once and return a frozen TransformerLens key-value cache of batch 1."""

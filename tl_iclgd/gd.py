@@ -176,6 +176,9 @@ class Trace:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def _repr_html_(self) -> str:
+        return "<b>Trace</b>" + self.to_frame().to_html(index=False)
+
 
 @dataclass
 class FinetuneResult:

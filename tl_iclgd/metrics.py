@@ -136,6 +136,9 @@ class Rec2FTP:
 
         return pd.DataFrame([self.__dict__])
 
+    def _repr_html_(self) -> str:
+        return "<b>Rec2FTP</b>" + self.to_frame().to_html(index=False)
+
 
 def rec2ftp(zsl_correct: torch.Tensor, icl_correct: torch.Tensor, ft_correct: torch.Tensor) -> Rec2FTP:
     """Rec2FTP from boolean correctness vectors [n_examples] of the three runs."""
