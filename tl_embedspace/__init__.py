@@ -10,8 +10,14 @@ Modules, bottom to top: ``topk`` (exact streaming top-k of factored products), `
 ``sweep`` (rank a whole model to files), ``plugin`` (CLI, benchmark, report section).
 """
 
-from tl_embedspace.space import EmbeddingSpace, ProcessedWeightsWarning, VocabMatrix  # noqa: F401
-from tl_embedspace.topk import topk_product, topk_per_row, top1_diag_accuracy  # noqa: F401
+from tl_embedspace.space import EmbeddingSpace, ProcessedWeightsWarning, VocabMatrix
+from tl_embedspace.topk import top1_diag_accuracy, topk_per_row, topk_product
 
-__all__ = ["EmbeddingSpace", "VocabMatrix", "ProcessedWeightsWarning", "topk_product", "topk_per_row",
-           "top1_diag_accuracy"]
+__all__ = [
+           "EmbeddingSpace",
+           "ProcessedWeightsWarning",
+           "VocabMatrix",
+           "top1_diag_accuracy",
+           "topk_per_row",
+           "topk_product",
+]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -86,8 +86,8 @@ class AlignResult:
     stat: str
     S_embedding: torch.Tensor
     match_embedding: torch.Tensor
-    S_feature: Optional[torch.Tensor]
-    match_feature: Optional[torch.Tensor]
+    S_feature: torch.Tensor | None
+    match_feature: torch.Tensor | None
     basis: dict = field(default_factory=dict)
 
     def diagonal_recovered(self, space: str = "embedding") -> bool:
@@ -149,7 +149,7 @@ def check_shared_vocabulary(space_a: Any, space_b: Any) -> None:
 
 
 def align(space_a: Any, space_b: Any, kind: str = "ff_values", stat: str = "mean_abs",
-          max_vectors: Optional[int] = None) -> AlignResult:
+          max_vectors: int | None = None) -> AlignResult:
     """Layer-to-layer similarity of two models' parameters in embedding space vs feature space.
 
     ``space_a``/``space_b``: ``EmbeddingSpace`` objects of the two models (their write basis is the

@@ -22,11 +22,10 @@ def _pick_head(sp):
 
 
 def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu") -> BenchResult:
-    from tl_plugins import models
-
     from tl_embedspace.space import EmbeddingSpace
     from tl_embedspace.sweep import sweep, sweep_items
     from tl_embedspace.topk import materialized_topk, topk_product
+    from tl_plugins import models
 
     if device != "cpu":
         raise ValueError(f"device: got {device!r}; accepted: 'cpu' (GPU figures were not taken for this plugin)")

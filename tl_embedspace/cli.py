@@ -22,9 +22,8 @@ def _space_options(f):
 
 
 def _space(model_name, read_basis, write_basis, ln, filter_):
-    from tl_plugins import models
-
     from tl_embedspace.space import EmbeddingSpace
+    from tl_plugins import models
 
     model = models.load(model_name)
     return EmbeddingSpace(model, read_basis=read_basis, write_basis=write_basis, ln=ln, filters=filter_)

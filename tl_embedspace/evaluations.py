@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ def _batched_topk(vectors: torch.Tensor, proj, k: int, batch: int = 256) -> torc
     return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 
 
-def hidden_state_overlap(space: Any, tokens: torch.Tensor, *, layers: Optional[Sequence[int]] = None,
+def hidden_state_overlap(space: Any, tokens: torch.Tensor, *, layers: Sequence[int] | None = None,
                          n_neurons: int = 5, k: int = 50, seed: int = 0) -> EvalResult:
     """Overlap of the top neurons' value tokens with the hidden state's top tokens, per layer.
 
@@ -100,8 +101,8 @@ def hidden_state_overlap(space: Any, tokens: torch.Tensor, *, layers: Optional[S
     return res
 
 
-def related_pairs(space: Any, *, k: int = 100, layers: Optional[Sequence[int]] = None,
-                  max_vectors: Optional[int] = 256, seed: int = 0,
+def related_pairs(space: Any, *, k: int = 100, layers: Sequence[int] | None = None,
+                  max_vectors: int | None = 256, seed: int = 0,
                   which: Sequence[str] = ("K/V neuron", "W_V/W_O", "W_Q/W_K")) -> EvalResult:
     """Top-k token overlap of related parameter pairs vs the same pairs with shuffled partners.
 
@@ -110,8 +111,8 @@ def related_pairs(space: Any, *, k: int = 100, layers: Optional[Sequence[int]] =
     layers = list(range(space.n_layers)) if layers is None else [space._layer(l) for l in layers]
     g = torch.Generator().manual_seed(seed)
     w = space.w
-    write = lambda v: write_scores(v, space.W)  # noqa: E731
-    read = lambda v: read_scores(v, space.R)  # noqa: E731
+    write = lambda v: write_scores(v, space.W)
+    read = lambda v: read_scores(v, space.R)
     res = EvalResult(f"related-pair agreement (top-{k} tokens)", basis=dict(space.basis))
     for l in layers:
         pairs = {}

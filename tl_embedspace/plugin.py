@@ -4,9 +4,8 @@ chunk budget) on the model; the forward pass is never changed."""
 
 from __future__ import annotations
 
-from tl_plugins import hookimpl
-
 from tl_embedspace.config import EmbedSpaceConfig
+from tl_plugins import hookimpl
 
 
 @hookimpl

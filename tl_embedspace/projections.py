@@ -9,7 +9,8 @@ gate key, a column of W_Q/W_K/W_V, an unembedding) is read as ``R @ k`` with a r
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 
@@ -41,7 +42,7 @@ def read_scores(vectors: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return vectors.to(R.dtype) @ R.T
 
 
-def top_bottom(scores: torch.Tensor, k: int, ids: Optional[torch.Tensor] = None
+def top_bottom(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k and bottom-k of ``scores [d_vocab]`` among ``ids`` (all when None).
 
@@ -70,8 +71,8 @@ NAMED_FILTERS = {
 }
 
 
-def build_filter(spec: FilterLike, d_vocab: int, token_strings: Optional[Callable[[], list[str]]]
-                 ) -> Optional[torch.Tensor]:
+def build_filter(spec: FilterLike, d_vocab: int, token_strings: Callable[[], list[str]] | None
+                 ) -> torch.Tensor | None:
     """Turn a filter spec into sorted token ids, or None for no filter.
 
     ``spec``: None; a name ("ascii", "alnum", "alpha", "words": a leading space then letters); ids;
@@ -81,7 +82,7 @@ def build_filter(spec: FilterLike, d_vocab: int, token_strings: Optional[Callabl
     if spec is None:
         return None
     if isinstance(spec, list) and spec and not all(isinstance(x, int) for x in spec):
-        out: Optional[torch.Tensor] = None
+        out: torch.Tensor | None = None
         for part in spec:
             ids = build_filter(part, d_vocab, token_strings)
             if ids is None:

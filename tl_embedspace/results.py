@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -137,7 +137,7 @@ class ComponentHits(_Frame):
     values: torch.Tensor
     kind: str = ""
     basis: dict = field(default_factory=dict)
-    seconds: Optional[float] = None
+    seconds: float | None = None
 
     def to_frame(self):
         import pandas as pd

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from functools import cached_property
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 import torch
 
 import tl_plugins
-from tl_plugins.errors import UnsupportedModelError
 from tl_embedspace import topk as _topk
 from tl_embedspace.projections import (
     FilterLike,
@@ -44,6 +44,7 @@ from tl_embedspace.projections import (
     write_scores,
 )
 from tl_embedspace.results import ComponentHits, RowTopk, TokenPairs, TokenScores
+from tl_plugins.errors import UnsupportedModelError
 
 READ_BASES = ("paper", "unembed", "full-circuit", "pinv")
 WRITE_BASES = ("paper", "unembed", "full-circuit", "pinv")
@@ -194,7 +195,7 @@ class EmbeddingSpace:
             return int(ids[0])
         raise TypeError(f"{arg}: got {token!r} of type {type(token).__name__}; accepted: an int id or a str")
 
-    def to_ids(self, tokens: Any, arg: str = "tokens") -> Optional[torch.Tensor]:
+    def to_ids(self, tokens: Any, arg: str = "tokens") -> torch.Tensor | None:
         """Ids of a token collection (ids, strings, a bool mask or a filter spec); None stays None."""
         if tokens is None:
             return None
@@ -209,7 +210,7 @@ class EmbeddingSpace:
         except (ValueError, IndexError) as exc:
             raise type(exc)(f"{arg}: {exc}") from None
 
-    def _candidates(self, ids: Any, arg: str) -> Optional[torch.Tensor]:
+    def _candidates(self, ids: Any, arg: str) -> torch.Tensor | None:
         """Explicit ids, else the space-wide filter."""
         got = self.to_ids(ids, arg)
         return got if got is not None else self.filter_ids
@@ -306,21 +307,21 @@ class EmbeddingSpace:
         return self._scores(read_scores(self.w.W_U[:, t], self.R), k, f"W_U[:, {self.token_str(t)}]", tokens)
 
     # -- vocab x vocab circuits -----------------------------------------------------------------
-    def ov(self, layer: int, head: int) -> "VocabMatrix":
+    def ov(self, layer: int, head: int) -> VocabMatrix:
         """OV circuit of a head in vocabulary space: ``R W_V W_O W`` (rows source, columns output)."""
         layer, head = self._layer(layer), self._head(head)
         A = self.R @ self.w.W_V_layer(layer)[head]
         B = self.w.W_O_layer(layer)[head] @ self.W
         return VocabMatrix(self, A, B, f"OV L{layer}H{head}", "ov", layer, head)
 
-    def qk(self, layer: int, head: int) -> "VocabMatrix":
+    def qk(self, layer: int, head: int) -> VocabMatrix:
         """QK circuit of a head in vocabulary space: ``R W_Q W_K^T R^T`` (rows query, columns key)."""
         layer, head = self._layer(layer), self._head(head)
         A = self.R @ self.w.W_Q_layer(layer)[head]
         B = (self.R @ self.w.W_K_layer(layer)[head]).T
         return VocabMatrix(self, A, B, f"QK L{layer}H{head}", "qk", layer, head)
 
-    def matrix(self, A: torch.Tensor, B: torch.Tensor, label: str = "matrix") -> "VocabMatrix":
+    def matrix(self, A: torch.Tensor, B: torch.Tensor, label: str = "matrix") -> VocabMatrix:
         """Wrap any vocab x vocab product ``A [d_vocab, r] @ B [r, d_vocab]`` (e.g. W_E @ W_U)."""
         return VocabMatrix(self, A, B, label, "custom", None, None)
 
@@ -430,7 +431,7 @@ class VocabMatrix:
     """
 
     def __init__(self, space: EmbeddingSpace, A: torch.Tensor, B: torch.Tensor, label: str, kind: str,
-                 layer: Optional[int], head: Optional[int]):
+                 layer: int | None, head: int | None):
         self.space, self.A, self.B = space, A.contiguous(), B.contiguous()
         self.label, self.kind, self.layer, self.head = label, kind, layer, head
 
@@ -450,7 +451,7 @@ class VocabMatrix:
         return dict(self.space.basis)
 
     def topk_pairs(self, k: int = 10, mode: str = "largest", *, rows: Any = None, cols: Any = None,
-                   exclude_diagonal: bool = False, budget_bytes: Optional[int] = None) -> TokenPairs:
+                   exclude_diagonal: bool = False, budget_bytes: int | None = None) -> TokenPairs:
         """Exact top-k entries (largest, smallest or abs), rows/cols restricted to token sets.
 
         ``rows``/``cols``: ids, token strings, a bool mask or a filter name; default the space's

@@ -14,7 +14,7 @@ For a model b that is model a in a rotated residual basis (``E_b = Q^T E_a``), "
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -63,8 +63,8 @@ class Translator:
         return self.to_frame().to_html(index=False)
 
 
-def translator(space_a: Any, space_b: Any, method: str = "pinv", *, hidden_a: Optional[torch.Tensor] = None,
-               hidden_b: Optional[torch.Tensor] = None) -> Translator:
+def translator(space_a: Any, space_b: Any, method: str = "pinv", *, hidden_a: torch.Tensor | None = None,
+               hidden_b: torch.Tensor | None = None) -> Translator:
     """A translator from ``space_a``'s model to ``space_b``'s (``EmbeddingSpace`` objects).
 
     "lstsq" needs ``hidden_a [n, d_a]`` and ``hidden_b [n, d_b]``: hidden states of both models at

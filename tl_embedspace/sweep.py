@@ -11,8 +11,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ def _write(df, path: Path, fmt: str) -> None:
     os.replace(tmp, path)
 
 
-def sweep_items(space: Any, *, layers: Optional[Sequence[int]] = None, heads: bool = True,
+def sweep_items(space: Any, *, layers: Sequence[int] | None = None, heads: bool = True,
                 neurons: bool = True, circuits: Sequence[str] = ("ov", "qk")) -> list[tuple]:
     """The items a sweep covers: ("ov"|"qk", layer, head) and ("values", layer, None)."""
     layers = list(range(space.n_layers)) if layers is None else [space._layer(l) for l in layers]
@@ -51,7 +52,7 @@ def item_path(out: Path, item: tuple, fmt: str) -> Path:
 
 
 def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, fmt: str = "parquet",
-          layers: Optional[Sequence[int]] = None, heads: bool = True, neurons: bool = True,
+          layers: Sequence[int] | None = None, heads: bool = True, neurons: bool = True,
           progress: bool = True) -> dict:
     """Write the ranking files and ``summary.json``; return the summary (items done, skipped, seconds).
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Union
 
 import torch
 
@@ -86,7 +87,7 @@ def _check_finite(*norms: torch.Tensor) -> None:
         raise ValueError("A, B: factors contain NaN or inf")
 
 
-def as_index(ids: IndexLike, size: int, name: str) -> Optional[torch.Tensor]:
+def as_index(ids: IndexLike, size: int, name: str) -> torch.Tensor | None:
     """Normalise a row/column filter (ids or a bool mask) to sorted unique int64 ids, or None."""
     if ids is None:
         return None
@@ -483,6 +484,6 @@ def materialized_topk(A: torch.Tensor, B: torch.Tensor, k: int, mode: str = "lar
     _check_mode(mode)
     M = A @ B
     key = M.abs() if mode == "abs" else (-M if mode == "smallest" else M)
-    v, flat = torch.topk(key.flatten(), min(k, key.numel()))
+    _, flat = torch.topk(key.flatten(), min(k, key.numel()))
     rows, cols = flat // M.shape[1], flat % M.shape[1]
     return TopkPairsRaw(M[rows, cols], rows, cols)

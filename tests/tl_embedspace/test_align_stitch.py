@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
-from tl_plugins.models import tiny
-
 from tl_embedspace import EmbeddingSpace
 from tl_embedspace.align import align, embedding_correlation, gram_matrices
 from tl_embedspace.stitch import collect_hidden, stitched_forward, translator
+from tl_plugins.models import tiny
 
 
 def rotate(model, Q):

@@ -10,12 +10,11 @@ import torch
 from click.testing import CliRunner
 
 import tl_plugins
-from tl_plugins.cli import build_cli
-from tl_plugins.models import tiny
-
 from tl_embedspace import EmbeddingSpace
 from tl_embedspace.evaluations import hidden_state_overlap, related_pairs
 from tl_embedspace.sweep import sweep, sweep_items
+from tl_plugins.cli import build_cli
+from tl_plugins.models import tiny
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +118,8 @@ def test_bench_quick_on_a_tiny_model():
 
 
 def test_report_section_quick(tied_small):
-    from tl_plugins.report import Report
-
     from tl_embedspace.report import report_section
+    from tl_plugins.report import Report
 
     rep = Report(tied_small, "tiny", options={"quick": True}, progress=False)
     report_section(rep)

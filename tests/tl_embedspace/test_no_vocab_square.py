@@ -12,10 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tl_plugins.models import tiny
-
 from tl_embedspace import EmbeddingSpace
 from tl_embedspace.topk import materialized_topk
+from tl_plugins.models import tiny
 
 V = 400
 
@@ -48,9 +47,8 @@ def space():
 
 def test_guard_catches_a_materialised_product(space):
     ov = space.ov(0, 0)
-    with pytest.raises(AssertionError, match="allocated"):
-        with VocabSquareGuard(V):
-            materialized_topk(ov.A, ov.B, 5)
+    with pytest.raises(AssertionError, match="allocated"), VocabSquareGuard(V):
+        materialized_topk(ov.A, ov.B, 5)
 
 
 def test_nothing_vocab_square_is_allocated(space):

@@ -19,7 +19,7 @@ def run(smollm2):
     g = torch.Generator().manual_seed(0)
     half = torch.randint(1000, 20000, (1, T), generator=g)
     toks = torch.cat([half, half], 1)
-    names = lambda n: n.endswith("hook_pattern") or n.endswith("hook_z")  # noqa: E731
+    names = lambda n: n.endswith("hook_pattern") or n.endswith("hook_z")
     with torch.no_grad():
         _, cache = smollm2.run_with_cache(toks, names_filter=names)
     L, H = smollm2.cfg.n_layers, smollm2.cfg.n_heads

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import tl_plugins
+from tl_embedspace import EmbeddingSpace, ProcessedWeightsWarning
 from tl_plugins.errors import UnsupportedModelError
 from tl_plugins.models import tiny
 from tl_plugins.weights import record_processing
-
-from tl_embedspace import EmbeddingSpace, ProcessedWeightsWarning
 
 
 def dense_topk(M, k, mode="largest"):

@@ -107,7 +107,7 @@ def test_top1_diag_accuracy_matches_dense():
     B = A.T.clone() + 0.3 * torch.randn(6, 80, generator=g)
     M = A @ B
     expected = (M.argmax(dim=1) == torch.arange(80)).float().mean().item()
-    acc, hit = top1_diag_accuracy(A, B, budget_bytes=2000)
+    acc, _ = top1_diag_accuracy(A, B, budget_bytes=2000)
     assert acc == pytest.approx(expected)
     torch.testing.assert_close(diag_product(A, B), M.diag())
     sub = [1, 5, 9, 30, 70]
