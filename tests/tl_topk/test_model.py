@@ -37,7 +37,7 @@ def test_chunked_route_at_k_n_matches_within_1e6(model, tokens):
 
 
 def test_sparse_model_chunked_equals_hooked_dense_route(model, tokens):
-    with tl_plugins.enabled(model, "topk", k=3, ff_k=5):
+    with tl_plugins.enabled(model, "topk", k=3, ff_k=5, backend="chunked"):
         fast = model(tokens)
         hooked, cache = model.run_with_cache(tokens)
     torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=0)
@@ -124,7 +124,7 @@ def test_kv_cache_decode_equals_full_forward(llama, tokens):
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     ones = lambda n: torch.ones(tokens.shape[0], n, dtype=torch.long)  # noqa: E731
-    with tl_plugins.enabled(llama, "topk", k=3):
+    with tl_plugins.enabled(llama, "topk", k=3, backend="chunked"):
         full = llama(tokens, attention_mask=ones(tokens.shape[1]))
         cache = TransformerLensKeyValueCache.init_cache(llama.cfg, llama.cfg.device, tokens.shape[0])
         outs = [llama(tokens[:, :10], past_kv_cache=cache, attention_mask=ones(10))]
@@ -135,7 +135,7 @@ def test_kv_cache_decode_equals_full_forward(llama, tokens):
 
 def test_generate_matches_greedy_full_forward(llama):
     prompt = torch.tensor([[5, 17, 3, 44, 8, 9]])
-    with tl_plugins.enabled(llama, "topk", k=2):
+    with tl_plugins.enabled(llama, "topk", k=2, backend="chunked"):
         out = llama.generate(prompt, max_new_tokens=6, do_sample=False, use_past_kv_cache=True, verbose=False,
                            stop_at_eos=False)
         seq = prompt
@@ -152,7 +152,7 @@ def test_padding_chunked_equals_hooked_route(model, tokens, side):
         mask[0, :6] = 0
     else:
         mask[1, -6:] = 0
-    with tl_plugins.enabled(model, "topk", k=3):
+    with tl_plugins.enabled(model, "topk", k=3, backend="chunked"):
         fast = model(tokens, attention_mask=mask)
         hooked, _ = model.run_with_cache(tokens, attention_mask=mask)
     assert not torch.isnan(fast).any()
@@ -225,6 +225,20 @@ def test_composes_with_saelens(tokens):
     model.reset_saes()
     torch.testing.assert_close(model(tokens), plain, atol=0, rtol=0)
     tl_plugins.disable(model, "topk")
+
+
+def test_auto_backend_dense_for_short_chunked_for_long(monkeypatch):
+    import tl_topk.ops.attention as att
+
+    seen = []
+    real = att.chunked_topk_attention
+    monkeypatch.setattr(att, "chunked_topk_attention", lambda *a, **kw: seen.append("chunked") or real(*a, **kw))
+    q = torch.randn(1, 64, 2, 8)
+    short = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True)
+    assert seen == []
+    long = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True, memory_budget=1024)
+    assert seen == ["chunked"]
+    torch.testing.assert_close(short, long, atol=1e-6, rtol=0)
 
 
 def test_deepcopy_of_enabled_model(gpt2, tokens):

@@ -2,8 +2,9 @@
 
 Backends: ``dense`` (oracle, quadratic memory), ``chunked`` (linear memory, any device, the CPU
 path), ``triton`` (GPU kernel: threshold pass + FlashAttention-style pass). ``auto`` takes
-``triton`` on CUDA when it supports the call and ``chunked`` otherwise; the environment variable
-``TL_TOPK_BACKEND`` overrides both ``auto`` and an explicit choice.
+``triton`` on CUDA when it supports the call, ``dense`` when its score matrices fit the memory
+budget, and ``chunked`` otherwise; the environment variable ``TL_TOPK_BACKEND`` overrides both
+``auto`` and an explicit choice.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ BACKENDS = ("auto", "dense", "chunked", "triton")
 ENV_BACKEND = "TL_TOPK_BACKEND"
 
 
-def resolve_backend(backend: str, device: torch.device, triton_ok: bool) -> str:
-    """The backend that will run: env override first, then ``auto`` -> triton on CUDA or chunked."""
+def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_fits: bool = False) -> str:
+    """The backend that will run: env override first; ``auto`` -> triton on CUDA when it supports
+    the call, else dense when its score matrices fit the memory budget (small n: the gathers of the
+    chunked backend cost n k d memory traffic, more than dense matmuls there), else chunked."""
     env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if env:
         if env not in BACKENDS:
@@ -31,7 +34,9 @@ def resolve_backend(backend: str, device: torch.device, triton_ok: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: got {backend!r}; accepted: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if (device.type == "cuda" and triton_ok) else "chunked"
+        if device.type == "cuda" and triton_ok:
+            return "triton"
+        return "dense" if dense_fits else "chunked"
     return backend
 
 
@@ -99,7 +104,9 @@ def topk_attention(
             cache decode step with q_pos = 1 sees every key).
         key_padding_mask: [batch, k_pos] bool/int, true for real tokens.
         scale: multiplier of q.k (default 1/sqrt(d_head)); softcap: c * tanh(s / c) after scaling.
-        backend: "auto", "dense", "chunked" or "triton" (env TL_TOPK_BACKEND overrides).
+        backend: "auto", "dense", "chunked" or "triton" (env TL_TOPK_BACKEND overrides). ``auto``:
+            triton for supported CUDA calls; otherwise dense when ~4 score matrices fit
+            ``memory_budget`` (short sequences), else chunked.
         chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked).
 
     Returns:
@@ -120,7 +127,9 @@ def topk_attention(
     n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device)
     k_rows = k_per_row(spec, n_valid, n_k)
     kk = int(k_rows.max().item())
-    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap))
+    # The dense backend keeps about four [b, h, n_q, n_k] fp32 tensors alive for its backward.
+    dense_fits = b * h * n_q * n_k * 4 * 4 <= memory_budget
+    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap), dense_fits)
     if chosen == "triton":
         triton_kernels.check_available(q)
     if chosen == "dense":
