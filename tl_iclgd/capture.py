@@ -170,16 +170,16 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
             rec = offset + n_q - 1  # recorded position, in the positions of this forward
             store: dict[str, torch.Tensor] = {}
 
-            def keep_out(x, hook):
+            def keep_out(x, hook, store=store, rec=rec):
                 store[hook.name] = x[:, rec].detach()
 
-            def keep_scores(x, hook):
+            def keep_scores(x, hook, store=store, rec=rec):
                 store[hook.name] = x[:, :, rec].detach()  # [B, H, K]
 
-            def keep_pattern(x, hook):
+            def keep_pattern(x, hook, store=store, rec=rec):
                 store[hook.name] = x[:, :, rec].detach()
 
-            def keep_norm(x, hook):
+            def keep_norm(x, hook, store=store, rec=rec):
                 store[hook.name] = x[:, rec].detach()
 
             fwd = []
@@ -219,7 +219,6 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
                 if attn_in is not None:
                     attn_in[idx_t, layer] = _attn_input(
                         model, layer, store[f"blocks.{layer}.ln1.hook_normalized"]).float().cpu()
-            del store
     assert logits_out is not None
     return Capture(attn_out, [s for s in scores_out], logits_out, pattern_out, attn_in)  # type: ignore[misc]
 

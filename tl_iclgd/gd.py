@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -287,7 +287,7 @@ def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_in
         store: dict[str, torch.Tensor] = {}
         fwd = []
         if record_inputs:
-            def keep_norm(x, hook):
+            def keep_norm(x, hook, store=store):
                 store[hook.name] = x.detach()
             fwd += [(f"blocks.{layer}.ln1.hook_normalized", keep_norm) for layer in range(L)]
         with torch.enable_grad():
@@ -300,7 +300,7 @@ def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_in
                 def cut(x, hook):
                     return x.detach()
 
-                def keep_readout(x, hook):
+                def keep_readout(x, hook, store=store):
                     store["readout." + hook.name.split(".")[1]] = x
                 fwd_lc = fwd + [(f"blocks.{layer}.hook_resid_pre", cut) for layer in range(L)]
                 fwd_lc += [(f"blocks.{layer}.hook_{readout}", keep_readout) for layer in range(L)]

@@ -8,7 +8,6 @@ stores default fine-tuning settings: ``tl_plugins.enable(model, "iclgd", lr=1e-3
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 

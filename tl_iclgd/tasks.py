@@ -14,7 +14,7 @@ Built-in tasks (single-token labels on SmolLM2's tokenizer): ``antonyms``, ``cou
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 POSITIONS = ("prompt_end", "first_label_token")
