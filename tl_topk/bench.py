@@ -105,9 +105,38 @@ def peak_extra(fn: Callable, q, k, v, device: str) -> int:
     if device.startswith("cuda"):
         return peak_cuda_extra(run, device)
     gc.collect()
+    exact = _kernel_peak_rss(run)
+    if exact is not None:
+        return exact
     with PeakRSS(interval=0.001) as rss:
         run()
     return rss.peak_extra
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _kernel_peak_rss(run: Callable[[], None]) -> Optional[int]:
+    """Peak resident-set growth of ``run()`` from the kernel's own high-water mark (Linux >= 4.0).
+
+    Writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS, so VmHWM after the run is
+    the exact peak, with no sampling to miss short-lived buffers. None where that is unavailable.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        start = _status_kib("VmRSS")
+        if _status_kib("VmHWM") > start + 1024:  # the reset did not take
+            return None
+    except (OSError, KeyError, ValueError):
+        return None
+    run()
+    return (_status_kib("VmHWM") - start) * 1024
 
 
 def bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device: str, progress=None):
@@ -149,10 +178,7 @@ def _bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device:
     del wq, wk, wv
     for n in (progress(ns, "memory vs n") if progress else ns):
         q, k, v = _inputs(n, device)
-        # The sampler can miss short-lived chunk buffers on a busy CPU: keep the larger of two runs
-        # (one run past 16K, where a run takes minutes and the buffers live longer).
-        runs = 2 if (n <= 16384 and not device.startswith("cuda")) else 1
-        top = max(peak_extra(methods[topk_name], q, k, v, device) for _ in range(runs))
+        top = peak_extra(methods[topk_name], q, k, v, device)
         measured[n] = top
         if n <= dense_max_n:
             dense = peak_extra(methods["dense-math"], q, k, v, device)
