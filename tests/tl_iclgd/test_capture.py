@@ -48,6 +48,8 @@ def test_pattern_check_catches_scores_that_are_not_pre_softmax(llama3):
     with llama3.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", scramble)]):
         with pytest.raises(RuntimeError, match="softmax\\(hook_attn_scores\\) differs"):
             capture(llama3, [], [[1, 2, 3]])
+    # the error left no hook of ours behind
+    assert all(len(hp.fwd_hooks) == 0 for hp in llama3.hook_dict.values())
 
 
 def test_capture_errors(llama3):
