@@ -39,7 +39,7 @@ def sweep_items(space: Any, *, layers: Sequence[int] | None = None, heads: bool 
     items: list[tuple] = []
     for l in layers:
         if heads:
-            items += [(c, l, h) for h in range(space.n_heads) for c in circuits]
+            items += [(c, l, h) for c in circuits for h in range(space.n_heads)]
         if neurons and space.w.d_mlp is not None:
             items.append(("values", l, None))
     return items
@@ -49,6 +49,28 @@ def item_path(out: Path, item: tuple, fmt: str) -> Path:
     kind, l, h = item
     return out / ("heads" if h is not None else "neurons") / (
         f"{kind}_L{l}H{h}.{fmt}" if h is not None else f"{kind}_L{l}.{fmt}")
+
+
+def layer_circuits(space: Any, layer: int, kind: str) -> list:
+    """Every head's OV or QK ``VocabMatrix`` of one layer, built with one product per factor side.
+
+    Same matrices as ``space.ov(layer, h)`` / ``space.qk(layer, h)``; batching the heads turns
+    n_heads thin products with the vocabulary into one (a third of a sweep's time otherwise).
+    """
+    from tl_embedspace.space import VocabMatrix
+
+    w, d = space.w, space.w.d_model
+    H, dh = w.n_heads, w.d_head
+    if kind == "ov":
+        A_all = space.R @ w.W_V_layer(layer).permute(1, 0, 2).reshape(d, H * dh)  # [V, H*dh]
+        B_all = w.W_O_layer(layer).reshape(H * dh, d) @ space.W  # [H*dh, V]
+    elif kind == "qk":
+        A_all = space.R @ w.W_Q_layer(layer).permute(1, 0, 2).reshape(d, H * dh)
+        B_all = (space.R @ w.W_K_layer(layer).permute(1, 0, 2).reshape(d, H * dh)).T
+    else:
+        raise ValueError(f"kind: got {kind!r}; accepted: 'ov' or 'qk'")
+    return [VocabMatrix(space, A_all[:, h * dh:(h + 1) * dh], B_all[h * dh:(h + 1) * dh],
+                        f"{kind.upper()} L{layer}H{h}", kind, layer, h) for h in range(H)]
 
 
 def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, fmt: str = "parquet",
@@ -72,6 +94,7 @@ def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, 
     items = sweep_items(space, layers=layers, heads=heads, neurons=neurons)
     done = skipped = 0
     t0 = time.perf_counter()
+    built: dict = {}  # (kind, layer) -> that layer's circuits, built once
     for item in tqdm(items, desc="embedspace sweep", disable=not progress, file=sys.stderr):
         path = item_path(out, item, fmt)
         if path.exists():
@@ -79,7 +102,9 @@ def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, 
             continue
         kind, l, h = item
         if h is not None:
-            mat = space.ov(l, h) if kind == "ov" else space.qk(l, h)
+            if (kind, l) not in built:
+                built = {(kind, l): layer_circuits(space, l, kind)}  # keep one layer at a time
+            mat = built[(kind, l)][h]
             r = mat.topk_pairs(k)
             df = r.to_frame()
             df.insert(0, "head", h)
