@@ -93,3 +93,16 @@ def test_compare_bad_input(llama3, make_task):
         compare(llama3, task, {"lr": 1})
     with pytest.raises(ValueError, match="num_threads"):
         compare(llama3, task, GDConfig(), num_threads=0)
+
+
+def test_first_label_token_position_records_the_label_token(llama3, make_task):
+    task = make_task(n_demos=3, n_queries=4)
+    res = compare(llama3, task, GDConfig(lr=0.1), methods=("gd",), n_demos=3, n_queries=4,
+                  position="first_label_token", kendall=True)
+    assert res.settings["position"] == "first_label_token"
+    end = compare(llama3, task, GDConfig(lr=0.1), methods=("gd",), n_demos=3, n_queries=4, kendall=False)
+    a = res.to_frame().set_index("metric")["mean"]
+    b = end.to_frame().set_index("metric")["mean"]
+    # same predictions (read at the prompt end either way), different recorded activations
+    assert a["ZSL_acc"] == b["ZSL_acc"] and a["ICL_acc"] == b["ICL_acc"]
+    assert a["SimAOU"] != b["SimAOU"]
