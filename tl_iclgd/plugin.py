@@ -176,11 +176,12 @@ def _bench(*, quick: bool, model: str, device: str):
     with PeakRSS() as mem_b:
         t0, c0 = time.perf_counter(), time.process_time()
         base = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,),
-                       baselines=("untrained", "untrained_embeddings"))
+                       baselines=("untrained",) if quick else ("untrained", "untrained_embeddings"))
         t_base, c_base = time.perf_counter() - t0, time.process_time() - c0
     res.add(what="full comparison, trained model (ZSL, ICL, GD, LCGD, all metrics)", seconds=t_full,
             cpu_seconds=c_full, ratio_to_full=1.0, peak_rss_gb=mem.peak / 2**30)
-    res.add(what="same, plus untrained and trained-embeddings baselines", seconds=t_base, cpu_seconds=c_base,
+    res.add(what="same, plus the untrained baseline" if quick else
+            "same, plus untrained and trained-embeddings baselines", seconds=t_base, cpu_seconds=c_base,
             ratio_to_full=t_base / t_full, peak_rss_gb=mem_b.peak / 2**30)
 
     # the phases side by side (medians)
@@ -201,17 +202,19 @@ def _bench(*, quick: bool, model: str, device: str):
         times[what] = median_time(fn, repeat=rep, warmup=0 if quick else 1)
         res.add(what=what, seconds=times[what], cpu_seconds=(time.process_time() - c0) / (rep + (0 if quick else 1)),
                 ratio_to_full=times[what] / t_full, peak_rss_gb=float("nan"))
-    # one thread vs the machine's default, side by side, on the ICL capture
+    # one thread vs the machine's default, side by side, on the ICL capture (skipped when quick)
     t1 = times["ICL capture, prefix KV cache"]
     nthreads = torch.get_num_threads()
     default_threads = max(1, min(2, __import__("os").cpu_count() or 1))
-    torch.set_num_threads(default_threads)
-    try:
-        t2 = median_time(lambda: capture(m, prefix, queries), repeat=rep, warmup=0)
-    finally:
-        torch.set_num_threads(nthreads)
-    res.add(what=f"ICL capture with {default_threads} threads (vs {nthreads} above)", seconds=t2,
-            cpu_seconds=float("nan"), ratio_to_full=t2 / t_full, peak_rss_gb=float("nan"))
+    t2 = float("nan")
+    if not quick:
+        torch.set_num_threads(default_threads)
+        try:
+            t2 = median_time(lambda: capture(m, prefix, queries), repeat=rep, warmup=0)
+        finally:
+            torch.set_num_threads(nthreads)
+        res.add(what=f"ICL capture with {default_threads} threads (vs {nthreads} above)", seconds=t2,
+                cpu_seconds=float("nan"), ratio_to_full=t2 / t_full, peak_rss_gb=float("nan"))
     res.check("full comparison at most 5 minutes" + (" (quick sizes)" if quick else ""), t_full <= 300)
     res.check("peak memory at most 3 GB", mem.peak <= 3 * 2**30)
     res.check("prefix KV cache faster than a full forward per query",
@@ -219,8 +222,9 @@ def _bench(*, quick: bool, model: str, device: str):
     with pd.option_context("display.width", 250, "display.max_columns", 40):
         res.notes.append(f"model {model}, task {getattr(ttask, 'name', task)}, {n_demos} demos, {n_queries} "
                          f"queries, {m.cfg.n_layers} layers, lr {gd.lr}, K/V of every layer, seed 0, "
-                         f"{nthreads} torch thread(s); RSS before the run {rss0 / 2**30:.2f} GB; "
-                         f"1-thread/{default_threads}-thread ICL capture time ratio {t1 / t2:.2f}")
+                         f"{nthreads} torch thread(s); RSS before the run {rss0 / 2**30:.2f} GB"
+                         + ("" if quick else f"; {nthreads}-thread/{default_threads}-thread ICL capture time "
+                            f"ratio {t1 / t2:.2f}"))
         res.notes.append("aggregate (mean over examples, then layers), trained and untrained:\n"
                          + base.table().to_string(index=False))
     res.extra = {"trained": full.to_frame().to_dict(orient="records"),
