@@ -93,3 +93,16 @@ def test_per_head_spec_length_checked():
     with pytest.raises(ValueError, match="one entry per query head"):
         per_head_spec([1, 2], 3)
     assert per_head_spec(torch.tensor([1, 2, 3]), 3) == (1, 2, 3)
+
+
+def test_fractions_that_keep_every_key_count_as_dense():
+    """ceil(0.9999 * n) == n for n < 10000: such a fraction must hand the call to the dense path,
+    which is what keeps TransformerLens's own allclose-tolerance tests passing (conformance)."""
+    from tl_topk.ops.selection import k_per_row, spec_covers_all
+
+    for f, n_k in [(0.9999, 20), (0.9999, 9999), (0.5, 1), (0.75, 3)]:
+        n_valid = torch.arange(1, n_k + 1).unsqueeze(0)
+        keeps_all = bool((k_per_row((f,), n_valid, n_k)[0, 0] == n_valid[0]).all())
+        assert spec_covers_all((f,), n_k) == keeps_all
+    assert spec_covers_all((0.9999,), 20) and not spec_covers_all((0.9999,), 10001)
+    assert not spec_covers_all((0.75,), 5)

@@ -111,9 +111,18 @@ def k_per_row(spec: tuple, n_valid: torch.Tensor, n_k: int) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
+def _fraction_keeps_every_key(f: float, n_k: int) -> bool:
+    """True when ``ceil(f * n_valid)`` (the rule of ``k_per_row``) equals ``n_valid`` for every
+    ``n_valid`` in 1..n_k, so a fraction below 1 still selects every valid key of every row."""
+    n = torch.arange(1, max(n_k, 1) + 1, dtype=torch.float64)
+    return bool((torch.ceil(n * f - _FRACTION_EPS) >= n).all())
+
+
 def spec_covers_all(spec: tuple, n_k: int) -> bool:
-    """True when every head keeps at least ``n_k`` keys in every row (top-k equals dense)."""
-    return all(e is None or (isinstance(e, float) and e >= 1.0) or (isinstance(e, int) and e >= n_k)
+    """True when every head keeps every valid key in every row (top-k equals dense), for rows of
+    up to ``n_k`` keys: then the caller can hand the call to the bit-exact dense path."""
+    return all(e is None or (isinstance(e, float) and (e >= 1.0 or _fraction_keeps_every_key(e, n_k)))
+               or (isinstance(e, int) and e >= n_k)
                for e in spec)
 
 
