@@ -90,6 +90,9 @@ def hf_to_hooked(hf_model: Any, tokenizer: Any = None, *, processed: bool = Fals
             model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
         else:
             _load_unprocessed(model, state_dict)
+    # init_weights=False only skipped a random init that loading overwrote; restore the default so
+    # HookedTransformer(model.cfg) elsewhere (e.g. an untrained baseline) is initialised again.
+    cfg.init_weights = True
     model.to(device)
     model.eval()
     record_processing(model, **flags)
