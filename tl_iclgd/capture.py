@@ -31,6 +31,8 @@ def _kv_cache_classes():
     except ImportError:  # transformer-lens 2.x names
         from transformer_lens.past_key_value_caching import (  # type: ignore
             HookedTransformerKeyValueCache as Cache,
+        )
+        from transformer_lens.past_key_value_caching import (
             HookedTransformerKeyValueCacheEntry as Entry,
         )
     return Cache, Entry

@@ -281,8 +281,9 @@ def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDCo
                            batch_size=batch_size, kendall=kendall, progress=progress)
         finally:
             torch.set_num_threads(before)
-    import pandas as pd
     from dataclasses import replace
+
+    import pandas as pd
 
     if gd is None:
         gd = _active_config(model)

@@ -27,7 +27,6 @@ from typing import Optional
 
 import torch
 
-
 # -- cosine with NaN for zero vectors ---------------------------------------------------------------
 
 def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float = 0.0) -> torch.Tensor:

@@ -91,7 +91,7 @@ def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, basel
         gd = GDConfig(lr=lr, params=params, loss=loss, readout=readout)
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     except ValueError as exc:
-        raise click.BadParameter(str(exc))
+        raise click.BadParameter(str(exc)) from exc
     if threads < 1:
         raise click.BadParameter(f"got {threads}; accepted: an int >= 1", param_hint="--threads")
     model = models.load(model_name)

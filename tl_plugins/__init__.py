@@ -17,6 +17,7 @@ import pluggy
 
 hookimpl = pluggy.HookimplMarker("tl_plugins")
 
+from tl_plugins import models  # noqa: E402,F401
 from tl_plugins.api import active, disable, enable, enabled, list_plugins  # noqa: E402
 from tl_plugins.errors import (  # noqa: E402
     ModelFetchError,
@@ -34,8 +35,6 @@ from tl_plugins.plugins import (  # noqa: E402
     unregister_plugin,
 )
 from tl_plugins.weights import Processing, WeightView, weights  # noqa: E402
-
-from tl_plugins import models  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

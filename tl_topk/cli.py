@@ -14,7 +14,8 @@ def _parse_k(values):
         try:
             k = int(v)
         except ValueError:
-            raise click.BadParameter(f"got {v!r}; accepted: integers >= 1 or 'n' (dense)", param_hint="--k")
+            raise click.BadParameter(f"got {v!r}; accepted: integers >= 1 or 'n' (dense)",
+                                     param_hint="--k") from None
         if k < 1:
             raise click.BadParameter(f"got {v!r}; accepted: integers >= 1 or 'n' (dense)", param_hint="--k")
         out.append(k)

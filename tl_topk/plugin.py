@@ -4,7 +4,6 @@ the ``tl-plugins topk`` commands, the ``topk`` benchmark and the report section.
 from __future__ import annotations
 
 from tl_plugins import hookimpl
-
 from tl_topk import integration
 from tl_topk.config import TopKConfig
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tl_plugins.models import tiny
 from tl_iclgd.tasks import TokenizedTask
+from tl_plugins.models import tiny
 
 
 @pytest.fixture(scope="module")

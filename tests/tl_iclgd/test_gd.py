@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 
-from tl_plugins.models import tiny
 from tl_iclgd.gd import GDConfig, finetune, select_params
-
+from tl_plugins.models import tiny
 
 
 def _state(model):

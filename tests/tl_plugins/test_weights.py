@@ -70,7 +70,7 @@ def test_layer_out_of_range_and_attn_only():
         w.W_Q_layer(2)
     attn_only = tiny.build(tiny.TINY_GPT2, attn_only=True)
     with pytest.raises(UnsupportedModelError, match="attention-only"):
-        tl_plugins.weights(attn_only).W_in
+        _ = tl_plugins.weights(attn_only).W_in
 
 
 def test_bridge_is_detected_and_refused():

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tl_topk import topk_attention
-from tl_topk.ops import triton_kernels
 
 CPU_BACKENDS = ["chunked"]
 
@@ -125,7 +124,7 @@ def test_gradcheck_float64(causal):
     v = torch.randn(1, 7, 2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     pad = torch.tensor([[0, 1, 1, 1, 1, 1, 1]]).bool()
     for backend in ["dense", "chunked"]:
-        def f(q, k, v):
+        def f(q, k, v, backend=backend):
             return topk_attention(q, k, v, 3, causal=causal, key_padding_mask=pad, softcap=2.0,
                                   backend=backend, chunk_size=4)
         assert torch.autograd.gradcheck(f, (q, k, v))

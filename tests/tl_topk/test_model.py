@@ -62,7 +62,7 @@ def test_hook_contract_under_run_with_cache(model, tokens):
     torch.testing.assert_close(cache["attn_scores", 0], dense_cache["attn_scores", 0])
     for name in ["hook_q", "hook_k", "hook_v"]:
         assert torch.equal(cache[f"blocks.0.attn.{name}"], dense_cache[f"blocks.0.attn.{name}"])
-    assert {f"blocks.1.attn.hook_z", "blocks.1.hook_attn_out"} <= set(cache.keys())
+    assert {"blocks.1.attn.hook_z", "blocks.1.hook_attn_out"} <= set(cache.keys())
 
 
 def test_model_attention_matches_functional_oracle(llama, tokens):
@@ -198,7 +198,7 @@ def test_ff_topk_identity_at_d_mlp_and_sparsity_below(model, tokens):
 
 
 def test_composes_with_saelens(tokens):
-    sae_lens = pytest.importorskip("sae_lens")
+    pytest.importorskip("sae_lens")
     from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig
 
     with torch.random.fork_rng():
