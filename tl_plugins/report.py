@@ -74,7 +74,9 @@ def model_card_section(report: Report) -> None:
         ("n_key_value_heads", view.n_kv_heads), ("d_head", cfg.d_head), ("d_mlp", cfg.d_mlp),
         ("d_vocab", cfg.d_vocab), ("n_ctx", cfg.n_ctx), ("act_fn", cfg.act_fn),
         ("normalization", cfg.normalization_type), ("positional", cfg.positional_embedding_type),
-        ("parameters", f"{n_params:,}"), ("dtype", str(cfg.dtype)),
+        ("parameters", f"{n_params:,}" + (
+            f" ({n_params - model.W_U.numel():,} with the tied W_U counted once)" if view.tied else "")),
+        ("dtype", str(cfg.dtype)),
         ("weight processing", view.processing.describe()),
         ("tied embeddings", view.tied),
         ("load time (s)", f"{report.options.get('load_seconds', float('nan')):.2f}"),
