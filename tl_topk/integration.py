@@ -20,7 +20,7 @@ import torch
 from tl_topk.config import TopKConfig
 from tl_topk.ops.attention import ENV_BACKEND, topk_attention
 from tl_topk.ops.feedforward import check_activation, topk_activation
-from tl_topk.ops.selection import spec_covers_all, topk_keep_mask, validate_k_value
+from tl_topk.ops.selection import k_per_row, spec_covers_all, topk_keep_mask, validate_k_value
 
 PLUGIN = "topk"
 
@@ -35,18 +35,10 @@ def scores_transform(spec: tuple):
     def transform(scores: torch.Tensor) -> torch.Tensor:
         n_k = scores.shape[-1]
         with torch.no_grad():
-            n_valid = (scores > float("-inf")).sum(-1)  # [b, h, q]
-            rows = []
-            for h, entry in enumerate(spec):
-                nv = n_valid[:, h]
-                if entry is None:
-                    rows.append(torch.full_like(nv, max(n_k, 1)))
-                elif isinstance(entry, float):
-                    kf = torch.ceil(nv.to(torch.float64) * entry - 1e-9).to(torch.long)
-                    rows.append(kf.clamp(min=1, max=max(n_k, 1)))
-                else:
-                    rows.append(torch.full_like(nv, min(entry, max(n_k, 1))))
-            keep = topk_keep_mask(scores.detach(), torch.stack(rows, dim=1))
+            n_valid = (scores > float("-inf")).sum(-1)  # [b, h, q]: per head, hooks may edit heads apart
+            k_rows = torch.stack(
+                [k_per_row((entry,), n_valid[:, h], n_k)[:, 0] for h, entry in enumerate(spec)], dim=1)
+            keep = topk_keep_mask(scores.detach(), k_rows)
             valid = scores > float("-inf")
         if bool((keep == valid).all()):
             return scores
