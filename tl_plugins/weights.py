@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Optional
 
 import torch
@@ -98,7 +99,11 @@ class WeightView:
         self._backend = _backends.detect(model)
         self._model = model
         self.cfg = model.cfg
-        self.processing = _infer_processing(model)
+
+    @cached_property
+    def processing(self) -> Processing:
+        """How the weights were processed; read off W_E/W_U on first access only (a vocab-sized scan)."""
+        return _infer_processing(self._model)
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
