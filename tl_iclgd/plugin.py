@@ -159,7 +159,7 @@ def _bench(*, quick: bool, model: str, device: str):
     from tl_iclgd.gd import GDConfig, finetune
     from tl_iclgd.tasks import get_task, tokenize_task
     from tl_plugins import models
-    from tl_plugins.bench import BenchResult, PeakRSS, _rss_bytes, device_description, median_time
+    from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time, rss_bytes
 
     n_demos, n_queries = (4, 8) if quick else (16, 50)
     m = models.load(model, device=device) if model == "smollm2-135m" else models.load(model)
@@ -168,7 +168,7 @@ def _bench(*, quick: bool, model: str, device: str):
     gd = GDConfig(lr=DEFAULT_LR)
     res = BenchResult("iclgd", device=device_description(device))
     gc.collect()
-    rss0 = _rss_bytes()
+    rss0 = rss_bytes()
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         full = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,))

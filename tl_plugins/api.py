@@ -130,7 +130,8 @@ def enabled(model: Any, name: str, **config: Any) -> Iterator[Any]:
         yield cfg
     finally:
         if previous is not None:
-            enable(model, name, **{f.name: getattr(previous, f.name) for f in dataclasses.fields(previous)})
+            enable(model, name, **{f.name: getattr(previous, f.name)
+                                   for f in dataclasses.fields(previous) if f.init})
         else:
             disable(model, name)
 

@@ -96,7 +96,8 @@ def median_time(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, sync
     return statistics.median(times)
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """Resident memory of this process now (bytes)."""
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -120,20 +121,20 @@ class PeakRSS:
 
     def __enter__(self) -> "PeakRSS":
         gc.collect()
-        self.start = self.peak = _rss_bytes()
+        self.start = self.peak = rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, rss_bytes())
 
     @property
     def peak_extra(self) -> int:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_plugins.errors import UnsupportedModelError
+from tl_plugins.plugins import get_plugin_manager
 from tl_plugins.state import ModelState, get_state, set_instance_attr
 
 SEAM_OWNER_ATTN = "__attention_seam__"
@@ -211,8 +212,6 @@ def _seam_forward(
     position_bias=None,
 ):
     """Per-instance replacement of ``AbstractAttention.forward`` (see the module docstring)."""
-    from tl_plugins.plugins import get_plugin_manager
-
     seam = self.__dict__["_tl_plugins_seam"]
     q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
     if past_kv_cache_entry is not None:
@@ -300,8 +299,6 @@ class _SeamActFn:
         self.state = state
 
     def __call__(self, pre: torch.Tensor) -> torch.Tensor:
-        from tl_plugins.plugins import get_plugin_manager
-
         call = MLPActivationCall(self.mlp, self.layer, pre, self.original, self.state)
         out = get_plugin_manager().hook.tl_plugins_mlp_activation(call=call)
         return self.original(pre) if out is None else out

@@ -46,7 +46,8 @@ def bench_load(*, quick: bool = False, model: str = "smollm2-135m", device: str 
             shutil.copy(gguf, os.path.join(tmp, "smollm2-135m", gguf.name))
             s, rss = _timed_load(model, env_cold)
             res.add(model=model, cache="cold (convert GGUF)", seconds=round(s, 2), peak_rss_gb=round(rss / 2**30, 2))
-    smollm2.ensure_hf_folder() if model == "smollm2-135m" else None
+    if model == "smollm2-135m":
+        smollm2.ensure_hf_folder()
     times = []
     for _ in range(1 if quick else 3):
         s, rss = _timed_load(model, env)
