@@ -30,7 +30,7 @@ def untrained_like(model: Any, keep: str = "none", seed: int = 0):
 
     cfg = copy.deepcopy(model.cfg)
     cfg.seed = None  # HookedTransformerConfig(seed=...) would reseed the global RNG
-    cfg.init_weights = True  # loaders set False (weights come from a file): torch.empty would stay garbage
+    cfg.init_weights = True  # a cfg built for loading may say False: torch.empty would stay garbage
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
