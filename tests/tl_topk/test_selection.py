@@ -65,6 +65,24 @@ def test_ties_go_to_smaller_index():
     assert sorted(idx[0].tolist()) == [0, 1, 2]
 
 
+def test_select_many_tied_rows_in_blocks():
+    """Most rows tie at their boundary, so the tie path runs over several blocks of rows; rows
+    without a tie keep torch.topk's own answer. Every row against the brute-force rule."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 6, (3, 40, 50), generator=g).float()
+    s[:, ::5] = torch.randn(3, 8, 50, generator=g)  # some rows with distinct scores
+    s[0, 3, 10:] = NEG
+    k_rows = torch.randint(1, 12, (3, 40), generator=g)
+    v, idx = topk_select(s, k_rows, 11)
+    for b in range(3):
+        for r in range(40):
+            row = s[b, r].tolist()
+            chosen = {int(j) for j, x in zip(idx[b, r].tolist(), v[b, r].tolist()) if x != NEG}
+            assert chosen == brute_keep(row, int(k_rows[b, r])), (b, r)
+            kept = v[b, r][v[b, r] != NEG]
+            assert torch.equal(kept, s[b, r, idx[b, r][v[b, r] != NEG]])
+
+
 def test_count_valid_causal_with_padding_and_offset():
     pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
     got = count_valid(3, 5, True, pad, 2, "cpu")  # queries at key positions 2, 3, 4

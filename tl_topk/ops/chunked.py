@@ -68,8 +68,10 @@ class ChunkedTopKAttention(torch.autograd.Function):
         capped = (torch.full((b, h_kv, g, n_q, kk), float("-inf"), dtype=compute, device=q.device)
                   if softcap is not None else None)
         out = torch.zeros(b, h_kv, g, n_q, dv, dtype=compute, device=q.device)
-        # Score buffer, its mask and topk temporaries dominate: ~4 copies of [b, h, rows, n_k].
-        rows = chunk_rows(b * h * n_k * 4 * 4, n_q, budget, chunk_size)
+        # Per query row: the score buffer, its mask and topk temporaries (~4 copies of [b, h, n_k])
+        # and the gathered V rows with their flat indices ([b, h, kk, dv] + [b, h, kk] int64). The
+        # gather matters where n_k is small next to kk * dv.
+        rows = chunk_rows(b * h * (n_k * 4 * 4 + kk * (dv * 4 + 8)), n_q, budget, chunk_size)
         # K transposed once, [b, h_kv, d, n_k]; each chunk is one batched matmul over (b, h_kv) with the
         # group's query heads stacked as rows, so K is neither repeated nor broadcast-copied.
         kt = kh.to(compute).transpose(-1, -2).contiguous()
