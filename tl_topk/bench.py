@@ -256,13 +256,23 @@ def _oom(exc: BaseException) -> bool:
 def bench_gpu(result: BenchResult, device: str, ns, k_top: int = 32, paper_max_n: int = 16384):
     """Part 4 (CUDA only): 12 heads x 64, bf16 and fp32, causal, batch 1, forward + backward.
 
-    Triton top-k vs SDPA (flash / memory-efficient) vs the paper-style implementation; each time and
+    Triton and flex top-k vs SDPA (flash / memory-efficient) vs the paper-style implementation; each time and
     peak extra memory is a ratio to SDPA measured in the same run. Out-of-memory is recorded, not raised.
     """
+    import torch._dynamo
+
     from tl_topk.analysis import paper_style_topk
 
+    # 2 dtypes x 6 lengths of compiled FlexAttention: keep dynamo from falling back to eager.
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     methods = _methods(k_top, device)
-    fns = {"topk-triton": methods["topk-triton"], "sdpa-flash": methods["sdpa-flash"],
+    fns = {"topk-triton": methods["topk-triton"],
+           # the second GPU path: threshold pass + compiled FlexAttention, budget sized for a GPU
+           "topk-flex": lambda q, k, v: topk_attention(q, k, v, k_top, causal=True, backend="flex",
+                                                       memory_budget=1 << 30),
+           "sdpa-flash": methods["sdpa-flash"],
            "paper-style": lambda q, k, v: paper_style_topk(q, k, v, k_top, causal=True)}
     for dtype in (torch.bfloat16, torch.float32):
         for n in ns:

@@ -38,7 +38,7 @@ def topk_group() -> None:
 @click.option("--tokens", "n_tokens", default=1024, show_default=True, type=click.IntRange(min=2),
               help="Tokens of the stdlib Python docs text to score.")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "dense", "chunked", "triton"]), help="Attention backend.")
+              type=click.Choice(["auto", "dense", "chunked", "triton", "flex"]), help="Attention backend.")
 @click.option("--ff-rule", default="value", show_default=True, type=click.Choice(["value", "magnitude"]),
               help="Feed-forward selection: largest pre-activations (paper) or largest |act(pre)|.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
@@ -81,10 +81,11 @@ def backends_cmd() -> None:
 
     import torch
 
-    from tl_topk.ops import triton_kernels
+    from tl_topk.ops import flex, triton_kernels
 
     click.echo(f"TL_TOPK_BACKEND={os.environ.get('TL_TOPK_BACKEND', '') or '(unset)'}")
     click.echo("dense    available (oracle; used whenever hook_attn_scores/hook_pattern are hooked)")
     click.echo("chunked  available (linear memory; auto on CPU)")
     click.echo(f"triton   {triton_kernels.availability()}")
+    click.echo(f"flex     {flex.availability()}")
     click.echo(f"cuda     {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")

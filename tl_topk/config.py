@@ -71,7 +71,7 @@ class TopKConfig:
         ff_rule: "value" (keep the largest pre-activations, the paper's rule) or "magnitude" (keep the
             largest |act(pre)|).
         layers: only these layers get top-k (attention and feed-forward); None = all.
-        backend: "auto", "dense", "chunked" or "triton" (env TL_TOPK_BACKEND overrides).
+        backend: "auto", "dense", "chunked", "triton" or "flex" (env TL_TOPK_BACKEND overrides).
         chunk_size: query rows per chunk for the chunked backend (None: from ``memory_budget_mb``).
         memory_budget_mb: transient buffer budget per chunk, MiB.
     """

@@ -107,6 +107,12 @@ def check_model(model: Any, cfg: TopKConfig) -> None:
         from tl_topk.ops import triton_kernels
 
         triton_kernels.check_available(torch.empty(0, device=mcfg.device))
+    if (env or cfg.backend) == "flex":
+        from tl_topk.ops import flex
+
+        reason = flex.unsupported_reason(torch.empty(0, device=mcfg.device, dtype=mcfg.dtype))
+        if reason is not None:
+            raise ValueError(f"backend='flex': {reason}; accepted here: auto, dense, chunked")
 
 
 __all__ = ["attention", "mlp_activation", "check_model", "scores_transform", "validate_k_value"]

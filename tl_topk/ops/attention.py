@@ -1,10 +1,11 @@
 """``topk_attention``: the one functional op, its input checks and the backend choice.
 
 Backends: ``dense`` (oracle, quadratic memory), ``chunked`` (linear memory, any device, the CPU
-path), ``triton`` (GPU kernel: threshold pass + FlashAttention-style pass). ``auto`` takes
-``triton`` on CUDA when it supports the call, ``dense`` when its score matrices fit the memory
-budget, and ``chunked`` otherwise; the environment variable ``TL_TOPK_BACKEND`` overrides both
-``auto`` and an explicit choice.
+path), ``triton`` (GPU kernel: threshold pass + FlashAttention-style pass), ``flex`` (threshold
+pass + FlexAttention with a threshold ``score_mod``; the second GPU path). ``auto`` takes
+``triton`` on CUDA when it supports the call, else ``flex`` on CUDA, else ``dense`` when its score
+matrices fit the memory budget, and ``chunked`` otherwise; the environment variable
+``TL_TOPK_BACKEND`` overrides both ``auto`` and an explicit choice.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
 from tl_topk.ops.dense import dense_topk_attention
 from tl_topk.ops.selection import KSpec, count_valid, k_per_row, per_head_spec
 
-BACKENDS = ("auto", "dense", "chunked", "triton")
+BACKENDS = ("auto", "dense", "chunked", "triton", "flex")
 ENV_BACKEND = "TL_TOPK_BACKEND"
 
 
-def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_fits: bool = False) -> str:
+def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_fits: bool = False,
+                    flex_ok: bool = False) -> str:
     """The backend that will run: env override first; ``auto`` -> triton on CUDA when it supports
-    the call, else dense when its score matrices fit the memory budget (small n: the gathers of the
-    chunked backend cost n k d memory traffic, more than dense matmuls there), else chunked."""
+    the call, else flex on CUDA (soft-capping, k > 128, other head sizes), else dense when its score
+    matrices fit the memory budget (small n: the gathers of the chunked backend cost n k d memory
+    traffic, more than dense matmuls there), else chunked."""
     env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if env:
         if env not in BACKENDS:
@@ -36,6 +39,8 @@ def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_f
     if backend == "auto":
         if device.type == "cuda" and triton_ok:
             return "triton"
+        if device.type == "cuda" and flex_ok:
+            return "flex"
         return "dense" if dense_fits else "chunked"
     return backend
 
@@ -104,10 +109,12 @@ def topk_attention(
             cache decode step with q_pos = 1 sees every key).
         key_padding_mask: [batch, k_pos] bool/int, true for real tokens.
         scale: multiplier of q.k (default 1/sqrt(d_head)); softcap: c * tanh(s / c) after scaling.
-        backend: "auto", "dense", "chunked" or "triton" (env TL_TOPK_BACKEND overrides). ``auto``:
-            triton for supported CUDA calls; otherwise dense when ~4 score matrices fit
-            ``memory_budget`` (short sequences), else chunked.
-        chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked).
+        backend: "auto", "dense", "chunked", "triton" or "flex" (env TL_TOPK_BACKEND overrides).
+            ``auto``: triton for supported CUDA calls, else flex on CUDA; otherwise dense when ~4
+            score matrices fit ``memory_budget`` (short sequences), else chunked. ``flex`` on CPU
+            runs forward only (FlexAttention has no CPU backward).
+        chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked;
+            flex's threshold pass takes ``memory_budget`` too).
 
     Returns:
         z: [batch, q_pos, n_heads, d_v]. Row i mixes the V rows of its k largest valid scores
@@ -120,7 +127,7 @@ def topk_attention(
     spec = per_head_spec(k_top, h)
     scale = float(scale) if scale is not None else d ** -0.5
     softcap = float(softcap) if softcap is not None else None
-    from tl_topk.ops import triton_kernels
+    from tl_topk.ops import flex, triton_kernels
 
     if n_k == 0 or n_q == 0:
         return q.new_zeros(b, n_q, h, v.shape[3])
@@ -129,7 +136,8 @@ def topk_attention(
     kk = int(k_rows.max().item())
     # The dense backend keeps about four [b, h, n_q, n_k] fp32 tensors alive for its backward.
     dense_fits = b * h * n_q * n_k * 4 * 4 <= memory_budget
-    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap), dense_fits)
+    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap), dense_fits,
+                             flex.supports(q))
     if chosen == "triton":
         triton_kernels.check_available(q)
     if chosen == "dense":
@@ -139,6 +147,9 @@ def topk_attention(
         return triton_kernels.triton_topk_attention(q, k, v, k_rows, kk, causal=causal,
                                                     key_padding_mask=key_padding_mask, scale=scale,
                                                     softcap=softcap)
+    if chosen == "flex":
+        return flex.flex_topk_attention(q, k, v, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
+                                        scale=scale, softcap=softcap, memory_budget=memory_budget)
     return chunked_topk_attention(q, k, v, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
                                   scale=scale, softcap=softcap, chunk_size=chunk_size,
                                   memory_budget=memory_budget)

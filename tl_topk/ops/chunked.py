@@ -48,6 +48,39 @@ def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> N
     out.view(-1, out.shape[-1]).index_put_((rows,), src.reshape(-1, out.shape[-1]), accumulate=True)
 
 
+def chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute):
+    """Scores of query rows ``q0:q1``: ``(k_end, s)`` with ``s`` [b, h_kv, g, q1 - q0, k_end] scaled,
+    soft-capped, causal and padding masks at -inf (keys from ``k_end`` on are masked for every row
+    of the chunk), or ``None`` when no row of the chunk sees any key.
+
+    ``qh`` [b, h_kv, g, n_q, d] (query head h = kv head h // g, member h % g); ``kt`` [b, h_kv, d,
+    n_k] in ``compute`` dtype (K transposed once by the caller); query row i sits at key position
+    i + ``offset``. One batched matmul over (b, h_kv) with the group's query heads stacked as rows,
+    so K is neither repeated nor broadcast-copied.
+    """
+    b, h_kv, g, _, d = qh.shape
+    n_k = kt.shape[-1]
+    k_end = min(n_k, q1 + offset) if causal else n_k
+    if k_end <= 0:
+        return None
+    c = q1 - q0
+    # Scale q (O(rows d)) rather than the scores (O(rows n)).
+    qc = (qh[:, :, :, q0:q1].to(compute) * scale).reshape(b, h_kv, g * c, d)
+    s = (qc @ kt[..., :k_end]).view(b, h_kv, g, c, k_end)
+    if softcap is not None:
+        s.div_(softcap).tanh_().mul_(softcap)
+    if causal:
+        # Keys before the chunk's first query position are visible to every row: mask only the
+        # diagonal band.
+        lo = max(0, q0 + offset)
+        band = valid_mask(torch.arange(q0, q1, device=qh.device) + offset, k_end, True, None)
+        s[..., lo:k_end].masked_fill_(~band[..., lo:k_end].unsqueeze(1), float("-inf"))
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, :k_end].to(device=qh.device, dtype=torch.bool)
+        s.masked_fill_(~pad[:, None, None, None, :], float("-inf"))
+    return k_end, s
+
+
 class ChunkedTopKAttention(torch.autograd.Function):
     """z = top-k attention (see ``tl_topk.topk_attention``) with O(n k) saved state."""
 
@@ -72,29 +105,14 @@ class ChunkedTopKAttention(torch.autograd.Function):
         # and the gathered V rows with their flat indices ([b, h, kk, dv] + [b, h, kk] int64). The
         # gather matters where n_k is small next to kk * dv.
         rows = chunk_rows(b * h * (n_k * 4 * 4 + kk * (dv * 4 + 8)), n_q, budget, chunk_size)
-        # K transposed once, [b, h_kv, d, n_k]; each chunk is one batched matmul over (b, h_kv) with the
-        # group's query heads stacked as rows, so K is neither repeated nor broadcast-copied.
-        kt = kh.to(compute).transpose(-1, -2).contiguous()
+        kt = kh.to(compute).transpose(-1, -2).contiguous()  # [b, h_kv, d, n_k]
         for q0 in range(0, n_q, rows):
             q1 = min(n_q, q0 + rows)
-            k_end = min(n_k, q1 + offset) if causal else n_k
-            if k_end <= 0:
+            scored = chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute)
+            if scored is None:
                 continue  # every row of this chunk is fully masked: zeros
-            # Scale q (O(rows d)) rather than the scores (O(rows n)).
-            c = q1 - q0
-            qc = (qh[:, :, :, q0:q1].to(compute) * scale).reshape(b, h_kv, g * c, d)
-            s = (qc @ kt[..., :k_end]).view(b, h_kv, g, c, k_end)
-            if softcap is not None:
-                s.div_(softcap).tanh_().mul_(softcap)
-            if causal:
-                # Keys before the chunk's first query position are visible to every row: mask only
-                # the diagonal band.
-                lo = max(0, q0 + offset)
-                band = valid_mask(torch.arange(q0, q1, device=q.device) + offset, k_end, True, None)
-                s[..., lo:k_end].masked_fill_(~band[..., lo:k_end].unsqueeze(1), float("-inf"))
-            if key_padding_mask is not None:
-                pad = key_padding_mask[:, :k_end].to(device=q.device, dtype=torch.bool)
-                s.masked_fill_(~pad[:, None, None, None, :], float("-inf"))
+            k_end, s = scored
+            del scored
             kc = min(kk, k_end)
             vals, idx = topk_select(s, kr[:, :, :, q0:q1], kc)
             del s
