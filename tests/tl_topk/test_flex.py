@@ -101,10 +101,14 @@ def test_flex_ties_go_to_smaller_index():
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CUDA has a FlexAttention backward")
-def test_flex_backward_on_cpu_is_refused_clearly():
+def test_flex_backward_on_cpu_is_refused_clearly_and_no_grad_runs():
     q = torch.randn(1, 8, 2, 16, requires_grad=True)
     with pytest.raises(RuntimeError, match="backend='flex'.*no backward on CPU.*chunked"):
         topk_attention(q, q.detach(), q.detach(), 2, causal=True, backend="flex")
+    with torch.no_grad():  # leaves that require grad, under no_grad: forward runs
+        out = topk_attention(q, q, q, 2, causal=True, backend="flex")
+        ref = topk_attention(q, q, q, 2, causal=True, backend="dense")
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="FlexAttention has no backward on CPU")

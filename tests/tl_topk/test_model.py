@@ -44,6 +44,24 @@ def test_sparse_model_chunked_equals_hooked_dense_route(model, tokens):
     assert (fast - model(tokens)).abs().max() > 1e-3  # top-k really changed the model
 
 
+@pytest.mark.parametrize("backend", ["dense", "chunked"])
+def test_plugin_equals_plain_transformerlens_hook(model, tokens, backend):
+    """Independent oracle: the unmodified model with a plain TransformerLens hook that keeps each
+    row's k largest entries of hook_attn_scores (random scores: no ties)."""
+    k = 4
+
+    def keep_top_k(scores, hook):
+        kth = scores.topk(min(k, scores.shape[-1]), dim=-1).values[..., -1:]
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+    with torch.no_grad():
+        ref = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_attn_scores"), keep_top_k)])
+        with tl_plugins.enabled(model, "topk", k=k, backend=backend):
+            out = model(tokens)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert (out - model(tokens)).abs().max() > 1e-3
+
+
 def test_hook_contract_under_run_with_cache(model, tokens):
     _, dense_cache = model.run_with_cache(tokens)
     with tl_plugins.enabled(model, "topk", k=3):

@@ -78,6 +78,9 @@ def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale,
         raise RuntimeError(
             f"backend='flex' on {q.device}: FlexAttention has no backward on CPU in torch "
             f"{torch.__version__}; use backend='chunked' for gradients on CPU, or run under torch.no_grad()")
+    if q.device.type != "cuda":
+        # FlexAttention refuses CPU inputs that require grad even under no_grad.
+        q, k, v = q.detach(), k.detach(), v.detach()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, n_q, h, _ = q.shape
