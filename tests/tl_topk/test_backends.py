@@ -105,6 +105,43 @@ def test_chunked_equals_dense_forward_and_backward(c):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
 
 
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.data())
+def test_heads_mixing_dense_and_topk_equal_dense_forward_and_backward(c, data):
+    """Per-head specs with dense heads (None, k >= n): those heads go through SDPA, the rest through
+    the chunked backend; whole and partial K/V groups, padding with fully masked rows."""
+    h = c["h_kv"] * c["g"]
+    entries = st.sampled_from([None, 1, 2, 0.5, c["n_k"], c["n_k"] + 1])
+    c = dict(c, k_top=tuple(data.draw(st.lists(entries, min_size=h, max_size=h))), softcap=None)
+    q, k, v, pad = make(c)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    ref = run("dense", q, k, v, c, pad)
+    out = run("chunked", q, k, v, c, pad, chunk_size=c["chunk"])
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    w = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    for a, e in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
+
+
+def test_dense_heads_do_not_make_the_chunked_backend_quadratic():
+    """A layer with one top-2 head among dense heads: nothing autograd saves is O(n^2)."""
+    n, h = 256, 6
+    q = torch.randn(1, n, h, 16, requires_grad=True)
+    k = torch.randn(1, n, 3, 16, requires_grad=True)
+    v = torch.randn(1, n, 3, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = topk_attention(q, k, v, (None, 2, None, None, None, None), causal=True, backend="chunked")
+    # linear: nothing larger than q (the dense heads' q/out, n x k for the top-k head); one head's
+    # n x n scores alone would be 65536 elements, and the unsplit call saved 6 x n x n
+    assert max(saved) <= q.numel() < n * n, max(saved)
+    ref = topk_attention(q, k, v, (None, 2, None, None, None, None), causal=True, backend="dense")
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
 @settings(max_examples=25, deadline=None)
 @given(cases())
 def test_dense_oracle_equals_brute_force(c):

@@ -17,7 +17,8 @@ import torch
 
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
 from tl_topk.ops.dense import dense_topk_attention
-from tl_topk.ops.selection import KSpec, count_valid, k_per_row, per_head_spec
+from tl_topk.ops.mixed import full_attention, mixed_heads_attention
+from tl_topk.ops.selection import KSpec, count_valid, k_per_row, per_head_spec, spec_covers_all
 
 BACKENDS = ("auto", "dense", "chunked", "triton", "flex")
 ENV_BACKEND = "TL_TOPK_BACKEND"
@@ -140,6 +141,19 @@ def topk_attention(
                              flex.supports(q))
     if chosen == "triton":
         triton_kernels.check_available(q)
+    dense_heads = [i for i, e in enumerate(spec) if spec_covers_all((e,), n_k)]
+    if chosen != "dense" and dense_heads and softcap is None:
+        # Heads that keep every key need no selection: SDPA runs them (linear memory when causal
+        # and square); only the top-k heads reach the backend, with their own k (see ops/mixed.py).
+        if len(dense_heads) == h:
+            return full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+
+        def sparse_fn(qs, ks, vs, sub_spec):
+            return topk_attention(qs, ks, vs, sub_spec, causal=causal, key_padding_mask=key_padding_mask,
+                                  scale=scale, backend=backend, chunk_size=chunk_size, memory_budget=memory_budget)
+
+        return mixed_heads_attention(q, k, v, spec, dense_heads, causal=causal, key_padding_mask=key_padding_mask,
+                                     scale=scale, sparse_fn=sparse_fn)
     if chosen == "dense":
         return dense_topk_attention(q, k, v, spec, causal=causal, key_padding_mask=key_padding_mask,
                                     scale=scale, softcap=softcap)
