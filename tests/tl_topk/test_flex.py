@@ -170,3 +170,14 @@ def test_model_with_flex_backend_equals_dense_backend(llama, tokens):
             _, cache = llama.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert set(cache.keys()) == {f"blocks.{i}.attn.hook_z" for i in range(llama.cfg.n_layers)}
+
+
+def test_flex_kv_cache_generation_equals_dense_backend(llama):
+    """Decode steps (one query over a growing cache: the causal offset) through flex."""
+    toks = torch.randint(0, 90, (1, 20), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for backend in ("dense", "flex"):
+        with torch.no_grad(), tl_plugins.enabled(llama, "topk", k=4, backend=backend):
+            outs.append(llama.generate(toks, max_new_tokens=8, do_sample=False, use_past_kv_cache=True,
+                                       stop_at_eos=False, verbose=False))
+    assert torch.equal(outs[0], outs[1])
