@@ -42,6 +42,10 @@ def _case(b, n_q, n_k, h, h_kv, seed, d=16):
     (1, 17, 17, 2, 2, 17, False, "right"),     # k = n: dense
     (1, 24, 24, 2, 1, 1, True, None),          # k = 1: hard attention
     (1, 16, 16, 2, 2, 0.3, True, None),        # fraction of valid keys
+    # several query and key tiles (16 x 16 in the interpreter): the running top-k merges across tiles
+    (1, 64, 64, 3, 1, 5, True, "left"),        # 4 x 4 tiles, causal tile skipping, GQA 3:1
+    (1, 40, 40, 2, 2, 20, False, "right"),     # k = 20 -> 32-wide key tiles, non-causal
+    (1, 9, 61, 2, 1, 7, True, None),           # decode-like offset over 4 key tiles
 ])
 def test_triton_equals_dense_forward_and_backward(b, n_q, n_k, h, h_kv, k_top, causal, padding):
     q, k, v = _case(b, n_q, n_k, h, h_kv, seed=n_q + n_k)
