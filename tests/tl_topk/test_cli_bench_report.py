@@ -100,3 +100,36 @@ def test_smollm2_topk_32_close_to_dense(smollm2):
         sparse = perplexity(smollm2, tokens)
     assert sparse != dense
     assert abs(sparse / dense - 1) < 0.03
+
+
+def test_gpu_benchmark_bookkeeping_with_cpu_stand_ins(monkeypatch):
+    """Part 4 has never run here (no GPU): run its loop on CPU with stand-ins for the CUDA pieces, so
+    the ratios, checks and out-of-memory handling it prints are exercised. The stand-in 'sdpa' is
+    the dense math path, the kernels are the chunked backend, memory is a fixed fake figure."""
+    import tl_topk.bench as bench
+    from tl_plugins.bench import BenchResult
+
+    real_topk = bench.topk_attention
+
+    def topk_on_cpu(q, k, v, k_top, **kw):
+        kw["backend"] = "chunked"
+        kw.pop("memory_budget", None)
+        return real_topk(q, k, v, k_top, **kw)
+
+    def paper_style_runs_out(q, k, v, k_top, causal):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(bench, "topk_attention", topk_on_cpu)
+    monkeypatch.setattr(bench, "_methods", lambda k_top, device: {
+        "topk-triton": lambda q, k, v: topk_on_cpu(q, k, v, k_top, causal=True),
+        "sdpa-flash": bench.dense_math_attention})
+    monkeypatch.setattr(bench, "peak_cuda_extra", lambda run, device: (run(), 2**20)[1])
+    monkeypatch.setattr(bench, "median_time", lambda fn, **kw: (fn(), 0.5)[1])
+    monkeypatch.setattr("tl_topk.analysis.paper_style_topk", paper_style_runs_out)
+    result = BenchResult("topk-gpu", device="cpu stand-in")
+    bench.bench_gpu(result, "cpu", [64], k_top=8)
+    methods = {r["method"] for r in result.rows}
+    assert methods == {f"{m} {dt}" for m in ("topk-triton", "topk-flex", "sdpa-flash") for dt in ("bfloat16", "float32")}
+    assert all(r["ratio_to_baseline"] == 1.0 and r["memory_ratio_to_sdpa"] == 1.0 for r in result.rows)
+    assert sum("triton fwd+bwd <= 2x SDPA" in c for c in result.checks) == 2
+    assert sum("paper-style ran out of memory" in n for n in result.notes) == 2
