@@ -62,6 +62,27 @@ def test_plugin_equals_plain_transformerlens_hook(model, tokens, backend):
     assert (out - model(tokens)).abs().max() > 1e-3
 
 
+def test_ff_topk_equals_plain_transformerlens_hooks(model, tokens):
+    """Independent oracle for ff_k: one hook records each token's k largest hook_pre indices (the gate
+    for gated MLPs), another multiplies hook_post by that mask."""
+    k = 5
+    store = {}
+
+    def record(pre, hook):
+        store[hook.layer()] = pre.topk(k, dim=-1).indices
+
+    def mask_post(post, hook):
+        return post * torch.zeros_like(post, dtype=torch.bool).scatter_(-1, store[hook.layer()], True)
+
+    with torch.no_grad():
+        ref = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("mlp.hook_pre"), record),
+                                                      (lambda n: n.endswith("mlp.hook_post"), mask_post)])
+        with tl_plugins.enabled(model, "topk", ff_k=k):
+            out = model(tokens)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert (out - model(tokens)).abs().max() > 1e-3
+
+
 def test_hook_contract_under_run_with_cache(model, tokens):
     _, dense_cache = model.run_with_cache(tokens)
     with tl_plugins.enabled(model, "topk", k=3):
