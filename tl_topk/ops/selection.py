@@ -171,6 +171,18 @@ def topk_select(scores: torch.Tensor, k_rows: torch.Tensor, kk: int):
     return vals, idx
 
 
+def flagged_row_blocks(flags: torch.Tensor, n: int, block_elements: Optional[int] = None):
+    """Yield int64 index tensors of the rows (of ``flags.reshape(-1)``) that are flagged, in blocks of
+    at most ``block_elements`` scores of ``n`` keys (default: an eighth of all rows' scores), so work
+    on rare rows stays a fraction of the score buffer even when many are flagged."""
+    rows = flags.reshape(-1).nonzero().squeeze(-1)
+    if block_elements is None:
+        block_elements = max(n, flags.numel() * n // 8)
+    step = max(1, block_elements // max(n, 1))
+    for r0 in range(0, rows.numel(), step):
+        yield rows[r0:r0 + step]
+
+
 def _resolve_ties(scores, kr, kk, ambiguous, vals, idx, block_elements: int | None = None):
     """Redo the selection of the rows where a tie straddles the k boundary (``torch.topk`` may have
     kept any of the tied keys), under the rule: only those rows, a block of them at a time.
@@ -183,13 +195,8 @@ def _resolve_ties(scores, kr, kk, ambiguous, vals, idx, block_elements: int | No
     n = scores.shape[-1]
     flat_s = scores.reshape(-1, n)
     flat_k = kr.reshape(-1)
-    rows = ambiguous.reshape(-1).nonzero().squeeze(-1)
     vals, idx = vals.reshape(-1, kk).clone(), idx.reshape(-1, kk).clone()
-    if block_elements is None:
-        block_elements = max(n, flat_s.numel() // 8)
-    step = max(1, block_elements // max(n, 1))
-    for r0 in range(0, rows.numel(), step):
-        r = rows[r0:r0 + step]
+    for r in flagged_row_blocks(ambiguous, n, block_elements):
         sub = flat_s.index_select(0, r)
         keep = topk_keep_mask(sub, flat_k.index_select(0, r))
         v, i = torch.topk(sub.masked_fill_(~keep, float("-inf")), kk, dim=-1, sorted=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunk_rows, chunk_scores
+from tl_topk.ops.selection import flagged_row_blocks
 
 
 @torch.no_grad()
@@ -85,15 +86,10 @@ def _tie_boundaries(s, kth, k_rows, tied, block_elements: int | None = None):
     order, where r = k - (keys strictly above ``kth``). A block of rows at a time."""
     n = s.shape[-1]
     flat_s = s.reshape(-1, n)
-    rows = tied.reshape(-1).nonzero().squeeze(-1)
     t_tie = torch.full(tied.shape, float("nan"), dtype=s.dtype, device=s.device).reshape(-1)
     t_idx = torch.full(tied.shape, -1, dtype=torch.int32, device=s.device).reshape(-1)
     kth_f, kr_f = kth.reshape(-1), k_rows.reshape(-1)
-    if block_elements is None:
-        block_elements = max(n, flat_s.numel() // 8)
-    step = max(1, block_elements // max(n, 1))
-    for r0 in range(0, rows.numel(), step):
-        r = rows[r0:r0 + step]
+    for r in flagged_row_blocks(tied, n, block_elements):
         sub = flat_s.index_select(0, r)
         t = kth_f.index_select(0, r).unsqueeze(-1)
         need = kr_f.index_select(0, r) - (sub > t).sum(-1)  # tied keys the row still takes, >= 1
