@@ -22,10 +22,22 @@ INT64_MIN = -(2**63)
 
 
 @triton.jit
-def _scores(q, K, k_base, offs_n, offs_d, n_k, stride_kn, stride_kd, scale, PREC: tl.constexpr):
+def _scores(q, K, k_base, offs_n, offs_d, n_k, stride_kn, stride_kd, scale, cap, PREC: tl.constexpr,
+            SOFTCAP: tl.constexpr):
     kt = tl.load(K + k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=offs_n[None, :] < n_k, other=0.0)
-    return tl.dot(q, kt, input_precision=PREC, out_dtype=tl.float32) * scale
+    s = tl.dot(q, kt, input_precision=PREC, out_dtype=tl.float32) * scale
+    if SOFTCAP:
+        s = cap * (2.0 * tl.sigmoid(2.0 * s / cap) - 1.0)  # cap * tanh(s / cap)
+    return s
+
+
+@triton.jit
+def _cap_slope(ds, s, cap, SOFTCAP: tl.constexpr):
+    """d(score) from d(capped score): times 1 - tanh^2 = 1 - (s / cap)^2, s the capped score."""
+    if SOFTCAP:
+        ds = ds * (1.0 - (s / cap) * (s / cap))
+    return ds
 
 
 @triton.jit
@@ -50,9 +62,10 @@ def _valid(offs_m, offs_n, n_q, n_k, offset, PAD, pad_base, HAS_PAD: tl.constexp
 @triton.jit
 def _threshold_kernel(Q, K, PAD, KROWS, THR,
                       sqb, sqn, sqh, sqd, skb, skn, skh, skd,
-                      n_q, n_k, offset, H, G, scale,
+                      n_q, n_k, offset, H, G, scale, cap,
                       HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -68,7 +81,7 @@ def _threshold_kernel(Q, K, PAD, KROWS, THR,
         hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + offset)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, PREC)
+        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
         valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, b * n_k, HAS_PAD, CAUSAL)
         packed = tl.where(valid, _pack(s, offs_n), INT64_MIN)
         merged = tl.sort(tl.reshape(tl.join(best, packed), [BLOCK_M, 2 * BLOCK_N]), dim=1, descending=True)
@@ -82,9 +95,10 @@ def _threshold_kernel(Q, K, PAD, KROWS, THR,
 @triton.jit
 def _fwd_kernel(Q, K, V, PAD, THR, O, LSE,
                 sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-                n_q, n_k, offset, H, G, scale,
+                n_q, n_k, offset, H, G, scale, cap,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -104,7 +118,7 @@ def _fwd_kernel(Q, K, V, PAD, THR, O, LSE,
         hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + offset)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, PREC)
+        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
         valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, b * n_k, HAS_PAD, CAUSAL)
         keep = valid & (_pack(s, offs_n) >= thr[:, None])
         s = tl.where(keep, s, float("-inf"))
@@ -127,9 +141,10 @@ def _fwd_kernel(Q, K, V, PAD, THR, O, LSE,
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, PAD, THR, LSE, DELTA, DO, DQ,
                    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-                   n_q, n_k, offset, H, G, scale,
+                   n_q, n_k, offset, H, G, scale, cap,
                    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -150,14 +165,14 @@ def _bwd_dq_kernel(Q, K, V, PAD, THR, LSE, DELTA, DO, DQ,
         hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + offset)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, PREC)
+        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
         valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, b * n_k, HAS_PAD, CAUSAL)
         keep = valid & (_pack(s, offs_n) >= thr[:, None])
         p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         vt = tl.load(V + v_base + offs_n[None, :] * svn + offs_d[:, None] * svd,
                      mask=offs_n[None, :] < n_k, other=0.0)
         dp = tl.dot(do, vt, input_precision=PREC, out_dtype=tl.float32)
-        ds = p * (dp - delta[:, None])
+        ds = _cap_slope(p * (dp - delta[:, None]), s, cap, SOFTCAP)
         k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=offs_n[:, None] < n_k, other=0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC, out_dtype=tl.float32)
@@ -167,9 +182,10 @@ def _bwd_dq_kernel(Q, K, V, PAD, THR, LSE, DELTA, DO, DQ,
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, PAD, THR, LSE, DELTA, DO, DK, DV,
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-                     n_q, n_k, offset, H, G, HKV, scale,
+                     n_q, n_k, offset, H, G, HKV, scale, cap,
                      HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                     BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                     SOFTCAP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -197,13 +213,13 @@ def _bwd_dkdv_kernel(Q, K, V, PAD, THR, LSE, DELTA, DO, DK, DV,
             thr = tl.load(THR + row + offs_m, mask=offs_m < n_q, other=0)
             lse = tl.load(LSE + row + offs_m, mask=offs_m < n_q, other=float("inf"))
             delta = tl.load(DELTA + row + offs_m, mask=offs_m < n_q, other=0.0)
-            s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, PREC)
+            s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
             valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, b * n_k, HAS_PAD, CAUSAL)
             keep = valid & (_pack(s, offs_n) >= thr[:, None])
             p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC, out_dtype=tl.float32)
             dp = tl.dot(do, vt, input_precision=PREC, out_dtype=tl.float32)
-            ds = p * (dp - delta[:, None])
+            ds = _cap_slope(p * (dp - delta[:, None]), s, cap, SOFTCAP)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC, out_dtype=tl.float32)
     out_k = b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
     out_v = b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
@@ -222,7 +238,7 @@ class TritonTopKAttention(torch.autograd.Function):
     """Top-k attention with the threshold pass and FlashAttention-style forward and backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_rows, kk, causal, key_padding_mask, scale):
+    def forward(ctx, q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap=None):
         b, n_q, h, d = q.shape
         n_k, h_kv = k.shape[1], k.shape[2]
         g = h // h_kv
@@ -238,19 +254,21 @@ class TritonTopKAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         offset = n_k - n_q
         grid = (triton.cdiv(n_q, block_m), b * h)
-        common = dict(HAS_PAD=has_pad, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, D=d, PREC=prec)
+        cap = float(softcap) if softcap is not None else 1.0
+        common = dict(HAS_PAD=has_pad, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, D=d, PREC=prec,
+                      SOFTCAP=softcap is not None)
         _threshold_kernel[grid](q, k, pad, krows, thr, *q.stride(), *k.stride(), n_q, n_k, offset, h, g,
-                                scale, **common)
+                                scale, cap, **common)
         _fwd_kernel[grid](q, k, v, pad, thr, out, lse, *q.stride(), *k.stride(), *v.stride(),
-                          n_q, n_k, offset, h, g, scale, **common)
+                          n_q, n_k, offset, h, g, scale, cap, **common)
         ctx.save_for_backward(q, k, v, pad, thr, lse, out)
-        ctx.meta = (causal, has_pad, scale, block_m, block_n, prec)
+        ctx.meta = (causal, has_pad, scale, cap, softcap is not None, block_m, block_n, prec)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, pad, thr, lse, out = ctx.saved_tensors
-        causal, has_pad, scale, block_m, block_n, prec = ctx.meta
+        causal, has_pad, scale, cap, has_cap, block_m, block_n, prec = ctx.meta
         b, n_q, h, d = q.shape
         n_k, h_kv = k.shape[1], k.shape[2]
         g = h // h_kv
@@ -260,10 +278,11 @@ class TritonTopKAttention(torch.autograd.Function):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         offset = n_k - n_q
-        common = dict(HAS_PAD=has_pad, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, D=d, PREC=prec)
+        common = dict(HAS_PAD=has_pad, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, D=d, PREC=prec,
+                      SOFTCAP=has_cap)
         strides = (*q.stride(), *k.stride(), *v.stride())
         _bwd_dq_kernel[(triton.cdiv(n_q, block_m), b * h)](
-            q, k, v, pad, thr, lse, delta, do, dq, *strides, n_q, n_k, offset, h, g, scale, **common)
+            q, k, v, pad, thr, lse, delta, do, dq, *strides, n_q, n_k, offset, h, g, scale, cap, **common)
         _bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * h_kv)](
-            q, k, v, pad, thr, lse, delta, do, dk, dv, *strides, n_q, n_k, offset, h, g, h_kv, scale, **common)
-        return dq, dk, dv, None, None, None, None, None
+            q, k, v, pad, thr, lse, delta, do, dk, dv, *strides, n_q, n_k, offset, h, g, h_kv, scale, cap, **common)
+        return dq, dk, dv, None, None, None, None, None, None

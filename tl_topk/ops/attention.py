@@ -27,7 +27,7 @@ ENV_BACKEND = "TL_TOPK_BACKEND"
 def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_fits: bool = False,
                     flex_ok: bool = False) -> str:
     """The backend that will run: env override first; ``auto`` -> triton on CUDA when it supports
-    the call, else flex on CUDA (soft-capping, k > 128, other head sizes), else dense when its score
+    the call, else flex on CUDA (k > 128, other head sizes), else dense when its score
     matrices fit the memory budget (small n: the gathers of the chunked backend cost n k d memory
     traffic, more than dense matmuls there), else chunked."""
     env = os.environ.get(ENV_BACKEND, "").strip().lower()

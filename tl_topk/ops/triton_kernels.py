@@ -46,8 +46,6 @@ def check_available(q: torch.Tensor) -> None:
 
 def unsupported_reason(q: torch.Tensor, kk: int, softcap) -> str | None:
     """Why the kernel cannot take this call (None when it can)."""
-    if softcap is not None:
-        return "attention soft-capping is not implemented in the kernel"
     if q.shape[-1] not in HEAD_DIMS:
         return f"d_head {q.shape[-1]} is not one of {HEAD_DIMS}"
     if kk > MAX_K:
@@ -70,4 +68,4 @@ def triton_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scal
         raise ValueError(f"backend='triton': {reason}; use backend='chunked'")
     from tl_topk.ops._triton_impl import TritonTopKAttention
 
-    return TritonTopKAttention.apply(q, k, v, k_rows, kk, causal, key_padding_mask, scale)
+    return TritonTopKAttention.apply(q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap)
