@@ -126,28 +126,24 @@ def test_flex_gradients_equal_dense():
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_flex_equals_eager_and_does_not_recompile_per_call():
-    """The compiled path (what CUDA runs) on CPU: same output, and a second call with new inputs and
-    new thresholds (a new score_mod closure) reuses the compiled graph."""
+def test_compiled_flex_equals_dense_and_decode_steps_stop_recompiling():
+    """The compiled path (what CUDA runs) on CPU, over KV-cache decode steps (one query, one more key
+    and a new causal offset each step): equal to dense, and after the first shape change the graph is
+    dynamic, so a third step with new thresholds (a new score_mod closure) compiles nothing."""
     import torch._dynamo
 
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(1)
-    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
-    calls = []
-    for _ in range(2):
-        q, k, v = mk(1, 48, 4, 16), mk(1, 48, 2, 16), mk(1, 48, 2, 16)
-        spec = per_head_spec(5, 4)
-        k_rows = k_per_row(spec, count_valid(48, 48, True, None, 1, DEVICE), 48)
-        with torch.no_grad():
-            compiled = flex.flex_topk_attention(q, k, v, k_rows, 5, causal=True, key_padding_mask=None,
-                                                scale=0.25, softcap=None, compile=True)
-            ref = topk_attention(q, k, v, 5, causal=True, scale=0.25, backend="dense")
-        calls.append((compiled, ref))
-        if len(calls) == 1:
-            torch._dynamo.config.error_on_recompile = True
     try:
-        for compiled, ref in calls:
+        for step, n_k in enumerate((40, 41, 42)):
+            torch._dynamo.config.error_on_recompile = step == 2
+            q = torch.randn(1, 1, 4, 16, generator=g).to(DEVICE)
+            k, v = (torch.randn(1, n_k, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+            k_rows = k_per_row(per_head_spec(5, 4), count_valid(1, n_k, True, None, 1, DEVICE), n_k)
+            with torch.no_grad():
+                compiled = flex.flex_topk_attention(q, k, v, k_rows, 5, causal=True, key_padding_mask=None,
+                                                    scale=0.25, softcap=None, compile=True)
+                ref = topk_attention(q, k, v, 5, causal=True, scale=0.25, backend="dense")
             torch.testing.assert_close(compiled, ref, atol=2e-6, rtol=0)
     finally:
         torch._dynamo.config.error_on_recompile = False

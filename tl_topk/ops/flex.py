@@ -100,11 +100,14 @@ def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale,
     block_mask = None
     if causal or key_padding_mask is not None:
         pad = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
+        # A tensor, not a Python int: the compiled kernel takes it as an input instead of
+        # specialising on it, so decode steps (a new offset each) do not recompile for that.
+        offset_t = torch.tensor(offset, device=q.device)
 
         def mask_mod(bi, hi, qi, ki):
             ok = ki >= 0
             if causal:
-                ok = ok & (ki <= qi + offset)
+                ok = ok & (ki <= qi + offset_t)
             if pad is not None:
                 ok = ok & pad[bi, ki]
             return ok
