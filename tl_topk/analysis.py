@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
@@ -85,10 +85,11 @@ class PerplexitySweep:
 
 def perplexity_sweep(model: Any, tokens: torch.Tensor, ks: Sequence[Any], *, modes: Iterable[str] = MODES,
                      model_name: str = "", progress=None, backend: str = "auto",
-                     ff_rule: str = "value") -> PerplexitySweep:
+                     ff_rule: str = "value", layers: Optional[Sequence[int]] = None) -> PerplexitySweep:
     """Perplexity with top-k attention, top-k feed-forward, or both, for each k in ``ks``.
 
-    ``ks`` entries are ints or ``"n"`` (dense: every key / every unit). The model is left as it was.
+    ``ks`` entries are ints or ``"n"`` (dense: every key / every unit). ``layers`` limits top-k to
+    those layers (the plugin's ``layers=``; None = all). The model is left as it was.
     """
     if tl_plugins.active(model).get("topk") is not None:
         raise ValueError("model: the topk plugin is already enabled; disable it before a sweep")
@@ -103,7 +104,7 @@ def perplexity_sweep(model: Any, tokens: torch.Tensor, ks: Sequence[Any], *, mod
         else:
             opts = {"attention": dict(k=k), "feed-forward": dict(ff_k=k, ff_rule=ff_rule),
                     "both": dict(k=k, ff_k=k, ff_rule=ff_rule)}[mode]
-            with tl_plugins.enabled(model, "topk", backend=backend, **opts):
+            with tl_plugins.enabled(model, "topk", backend=backend, layers=layers, **opts):
                 ppl = perplexity(model, tokens)
         sweep.rows.append(dict(mode=mode, k=str(k) if k == "n" else int(k), perplexity=ppl,
                                ratio=ppl / dense))

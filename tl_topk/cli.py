@@ -27,6 +27,22 @@ def topk_group() -> None:
     """Top-k attention and top-k feed-forward (Gupta et al. 2021) on TransformerLens models."""
 
 
+def _parse_layers(text):
+    """'1-29' -> [1, ..., 29]; '0,3,5' -> [0, 3, 5]; None -> None (all layers)."""
+    if text is None:
+        return None
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            if hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"got {text!r}; accepted: a range like 1-29 or a list like 0,3,5",
+                                 param_hint="--layers") from None
+
+
 @topk_group.command("perplexity")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True,
               help="Model name (see `tl-plugins models`).")
@@ -41,18 +57,21 @@ def topk_group() -> None:
               type=click.Choice(["auto", "dense", "chunked", "triton", "flex"]), help="Attention backend.")
 @click.option("--ff-rule", default="value", show_default=True, type=click.Choice(["value", "magnitude"]),
               help="Feed-forward selection: largest pre-activations (paper) or largest |act(pre)|.")
+@click.option("--layers", "layers_text", default=None,
+              help="Only these layers get top-k: a range '1-29' or a list '0,3,5' (default: all).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
-def perplexity_cmd(model_name, ks, modes, n_tokens, backend, ff_rule, csv_path) -> None:
+def perplexity_cmd(model_name, ks, modes, n_tokens, backend, ff_rule, layers_text, csv_path) -> None:
     """Perplexity of MODEL on the Python docs text vs k (attention, feed-forward, both)."""
     from tqdm.auto import tqdm
 
     import tl_plugins
     from tl_topk.analysis import docs_tokens, perplexity_sweep
 
+    layers = _parse_layers(layers_text)
     model = tl_plugins.models.load(model_name)
     tokens = docs_tokens(model, n_tokens)
     sweep = perplexity_sweep(model, tokens, _parse_k(ks), modes=modes, model_name=model_name, backend=backend,
-                             ff_rule=ff_rule,
+                             ff_rule=ff_rule, layers=layers,
                              progress=lambda it, desc: tqdm(it, desc=desc, leave=False))
     click.echo(f"dense perplexity {sweep.dense:.4f} ({model_name}, {n_tokens} tokens)")
     click.echo(sweep.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))

@@ -31,6 +31,29 @@ def test_cli_perplexity_tiny_model_dense_row_equals_plain_perplexity():
     assert f"dense perplexity {dense:.4f}" in r.output
 
 
+def test_cli_perplexity_layers_matches_a_plain_hook_on_those_layers():
+    """--layers 1: top-2 attention in layer 1 only; the oracle hooks layer 1's hook_attn_scores."""
+    import math
+
+    from tl_topk.analysis import docs_tokens
+
+    r = CliRunner().invoke(build_cli(), ["topk", "perplexity", "--model", "tiny-llama", "--k", "2",
+                                         "--mode", "attention", "--tokens", "40", "--layers", "1"])
+    assert r.exit_code == 0, r.output
+    model = tl_plugins.models.load("tiny-llama")
+    tokens = docs_tokens(model, 40)
+
+    def keep_top2(scores, hook):
+        return scores.masked_fill(scores < scores.topk(2, dim=-1).values[..., -1:], float("-inf"))
+
+    with torch.no_grad():
+        loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[("blocks.1.attn.hook_attn_scores", keep_top2)])
+    row = [line for line in r.output.splitlines() if line.split()[:2] == ["attention", "2"]][0]
+    assert abs(float(row.split()[2]) - math.exp(loss.item())) < 1e-3
+    bad = CliRunner().invoke(build_cli(), ["topk", "perplexity", "--model", "tiny-llama", "--layers", "5-2"])
+    assert bad.exit_code != 0 and "--layers" in bad.output
+
+
 def test_cli_rejects_bad_k():
     r = CliRunner().invoke(build_cli(), ["topk", "perplexity", "--model", "tiny-llama", "--k", "0"])
     assert r.exit_code != 0 and "--k" in r.output
