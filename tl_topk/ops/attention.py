@@ -117,6 +117,10 @@ def topk_attention(
         chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked;
             flex's threshold pass takes ``memory_budget`` too).
 
+    Heads whose k keeps every key (None, k >= k_pos) need no selection: unless the backend is
+    ``dense`` or there is a soft-cap, they run through ``scaled_dot_product_attention`` and only the
+    other heads reach the backend (``tl_topk.ops.mixed``).
+
     Returns:
         z: [batch, q_pos, n_heads, d_v]. Row i mixes the V rows of its k largest valid scores
         (ties to the smaller key index); rows with fewer than k valid keys are dense; rows with no
