@@ -6,7 +6,7 @@
     z = tl_topk.topk_attention(q, k, v, 32, causal=True)  # the functional op, TL layout
 
 Layout: ``ops/`` pure tensor functions (selection rule, dense oracle, chunked autograd op, Triton
-kernel, top-k feed-forward); ``config.py`` and ``integration.py`` (model-aware); ``plugin.py``
+kernel, FlexAttention path, top-k feed-forward); ``config.py`` and ``integration.py`` (model-aware); ``plugin.py``
 (hookimpls); ``cli.py``, ``bench.py``, ``analysis.py``, ``report.py`` on top.
 """
 
