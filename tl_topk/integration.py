@@ -6,8 +6,9 @@ Attention takes one of three routes:
   * the hooked route, ``call.dense(scores_transform=...)``, whenever ``hook_attn_scores`` or
     ``hook_pattern`` is observed or edited (so the hooks see the full masked scores and the sparse
     pattern the model used), and for attention variants the functional op does not model
-    (sliding windows, additive masks, non-causal attention with a padding mask), or ``backend="dense"``;
-  * otherwise the functional op ``topk_attention`` (chunked on CPU, triton on CUDA).
+    (additive masks, non-causal attention with a padding mask), or ``backend="dense"``;
+  * otherwise the functional op ``topk_attention`` (chunked on CPU, triton on CUDA), local
+    (sliding-window) layers included.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ def _hooked_route_needed(call: Any, cfg: TopKConfig) -> bool:
     return (
         backend == "dense"
         or call.scores_hooked()
-        or call.window_size is not None
         or call.additive_attention_mask is not None
         or (not call.causal and call.attention_mask is not None)
     )
@@ -79,7 +79,7 @@ def attention(call: Any) -> Optional[torch.Tensor]:
     return topk_attention(
         call.q, call.k, call.v, spec, causal=call.causal, key_padding_mask=pad, scale=call.scale,
         softcap=call.softcap, backend=cfg.backend, chunk_size=cfg.chunk_size,
-        memory_budget=cfg.memory_budget,
+        memory_budget=cfg.memory_budget, window=call.window_size if call.causal else None,
     )
 
 

@@ -14,7 +14,7 @@ from tl_topk import topk_attention
 CPU_BACKENDS = ["chunked"]
 
 
-def naive(q, k, v, k_top, causal, pad, scale, softcap=None):
+def naive(q, k, v, k_top, causal, pad, scale, softcap=None, window=None):
     """Loop over (batch, head, row): sort keys by (score desc, index asc), softmax over the first k."""
     b, n_q, h, d = q.shape
     n_k, h_kv = k.shape[1], k.shape[2]
@@ -26,6 +26,8 @@ def naive(q, k, v, k_top, causal, pad, scale, softcap=None):
                 cand = []
                 for j in range(n_k):
                     if causal and j > i + n_k - n_q:
+                        continue
+                    if window is not None and j <= i + n_k - n_q - window:
                         continue
                     if pad is not None and not pad[bi, j]:
                         continue
@@ -58,9 +60,10 @@ def cases(draw):
     padding = draw(st.sampled_from(["none", "left", "right", "holes"]))
     chunk = draw(st.integers(1, max(1, n_q + 1)))
     softcap = draw(st.sampled_from([None, None, 1.5]))
+    window = draw(st.sampled_from([None, None, 1, 3])) if causal else None  # sliding-window layers
     seed = draw(st.integers(0, 2**16))
     return dict(b=b, h_kv=h_kv, g=g, d=d, n_k=n_k, n_q=n_q, causal=causal, k_top=k_top,
-                padding=padding, chunk=chunk, softcap=softcap, seed=seed)
+                padding=padding, chunk=chunk, softcap=softcap, window=window, seed=seed)
 
 
 def make(c, dtype=torch.float64):
@@ -84,7 +87,7 @@ def make(c, dtype=torch.float64):
 
 def run(backend, q, k, v, c, pad, **kw):
     return topk_attention(q, k, v, c["k_top"], causal=c["causal"], key_padding_mask=pad,
-                          softcap=c["softcap"], backend=backend, **kw)
+                          softcap=c["softcap"], window=c["window"], backend=backend, **kw)
 
 
 def assert_chunked_equals_dense(q, k, v, c, pad):
@@ -147,7 +150,7 @@ def test_dense_oracle_equals_brute_force(c):
     if isinstance(c["k_top"], float):
         return  # the brute force takes an absolute k
     out = run("dense", q, k, v, c, pad)
-    ref = naive(q, k, v, c["k_top"], c["causal"], pad, q.shape[-1] ** -0.5, c["softcap"])
+    ref = naive(q, k, v, c["k_top"], c["causal"], pad, q.shape[-1] ** -0.5, c["softcap"], c["window"])
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-8)
 
 
@@ -236,14 +239,17 @@ def test_backend_env_override(monkeypatch):
     (dict(backend="flash"), ValueError, "backend"),
     (dict(scale=-1.0), ValueError, "scale"),
     (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(window=0), ValueError, "window: got 0"),
+    (dict(window=2.0), ValueError, "window: got 2.0"),
+    (dict(window=3, causal=False), ValueError, "window: got 3 with causal=False"),
 ])
 def test_bad_arguments(kwargs, exc, match):
     q = torch.randn(1, 3, 2, 4)
-    args = dict(k_top=2)
+    args = dict(k_top=2, causal=True)
     args.update(kwargs)
     k_top = args.pop("k_top")
     with pytest.raises(exc, match=match):
-        topk_attention(q, q, q, k_top, causal=True, **args)
+        topk_attention(q, q, q, k_top, **args)
 
 
 def test_dtype_device_and_shape_mismatches():

@@ -51,21 +51,23 @@ def flex_cases(draw):
     k_top = draw(st.sampled_from([1, 2, 3, max(1, n_k - 1), n_k, n_k + 3, 0.4]))
     padding = draw(st.sampled_from([None, "left", "right", "holes"]))
     softcap = draw(st.sampled_from([None, None, 3.0]))
-    return b, n_q, n_k, h, h_kv, causal, k_top, padding, softcap, draw(st.integers(0, 2**16))
+    window = draw(st.sampled_from([None, None, 1, 4])) if causal else None
+    return b, n_q, n_k, h, h_kv, causal, k_top, padding, softcap, window, draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=40, deadline=None)
 @given(flex_cases())
 def test_flex_forward_equals_dense(case):
-    b, n_q, n_k, h, h_kv, causal, k_top, padding, softcap, seed = case
+    b, n_q, n_k, h, h_kv, causal, k_top, padding, softcap, window, seed = case
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, n_q, h, 16, generator=g).to(DEVICE)
     k = torch.randn(b, n_k, h_kv, 16, generator=g).to(DEVICE)
     v = torch.randn(b, n_k, h_kv, 16, generator=g).to(DEVICE)
     pad = _pad(padding, b, n_k)
     with torch.no_grad():
-        ref = topk_attention(q, k, v, k_top, causal=causal, key_padding_mask=pad, softcap=softcap, backend="dense")
-        out = topk_attention(q, k, v, k_top, causal=causal, key_padding_mask=pad, softcap=softcap, backend="flex")
+        kw = dict(causal=causal, key_padding_mask=pad, softcap=softcap, window=window)
+        ref = topk_attention(q, k, v, k_top, backend="dense", **kw)
+        out = topk_attention(q, k, v, k_top, backend="flex", **kw)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
 

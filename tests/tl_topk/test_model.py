@@ -83,6 +83,31 @@ def test_ff_topk_equals_plain_transformerlens_hooks(model, tokens):
     assert (out - model(tokens)).abs().max() > 1e-3
 
 
+def test_local_attention_layers_take_the_fast_route_and_match_oracles(tokens):
+    """A GPT-Neo-like model (global, then local attention with a window of 5): the chunked route
+    equals the hooked route and a plain hook on hook_attn_scores (which already carries the window)."""
+    model = tiny.build(tiny.TINY_GPT2, seed=3, use_local_attn=True, attn_types=["global", "local"], window_size=5)
+    assert model.blocks[1].attn.attn_type == "local"
+    ref = model(tokens)
+
+    def keep_top3(scores, hook):
+        return scores.masked_fill(scores < scores.topk(3, dim=-1).values[..., -1:], float("-inf"))
+
+    with torch.no_grad():
+        oracle = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_attn_scores"), keep_top3)])
+        with tl_plugins.enabled(model, "topk", k=3, backend="chunked"):
+            fast = model(tokens)
+            hooked, cache = model.run_with_cache(tokens)
+        with tl_plugins.enabled(model, "topk", k=4, layers=[1], backend="chunked"):
+            window_covered = model(tokens)  # k = 4 < n, but the window keeps at most 5 keys per row
+    torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast, oracle, atol=1e-5, rtol=0)
+    assert int((cache["pattern", 1] > 0).sum(-1).max()) <= 3
+    assert (window_covered - ref).abs().max() > 1e-4  # 5 keys in the window, 4 kept: it changes
+    with tl_plugins.enabled(model, "topk", k=5, layers=[1], backend="chunked"):
+        torch.testing.assert_close(model(tokens), ref, atol=1e-5, rtol=0)  # k = window: dense again
+
+
 def test_hook_contract_under_run_with_cache(model, tokens):
     _, dense_cache = model.run_with_cache(tokens)
     with tl_plugins.enabled(model, "topk", k=3):

@@ -83,6 +83,20 @@ def test_select_many_tied_rows_in_blocks():
             assert torch.equal(kept, s[b, r, idx[b, r][v[b, r] != NEG]])
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 6), st.sampled_from([None, 1, 2, 5]), st.booleans(),
+       st.integers(0, 2**16))
+def test_count_valid_equals_the_mask_it_describes(n_k, n_q_less, window, padded, seed):
+    """count_valid (cumulative sums) against valid_mask (explicit comparisons), sliding windows included."""
+    from tl_topk.ops.dense import valid_mask
+
+    n_q = max(1, n_k - n_q_less)
+    pad = (torch.rand(2, n_k, generator=torch.Generator().manual_seed(seed)) > 0.3) if padded else None
+    got = count_valid(n_q, n_k, True, pad, 2, "cpu", window)
+    mask = valid_mask(torch.arange(n_q) + n_k - n_q, n_k, True, pad, window)
+    assert torch.equal(got, mask.expand(2, 1, n_q, n_k).sum(-1)[:, 0])
+
+
 def test_count_valid_causal_with_padding_and_offset():
     pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
     got = count_valid(3, 5, True, pad, 2, "cpu")  # queries at key positions 2, 3, 4

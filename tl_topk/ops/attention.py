@@ -46,7 +46,7 @@ def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_f
     return backend
 
 
-def _check_inputs(q, k, v, key_padding_mask, scale, softcap):
+def _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal=True, window=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -81,6 +81,12 @@ def _check_inputs(q, k, v, key_padding_mask, scale, softcap):
         raise ValueError(f"scale: got {scale!r}; accepted: a positive float or None (1/sqrt(d_head))")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap: got {softcap!r}; accepted: a positive float or None")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window: got {window!r}; accepted: an int >= 1 (sliding-window size) or None")
+        if not causal:
+            raise ValueError(f"window: got {window!r} with causal=False; a sliding window is causal: "
+                             "pass causal=True or window=None")
 
 
 def topk_attention(
@@ -96,6 +102,7 @@ def topk_attention(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Top-k attention in TransformerLens layout; differentiable.
 
@@ -110,6 +117,8 @@ def topk_attention(
             cache decode step with q_pos = 1 sees every key).
         key_padding_mask: [batch, k_pos] bool/int, true for real tokens.
         scale: multiplier of q.k (default 1/sqrt(d_head)); softcap: c * tanh(s / c) after scaling.
+        window: sliding-window (local) attention, causal only: query at key position p sees keys
+            p - window < j <= p (TransformerLens's local attention layers).
         backend: "auto", "dense", "chunked", "triton" or "flex" (env TL_TOPK_BACKEND overrides).
             ``auto``: triton for supported CUDA calls, else flex on CUDA; otherwise dense when ~4
             score matrices fit ``memory_budget`` (short sequences), else chunked. ``flex`` on CPU
@@ -126,7 +135,7 @@ def topk_attention(
         (ties to the smaller key index); rows with fewer than k valid keys are dense; rows with no
         valid key are zero.
     """
-    _check_inputs(q, k, v, key_padding_mask, scale, softcap)
+    _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal, window)
     b, n_q, h, d = q.shape
     n_k = k.shape[1]
     spec = per_head_spec(k_top, h)
@@ -136,12 +145,12 @@ def topk_attention(
 
     if n_k == 0 or n_q == 0:
         return q.new_zeros(b, n_q, h, v.shape[3])
-    n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device)
+    n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device, window)
     k_rows = k_per_row(spec, n_valid, n_k)
     kk = int(k_rows.max().item())
     # The dense backend keeps about four [b, h, n_q, n_k] fp32 tensors alive for its backward.
     dense_fits = b * h * n_q * n_k * 4 * 4 <= memory_budget
-    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap), dense_fits,
+    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap, window), dense_fits,
                              flex.supports(q))
     if chosen == "triton":
         triton_kernels.check_available(q)
@@ -150,24 +159,26 @@ def topk_attention(
         # Heads that keep every key need no selection: SDPA runs them (linear memory when causal
         # and square); only the top-k heads reach the backend, with their own k (see ops/mixed.py).
         if len(dense_heads) == h:
-            return full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+            return full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                  window=window)
 
         def sparse_fn(qs, ks, vs, sub_spec):
             return topk_attention(qs, ks, vs, sub_spec, causal=causal, key_padding_mask=key_padding_mask,
-                                  scale=scale, backend=backend, chunk_size=chunk_size, memory_budget=memory_budget)
+                                  scale=scale, backend=backend, chunk_size=chunk_size, memory_budget=memory_budget,
+                                  window=window)
 
         return mixed_heads_attention(q, k, v, spec, dense_heads, causal=causal, key_padding_mask=key_padding_mask,
-                                     scale=scale, sparse_fn=sparse_fn)
+                                     scale=scale, sparse_fn=sparse_fn, window=window)
     if chosen == "dense":
         return dense_topk_attention(q, k, v, spec, causal=causal, key_padding_mask=key_padding_mask,
-                                    scale=scale, softcap=softcap)
+                                    scale=scale, softcap=softcap, window=window)
     if chosen == "triton":
         return triton_kernels.triton_topk_attention(q, k, v, k_rows, kk, causal=causal,
                                                     key_padding_mask=key_padding_mask, scale=scale,
-                                                    softcap=softcap)
+                                                    softcap=softcap, window=window)
     if chosen == "flex":
         return flex.flex_topk_attention(q, k, v, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
-                                        scale=scale, softcap=softcap, memory_budget=memory_budget)
+                                        scale=scale, softcap=softcap, memory_budget=memory_budget, window=window)
     return chunked_topk_attention(q, k, v, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
                                   scale=scale, softcap=softcap, chunk_size=chunk_size,
-                                  memory_budget=memory_budget)
+                                  memory_budget=memory_budget, window=window)

@@ -48,10 +48,10 @@ def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> N
     out.view(-1, out.shape[-1]).index_put_((rows,), src.reshape(-1, out.shape[-1]), accumulate=True)
 
 
-def chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute):
+def chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute, window=None):
     """Scores of query rows ``q0:q1``: ``(k_end, s)`` with ``s`` [b, h_kv, g, q1 - q0, k_end] scaled,
-    soft-capped, causal and padding masks at -inf (keys from ``k_end`` on are masked for every row
-    of the chunk), or ``None`` when no row of the chunk sees any key.
+    soft-capped, causal (with ``window``: sliding-window) and padding masks at -inf (keys from
+    ``k_end`` on are masked for every row of the chunk), or ``None`` when no row sees any key.
 
     ``qh`` [b, h_kv, g, n_q, d] (query head h = kv head h // g, member h % g); ``kt`` [b, h_kv, d,
     n_k] in ``compute`` dtype (K transposed once by the caller); query row i sits at key position
@@ -70,10 +70,10 @@ def chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softca
     if softcap is not None:
         s.div_(softcap).tanh_().mul_(softcap)
     if causal:
-        # Keys before the chunk's first query position are visible to every row: mask only the
-        # diagonal band.
-        lo = max(0, q0 + offset)
-        band = valid_mask(torch.arange(q0, q1, device=qh.device) + offset, k_end, True, None)
+        # Without a window, keys before the chunk's first query position are visible to every row:
+        # mask only the diagonal band. A window also masks keys too far behind each row.
+        lo = max(0, q0 + offset) if window is None else 0
+        band = valid_mask(torch.arange(q0, q1, device=qh.device) + offset, k_end, True, None, window)
         s[..., lo:k_end].masked_fill_(~band[..., lo:k_end].unsqueeze(1), float("-inf"))
     if key_padding_mask is not None:
         pad = key_padding_mask[:, :k_end].to(device=qh.device, dtype=torch.bool)
@@ -85,7 +85,8 @@ class ChunkedTopKAttention(torch.autograd.Function):
     """z = top-k attention (see ``tl_topk.topk_attention``) with O(n k) saved state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap, chunk_size, budget):
+    def forward(ctx, q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap, chunk_size, budget,
+                window=None):
         # q [b, n_q, h, d]; k [b, n_k, h_kv, d]; v [b, n_k, h_kv, dv]; k_rows [b, h, n_q] int64
         b, n_q, h, d = q.shape
         n_k, h_kv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -108,7 +109,8 @@ class ChunkedTopKAttention(torch.autograd.Function):
         kt = kh.to(compute).transpose(-1, -2).contiguous()  # [b, h_kv, d, n_k]
         for q0 in range(0, n_q, rows):
             q1 = min(n_q, q0 + rows)
-            scored = chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute)
+            scored = chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute,
+                                  window)
             if scored is None:
                 continue  # every row of this chunk is fully masked: zeros
             k_end, s = scored
@@ -170,7 +172,7 @@ class ChunkedTopKAttention(torch.autograd.Function):
         dq = dq.reshape(b, h, n_q, d).permute(0, 2, 1, 3).to(q.dtype)
         dk = dk.permute(0, 2, 1, 3).to(k.dtype)
         dvh = dvh.permute(0, 2, 1, 3).to(v.dtype)
-        return dq, dk, dvh, None, None, None, None, None, None, None, None
+        return dq, dk, dvh, None, None, None, None, None, None, None, None, None
 
 
 def _softmax_rows(vals: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,7 @@ def _softmax_rows(vals: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap,
-                           chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+                           chunk_size=None, memory_budget=DEFAULT_MEMORY_BUDGET, window=None):
     """Functional entry: see ``ChunkedTopKAttention``. ``k_rows`` [b, h, n_q] int64, ``kk`` = its max."""
     return ChunkedTopKAttention.apply(q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap,
-                                      chunk_size, memory_budget)
+                                      chunk_size, memory_budget, window)

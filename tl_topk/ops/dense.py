@@ -21,6 +21,7 @@ def masked_scores(
     key_padding_mask: Optional[torch.Tensor],
     scale: float,
     softcap: Optional[float],
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Scaled, soft-capped, masked scores [batch, head, q_pos, k_pos] (invalid keys at -inf).
 
@@ -37,22 +38,26 @@ def masked_scores(
     s = (qh @ kh).reshape(b, h, n_q, n_k)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    valid = valid_mask(torch.arange(n_q, device=q.device) + (n_k - n_q), n_k, causal, key_padding_mask)
+    valid = valid_mask(torch.arange(n_q, device=q.device) + (n_k - n_q), n_k, causal, key_padding_mask, window)
     if valid is not None:
         s = s.masked_fill(~valid, float("-inf"))
     return s
 
 
 def valid_mask(query_positions: torch.Tensor, k_end: int, causal: bool,
-               key_padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+               key_padding_mask: Optional[torch.Tensor], window: Optional[int] = None) -> Optional[torch.Tensor]:
     """Bool [batch or 1, 1, len(query_positions), k_end] of valid (query, key) pairs, or None.
 
     ``query_positions``: key position of each query (``i + k_pos - q_pos`` for query row i).
+    ``window`` (with ``causal``): only keys ``p - window < j <= p`` (sliding-window attention).
     """
     mask = None
     if causal:
         keys = torch.arange(k_end, device=query_positions.device)
-        mask = (keys[None, :] <= query_positions[:, None])[None, None]
+        mask = keys[None, :] <= query_positions[:, None]
+        if window is not None:
+            mask = mask & (keys[None, :] > query_positions[:, None] - window)
+        mask = mask[None, None]
     if key_padding_mask is not None:
         pad = key_padding_mask[:, :k_end].to(device=query_positions.device, dtype=torch.bool)
         pad = pad[:, None, None, :]
@@ -71,6 +76,7 @@ def dense_topk_attention(
     scale: float,
     softcap: Optional[float] = None,
     return_pattern: bool = False,
+    window: Optional[int] = None,
 ):
     """Top-k attention by brute force. Returns z [batch, q_pos, head, d_v] (and the pattern).
 
@@ -78,8 +84,9 @@ def dense_topk_attention(
     """
     b, n_q, h, _ = q.shape
     n_k, h_kv = k.shape[1], k.shape[2]
-    s = masked_scores(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, softcap=softcap)
-    n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device)
+    s = masked_scores(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale, softcap=softcap,
+                      window=window)
+    n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device, window)
     keep = topk_keep_mask(s.detach(), k_per_row(spec, n_valid, n_k))
     pattern = safe_softmax(s.masked_fill(~keep, float("-inf")))
     g = h // h_kv

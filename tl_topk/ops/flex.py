@@ -63,7 +63,8 @@ def _compiled_flex():
 
 
 def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap,
-                        memory_budget: int = DEFAULT_MEMORY_BUDGET, compile: bool | None = None):
+                        memory_budget: int = DEFAULT_MEMORY_BUDGET, compile: bool | None = None,
+                        window: int | None = None):
     """z [batch, q_pos, n_heads, d_v] from pass 1 + FlexAttention.
 
     ``k_rows`` [batch, n_heads, q_pos] int64 and ``kk`` its maximum, as the other backends take
@@ -87,7 +88,7 @@ def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale,
     n_k, h_kv = k.shape[1], k.shape[2]
     offset = n_k - n_q
     lo, tie, tie_idx = row_thresholds(q, k, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
-                                      scale=scale, softcap=softcap, memory_budget=memory_budget)
+                                      scale=scale, softcap=softcap, memory_budget=memory_budget, window=window)
     ninf = float("-inf")
 
     def score_mod(score, bi, hi, qi, ki):
@@ -108,6 +109,8 @@ def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale,
             ok = ki >= 0
             if causal:
                 ok = ok & (ki <= qi + offset_t)
+                if window is not None:
+                    ok = ok & (ki > qi + offset_t - window)
             if pad is not None:
                 ok = ok & pad[bi, ki]
             return ok

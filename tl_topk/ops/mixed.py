@@ -18,7 +18,8 @@ from tl_topk.ops.dense import valid_mask
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                   key_padding_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+                   key_padding_mask: Optional[torch.Tensor], scale: float,
+                   window: Optional[int] = None) -> torch.Tensor:
     """Plain softmax attention in TransformerLens layout; rows without a valid key give zeros.
 
     q [batch, q_pos, n_heads, d]; k, v [batch, k_pos, n_kv_heads, d] (n_kv_heads divides n_heads;
@@ -30,9 +31,9 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     n_k, h_kv = k.shape[1], k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = h != h_kv
-    if causal and key_padding_mask is None and n_q == n_k:
+    if causal and key_padding_mask is None and n_q == n_k and window is None:
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
-    mask = valid_mask(torch.arange(n_q, device=q.device) + (n_k - n_q), n_k, causal, key_padding_mask)
+    mask = valid_mask(torch.arange(n_q, device=q.device) + (n_k - n_q), n_k, causal, key_padding_mask, window)
     if mask is None:
         return F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=gqa).transpose(1, 2)
     has_key = mask.any(-1, keepdim=True)
@@ -57,7 +58,8 @@ def _select_heads(q, k, v, heads: Sequence[int]):
 
 
 def mixed_heads_attention(q, k, v, spec: tuple, dense_heads: Sequence[int], *, causal: bool,
-                          key_padding_mask, scale: float, sparse_fn: Callable) -> torch.Tensor:
+                          key_padding_mask, scale: float, sparse_fn: Callable,
+                          window: Optional[int] = None) -> torch.Tensor:
     """z [batch, q_pos, n_heads, d_v]: ``dense_heads`` through ``full_attention``, the others through
     ``sparse_fn(q, k, v, spec)`` (``tl_topk.topk_attention`` with the caller's options)."""
     h = q.shape[2]
@@ -66,7 +68,8 @@ def mixed_heads_attention(q, k, v, spec: tuple, dense_heads: Sequence[int], *, c
     qs, ks, vs = _select_heads(q, k, v, sparse)
     z_sparse = sparse_fn(qs, ks, vs, tuple(spec[i] for i in sparse))
     qd, kd, vd = _select_heads(q, k, v, dense)
-    z_dense = full_attention(qd, kd, vd, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    z_dense = full_attention(qd, kd, vd, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                             window=window)
     order = torch.tensor(sparse + dense, device=q.device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(h, device=q.device)

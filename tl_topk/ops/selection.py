@@ -68,28 +68,31 @@ def per_head_spec(k_top: KSpec, n_heads: int, argument: str = "k_top") -> tuple:
 
 
 def count_valid(
-    n_q: int, n_k: int, causal: bool, key_padding_mask: Optional[torch.Tensor], batch: int, device
+    n_q: int, n_k: int, causal: bool, key_padding_mask: Optional[torch.Tensor], batch: int, device,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Valid keys per query row, [batch, n_q] int64, from the masks alone (O(batch * n) memory).
 
-    Causal alignment is bottom-right: query i sits at key position ``i + n_k - n_q``.
+    Causal alignment is bottom-right: query i sits at key position ``p = i + n_k - n_q``. ``window``
+    (causal only, sliding-window / local attention) keeps keys ``p - window < j <= p``.
     """
     offset = n_k - n_q
+    pos = torch.arange(n_q, device=device) + offset
     if key_padding_mask is None:
         if causal:
-            row = (torch.arange(n_q, device=device) + offset + 1).clamp(min=0, max=n_k)
+            row = (pos + 1).clamp(min=0, max=n_k)
+            if window is not None:
+                row = row.clamp(max=window)
         else:
             row = torch.full((n_q,), n_k, device=device, dtype=torch.long)
         return row.unsqueeze(0).expand(batch, n_q).contiguous()
     pad = key_padding_mask.to(device=device, dtype=torch.long)
     if causal:
-        csum = pad.cumsum(-1)
-        pos = torch.arange(n_q, device=device) + offset
-        out = torch.zeros(batch, n_q, dtype=torch.long, device=device)
-        ok = pos >= 0
-        if ok.any():
-            out[:, ok] = csum[:, pos[ok].clamp(max=n_k - 1)]
-        return out
+        # csum[:, j] = real keys among 0..j-1, so keys lo..p number csum[p + 1] - csum[lo].
+        csum = torch.nn.functional.pad(pad.cumsum(-1), (1, 0))
+        hi = (pos + 1).clamp(min=0, max=n_k)
+        lo = (pos + 1 - window).clamp(min=0, max=n_k) if window is not None else torch.zeros_like(hi)
+        return (csum[:, hi] - csum[:, lo]).clamp(min=0)
     return pad.sum(-1, keepdim=True).expand(batch, n_q).contiguous()
 
 

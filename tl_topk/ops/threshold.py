@@ -27,14 +27,14 @@ from tl_topk.ops.selection import flagged_row_blocks
 
 @torch.no_grad()
 def row_thresholds(q, k, k_rows, kk, *, causal, key_padding_mask, scale, softcap,
-                   memory_budget: int = DEFAULT_MEMORY_BUDGET):
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, window=None):
     """Boundaries ``(lo, tie, tie_idx)`` of every query row, each [batch, n_heads, q_pos].
 
     Args:
         q: [batch, q_pos, n_heads, d_head]; k: [batch, k_pos, n_kv_heads, d_head] (grouped-query
             attention without repeating K).
         k_rows: [batch, n_heads, q_pos] int64, each row's k (>= 1); ``kk`` = its maximum.
-        causal, key_padding_mask, scale, softcap: as in ``tl_topk.topk_attention``.
+        causal, key_padding_mask, scale, softcap, window: as in ``tl_topk.topk_attention``.
         memory_budget: bytes of transient score buffers per query chunk.
 
     Returns:
@@ -55,7 +55,7 @@ def row_thresholds(q, k, k_rows, kk, *, causal, key_padding_mask, scale, softcap
     rows = chunk_rows(b * h * n_k * 4 * 3, n_q, memory_budget, None)
     for q0 in range(0, n_q, rows):
         q1 = min(n_q, q0 + rows)
-        scored = chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute)
+        scored = chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute, window)
         if scored is None:
             continue  # no row of the chunk sees a key: lo = -inf keeps nothing, as all are -inf
         k_end, s = scored

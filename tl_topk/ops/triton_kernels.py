@@ -44,8 +44,10 @@ def check_available(q: torch.Tensor) -> None:
                            "on CPU (or set TRITON_INTERPRET=1 before importing to run Triton's CPU interpreter)")
 
 
-def unsupported_reason(q: torch.Tensor, kk: int, softcap) -> str | None:
+def unsupported_reason(q: torch.Tensor, kk: int, softcap, window=None) -> str | None:
     """Why the kernel cannot take this call (None when it can)."""
+    if window is not None:
+        return "sliding-window attention is not implemented in the kernel"
     if q.shape[-1] not in HEAD_DIMS:
         return f"d_head {q.shape[-1]} is not one of {HEAD_DIMS}"
     if kk > MAX_K:
@@ -55,15 +57,15 @@ def unsupported_reason(q: torch.Tensor, kk: int, softcap) -> str | None:
     return None
 
 
-def supports(q: torch.Tensor, kk: int, softcap) -> bool:
+def supports(q: torch.Tensor, kk: int, softcap, window=None) -> bool:
     """True when ``auto`` may pick triton: CUDA tensors, Triton installed and a supported call."""
-    return q.device.type == "cuda" and installed() and unsupported_reason(q, kk, softcap) is None
+    return q.device.type == "cuda" and installed() and unsupported_reason(q, kk, softcap, window) is None
 
 
-def triton_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap):
+def triton_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap, window=None):
     """z [b, q_pos, h, d] from the kernels; raises ``ValueError`` for calls they do not support."""
     check_available(q)
-    reason = unsupported_reason(q, kk, softcap)
+    reason = unsupported_reason(q, kk, softcap, window)
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}; use backend='chunked'")
     from tl_topk.ops._triton_impl import TritonTopKAttention
