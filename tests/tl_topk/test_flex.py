@@ -73,21 +73,25 @@ def test_flex_forward_equals_dense(case):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 12), st.booleans(), st.integers(0, 2**16))
-def test_thresholds_reproduce_the_rule_on_tied_scores(h_kv, n, k_top, causal, seed):
+@given(st.integers(1, 3), st.integers(1, 30), st.integers(1, 12), st.booleans(), st.sampled_from([None, 2, 7]),
+       st.integers(0, 2**16))
+def test_thresholds_reproduce_the_rule_on_tied_scores(h_kv, n, k_top, causal, window, seed):
     """Small integer q and k: scores are exact integers with many ties at every boundary."""
+    window = window if causal else None
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-2, 3, (1, n, 2 * h_kv, 4), generator=g).double()
     k = torch.randint(-2, 3, (1, n, h_kv, 4), generator=g).double()
     pad = torch.rand(1, n, generator=g) > 0.2
     spec = per_head_spec(k_top, 2 * h_kv)
-    k_rows = k_per_row(spec, count_valid(n, n, causal, pad, 1, "cpu"), n)
+    k_rows = k_per_row(spec, count_valid(n, n, causal, pad, 1, "cpu", window), n)
     lo, tie, tie_idx = row_thresholds(q, k, k_rows, int(k_rows.max()), causal=causal, key_padding_mask=pad,
-                                      scale=1.0, softcap=None, memory_budget=2048)  # several chunks
+                                      scale=1.0, softcap=None, memory_budget=2048, window=window)  # several chunks
     s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2))
     valid = pad[:, None, None, :].expand_as(s)
     if causal:
         valid = valid & torch.ones(n, n, dtype=torch.bool).tril()
+    if window is not None:
+        valid = valid & torch.ones(n, n, dtype=torch.bool).triu(1 - window)
     s = s.masked_fill(~valid, float("-inf"))
     expected = topk_keep_mask(s, k_rows)
     assert torch.equal(keep_from_thresholds(s, lo, tie, tie_idx) & valid, expected)

@@ -49,9 +49,11 @@ def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> N
 
 
 def chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute, window=None):
-    """Scores of query rows ``q0:q1``: ``(k_end, s)`` with ``s`` [b, h_kv, g, q1 - q0, k_end] scaled,
-    soft-capped, causal (with ``window``: sliding-window) and padding masks at -inf (keys from
-    ``k_end`` on are masked for every row of the chunk), or ``None`` when no row sees any key.
+    """Scores of query rows ``q0:q1`` against the keys they can see: ``(k_start, k_end, s)`` with
+    ``s`` [b, h_kv, g, q1 - q0, k_end - k_start] for keys ``k_start:k_end``, scaled, soft-capped,
+    causal (with ``window``: sliding-window) and padding masks at -inf; or ``None`` when no row of
+    the chunk sees any key. Without a window ``k_start`` is 0; with one, keys before the chunk's
+    first window are never scored (linear time as well as memory).
 
     ``qh`` [b, h_kv, g, n_q, d] (query head h = kv head h // g, member h % g); ``kt`` [b, h_kv, d,
     n_k] in ``compute`` dtype (K transposed once by the caller); query row i sits at key position
@@ -61,24 +63,25 @@ def chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softca
     b, h_kv, g, _, d = qh.shape
     n_k = kt.shape[-1]
     k_end = min(n_k, q1 + offset) if causal else n_k
-    if k_end <= 0:
+    k_start = max(0, q0 + offset - window + 1) if (causal and window is not None) else 0
+    if k_end <= k_start:
         return None
     c = q1 - q0
     # Scale q (O(rows d)) rather than the scores (O(rows n)).
     qc = (qh[:, :, :, q0:q1].to(compute) * scale).reshape(b, h_kv, g * c, d)
-    s = (qc @ kt[..., :k_end]).view(b, h_kv, g, c, k_end)
+    s = (qc @ kt[..., k_start:k_end]).view(b, h_kv, g, c, k_end - k_start)
     if softcap is not None:
         s.div_(softcap).tanh_().mul_(softcap)
     if causal:
         # Without a window, keys before the chunk's first query position are visible to every row:
         # mask only the diagonal band. A window also masks keys too far behind each row.
-        lo = max(0, q0 + offset) if window is None else 0
+        lo = max(0, q0 + offset) if window is None else k_start
         band = valid_mask(torch.arange(q0, q1, device=qh.device) + offset, k_end, True, None, window)
-        s[..., lo:k_end].masked_fill_(~band[..., lo:k_end].unsqueeze(1), float("-inf"))
+        s[..., lo - k_start:].masked_fill_(~band[..., lo:k_end].unsqueeze(1), float("-inf"))
     if key_padding_mask is not None:
-        pad = key_padding_mask[:, :k_end].to(device=qh.device, dtype=torch.bool)
+        pad = key_padding_mask[:, k_start:k_end].to(device=qh.device, dtype=torch.bool)
         s.masked_fill_(~pad[:, None, None, None, :], float("-inf"))
-    return k_end, s
+    return k_start, k_end, s
 
 
 class ChunkedTopKAttention(torch.autograd.Function):
@@ -113,11 +116,13 @@ class ChunkedTopKAttention(torch.autograd.Function):
                                   window)
             if scored is None:
                 continue  # every row of this chunk is fully masked: zeros
-            k_end, s = scored
+            k_start, k_end, s = scored
             del scored
-            kc = min(kk, k_end)
+            kc = min(kk, k_end - k_start)
             vals, idx = topk_select(s, kr[:, :, :, q0:q1], kc)
             del s
+            if k_start:
+                idx = idx + k_start
             p = _softmax_rows(vals)
             probs[:, :, :, q0:q1, :kc] = p
             index[:, :, :, q0:q1, :kc] = idx.to(torch.int32)

@@ -58,10 +58,10 @@ def row_thresholds(q, k, k_rows, kk, *, causal, key_padding_mask, scale, softcap
         scored = chunk_scores(qh, kt, q0, q1, offset, causal, key_padding_mask, scale, softcap, compute, window)
         if scored is None:
             continue  # no row of the chunk sees a key: lo = -inf keeps nothing, as all are -inf
-        k_end, s = scored
+        k_start, k_end, s = scored
         del scored
         krc = kr[:, :, :, q0:q1]
-        width = min(kk + 1, k_end)
+        width = min(kk + 1, k_end - k_start)
         top = torch.topk(s, width, dim=-1, sorted=True).values
         ninf = torch.full_like(top[..., 0], float("-inf"))
         kth = torch.where(krc <= width, top.gather(-1, (krc - 1).clamp(max=width - 1).unsqueeze(-1)).squeeze(-1), ninf)
@@ -76,7 +76,7 @@ def row_thresholds(q, k, k_rows, kk, *, causal, key_padding_mask, scale, softcap
         if bool(tied.any()):
             t_tie, t_idx = _tie_boundaries(s, kth, krc, tied)
             tie[:, :, :, q0:q1] = torch.where(tied, kth, t_tie)
-            tie_idx[:, :, :, q0:q1] = t_idx
+            tie_idx[:, :, :, q0:q1] = torch.where(t_idx >= 0, t_idx + k_start, t_idx)
         del s
     return (lo.reshape(b, h, n_q), tie.reshape(b, h, n_q), tie_idx.reshape(b, h, n_q))
 
