@@ -117,9 +117,8 @@ def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale,
 
         block_mask = create_block_mask(mask_mod, b if pad is not None else None, None, n_q, n_k,
                                        device=q.device)
-    run = flex_attention
-    if compile if compile is not None else q.device.type == "cuda":
-        run = _compiled_flex()
+    use_compile = q.device.type == "cuda" if compile is None else compile
+    run = _compiled_flex() if use_compile else flex_attention
     out = run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
               block_mask=block_mask, scale=scale, enable_gqa=h != h_kv)
     return out.transpose(1, 2)
