@@ -60,6 +60,24 @@ def _valid(offs_m, offs_n, n_q, n_k, offset, PAD, pad_base, HAS_PAD: tl.constexp
 
 
 @triton.jit
+def _key_end(pid_m, n_k, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key any row of query tile ``pid_m`` can see."""
+    hi = n_k
+    if CAUSAL:
+        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + offset)
+    return hi
+
+
+@triton.jit
+def _kept(q, K, k_base, offs_m, offs_n, offs_d, n_q, n_k, offset, skn, skd, scale, cap, PAD, pad_base, thr,
+          HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Scores of a (query tile, key tile) and the keys the rule keeps: valid and packed >= threshold."""
+    s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
+    valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, pad_base, HAS_PAD, CAUSAL)
+    return s, valid & (_pack(s, offs_n) >= thr[:, None])
+
+
+@triton.jit
 def _threshold_kernel(Q, K, PAD, KROWS, THR,
                       sqb, sqn, sqh, sqd, skb, skn, skh, skd,
                       n_q, n_k, offset, H, G, scale, cap,
@@ -76,9 +94,7 @@ def _threshold_kernel(Q, K, PAD, KROWS, THR,
                 mask=offs_m[:, None] < n_q, other=0.0)
     k_base = b * skb + (h // G) * skh
     best = tl.full([BLOCK_M, BLOCK_N], INT64_MIN, tl.int64)
-    hi = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + offset)
+    hi = _key_end(pid_m, n_k, offset, BLOCK_M, CAUSAL)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
@@ -113,14 +129,11 @@ def _fwd_kernel(Q, K, V, PAD, THR, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    hi = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + offset)
+    hi = _key_end(pid_m, n_k, offset, BLOCK_M, CAUSAL)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
-        valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, b * n_k, HAS_PAD, CAUSAL)
-        keep = valid & (_pack(s, offs_n) >= thr[:, None])
+        s, keep = _kept(q, K, k_base, offs_m, offs_n, offs_d, n_q, n_k, offset, skn, skd, scale, cap, PAD,
+                        b * n_k, thr, HAS_PAD, CAUSAL, PREC, SOFTCAP)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -160,14 +173,11 @@ def _bwd_dq_kernel(Q, K, V, PAD, THR, LSE, DELTA, DO, DQ,
     k_base = b * skb + (h // G) * skh
     v_base = b * svb + (h // G) * svh
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    hi = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + offset)
+    hi = _key_end(pid_m, n_k, offset, BLOCK_M, CAUSAL)
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
-        valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, b * n_k, HAS_PAD, CAUSAL)
-        keep = valid & (_pack(s, offs_n) >= thr[:, None])
+        s, keep = _kept(q, K, k_base, offs_m, offs_n, offs_d, n_q, n_k, offset, skn, skd, scale, cap, PAD,
+                        b * n_k, thr, HAS_PAD, CAUSAL, PREC, SOFTCAP)
         p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         vt = tl.load(V + v_base + offs_n[None, :] * svn + offs_d[:, None] * svd,
                      mask=offs_n[None, :] < n_k, other=0.0)
@@ -213,9 +223,8 @@ def _bwd_dkdv_kernel(Q, K, V, PAD, THR, LSE, DELTA, DO, DK, DV,
             thr = tl.load(THR + row + offs_m, mask=offs_m < n_q, other=0)
             lse = tl.load(LSE + row + offs_m, mask=offs_m < n_q, other=float("inf"))
             delta = tl.load(DELTA + row + offs_m, mask=offs_m < n_q, other=0.0)
-            s = _scores(q, K, k_base, offs_n, offs_d, n_k, skn, skd, scale, cap, PREC, SOFTCAP)
-            valid = _valid(offs_m, offs_n, n_q, n_k, offset, PAD, b * n_k, HAS_PAD, CAUSAL)
-            keep = valid & (_pack(s, offs_n) >= thr[:, None])
+            s, keep = _kept(q, K, k_base, offs_m, offs_n, offs_d, n_q, n_k, offset, skn, skd, scale, cap, PAD,
+                            b * n_k, thr, HAS_PAD, CAUSAL, PREC, SOFTCAP)
             p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC, out_dtype=tl.float32)
             dp = tl.dot(do, vt, input_precision=PREC, out_dtype=tl.float32)
