@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from tl_topk.ops import flex, triton_kernels
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
 from tl_topk.ops.dense import dense_topk_attention
 from tl_topk.ops.mixed import full_attention, mixed_heads_attention
@@ -141,8 +142,6 @@ def topk_attention(
     spec = per_head_spec(k_top, h)
     scale = float(scale) if scale is not None else d ** -0.5
     softcap = float(softcap) if softcap is not None else None
-    from tl_topk.ops import flex, triton_kernels
-
     if n_k == 0 or n_q == 0:
         return q.new_zeros(b, n_q, h, v.shape[3])
     n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device, window)

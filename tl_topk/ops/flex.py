@@ -22,7 +22,9 @@ from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET
 from tl_topk.ops.threshold import row_thresholds
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
+    """True when this torch has ``torch.nn.attention.flex_attention`` (checked once)."""
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:

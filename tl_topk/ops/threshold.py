@@ -74,19 +74,18 @@ def row_thresholds(q, k, k_rows, kk, *, causal, key_padding_mask, scale, softcap
         c_lo = torch.where(torch.isfinite(nxt) & ~tied, gap_lo, torch.where(tied, kth, ninf))
         lo[:, :, :, q0:q1] = c_lo
         if bool(tied.any()):
-            t_tie, t_idx = _tie_boundaries(s, kth, krc, tied)
-            tie[:, :, :, q0:q1] = torch.where(tied, kth, t_tie)
-            tie_idx[:, :, :, q0:q1] = torch.where(t_idx >= 0, t_idx + k_start, t_idx)
+            tie[:, :, :, q0:q1] = torch.where(tied, kth, float("nan"))
+            t_idx = _tie_indices(s, kth, krc, tied)
+            tie_idx[:, :, :, q0:q1] = torch.where(tied, t_idx + k_start, t_idx)
         del s
     return (lo.reshape(b, h, n_q), tie.reshape(b, h, n_q), tie_idx.reshape(b, h, n_q))
 
 
-def _tie_boundaries(s, kth, k_rows, tied, block_elements: int | None = None):
-    """For the tied rows: NaN/-1 elsewhere, and the index of the r-th key equal to ``kth`` in index
-    order, where r = k - (keys strictly above ``kth``). A block of rows at a time."""
+def _tie_indices(s, kth, k_rows, tied, block_elements: int | None = None):
+    """int32 shaped like ``tied``: for tied rows, the index (within ``s``) of the r-th key equal to ``kth`` in
+    index order, where r = k - (keys strictly above ``kth``); -1 elsewhere. A block of rows at a time."""
     n = s.shape[-1]
     flat_s = s.reshape(-1, n)
-    t_tie = torch.full(tied.shape, float("nan"), dtype=s.dtype, device=s.device).reshape(-1)
     t_idx = torch.full(tied.shape, -1, dtype=torch.int32, device=s.device).reshape(-1)
     kth_f, kr_f = kth.reshape(-1), k_rows.reshape(-1)
     for r in flagged_row_blocks(tied, n, block_elements):
@@ -95,7 +94,7 @@ def _tie_boundaries(s, kth, k_rows, tied, block_elements: int | None = None):
         need = kr_f.index_select(0, r) - (sub > t).sum(-1)  # tied keys the row still takes, >= 1
         reached = (sub == t).cumsum(-1, dtype=torch.int32) >= need.unsqueeze(-1)
         t_idx[r] = reached.to(torch.int8).argmax(-1).to(torch.int32)  # first position reaching it
-    return t_tie.view(tied.shape), t_idx.view(tied.shape)
+    return t_idx.view(tied.shape)
 
 
 def keep_from_thresholds(scores: torch.Tensor, lo, tie, tie_idx) -> torch.Tensor:
