@@ -57,6 +57,7 @@ def report_section(report) -> None:
     report.add_section(
         "Top-k: extra memory vs sequence length",
         html=(f"<p>{html.escape(mem.device)}; fp32, batch 1, 9 heads over 3 K/V heads, d_head 64, causal. "
-              "Peak resident-set growth during one forward + backward, sampled every millisecond.</p>"),
+              "Peak resident-set growth during one forward + backward, read from the kernel's high-water mark "
+              "(VmHWM) in a fresh process.</p>"),
         figures=[fig], tables=[df], order=32,
     )
