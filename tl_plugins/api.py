@@ -66,8 +66,11 @@ def enable(model: Any, name: str, **config: Any) -> Any:
     left exactly as it was.
     """
     info = _info(name)
-    backend = _backends.detect(model)
-    cfg = _make_config(info, config)
+    return _enable_instance(model, name, info, _make_config(info, config), _backends.detect(model))
+
+
+def _enable_instance(model: Any, name: str, info: PluginInfo, cfg: Any, backend: Any) -> Any:
+    """Install the config instance ``cfg`` (reconfiguring if ``name`` is enabled; rolled back on error)."""
     state = get_state(model)
     previous = state.config(name) if state is not None else None
     if previous is not None:
@@ -130,8 +133,8 @@ def enabled(model: Any, name: str, **config: Any) -> Iterator[Any]:
         yield cfg
     finally:
         if previous is not None:
-            enable(model, name, **{f.name: getattr(previous, f.name)
-                                   for f in dataclasses.fields(previous) if f.init})
+            # Reinstall the previous instance itself: no second validation, any config type.
+            _enable_instance(model, name, _info(name), previous, _backends.detect(model))
         else:
             disable(model, name)
 
