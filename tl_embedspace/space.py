@@ -400,9 +400,9 @@ class EmbeddingSpace:
     @staticmethod
     def _rank(scores: torch.Tensor, k: int, mode: str, per_layer: int):
         key = scores.abs() if mode == "abs" else (-scores if mode == "smallest" else scores)
-        _, idx = torch.topk(key, min(k, key.numel()))
-        idx = idx.sort().values  # ties: the smaller flat index first
-        idx = idx[torch.argsort(-key[idx], stable=True)]
+        # _select keeps, among entries tied at the k-th value, the smallest flat indices (torch.topk
+        # alone picks an arbitrary subset of them), and returns (value desc, index asc) order
+        _, idx = _topk._select(key, torch.arange(key.numel(), device=key.device), min(k, key.numel()))
         return idx // per_layer, idx % per_layer, scores[idx]
 
     def copying_scores(self) -> torch.Tensor:

@@ -156,6 +156,68 @@ def test_gqa_and_gated_mlp(llama):
     assert heads.to_frame().columns.tolist() == ["rank", "layer", "head", "value"]
 
 
+def test_find_neurons_and_heads_ties_go_to_the_smaller_index():
+    """Integer weights make the scores exact integers with many ties at the k-th value: the ids must
+    be those of a stable descending argsort of the dense scores (torch.topk alone picks any tie)."""
+    m = tiny.build(tiny.TINY_GPT2, n_layers=3, d_vocab=40, seed=5)
+    g = torch.Generator().manual_seed(0)
+    cfg = m.cfg
+
+    def ints(*shape):
+        return torch.randint(-1, 2, shape, generator=g).float()
+
+    with torch.no_grad():
+        m.embed.W_E.copy_(ints(cfg.d_vocab, cfg.d_model))
+        m.unembed.W_U.copy_(m.embed.W_E.T)
+        for block in m.blocks:
+            block.mlp.W_out.copy_(ints(cfg.d_mlp, cfg.d_model))
+            # three distinct head patterns shared by the heads: equal OV entries across heads
+            pats = [(ints(cfg.d_model, cfg.d_head), ints(cfg.d_head, cfg.d_model)) for _ in range(3)]
+            for h in range(cfg.n_heads):
+                block.attn.W_V[h].copy_(pats[h % 3][0])
+                block.attn.W_O[h].copy_(pats[h % 3][1])
+    sp = EmbeddingSpace(m)
+    E = m.W_U.detach()
+    n_checked = 0
+    for t in (0, 7, 21):
+        dense = torch.cat([m.blocks[l].mlp.W_out.detach() @ E[:, t] for l in range(cfg.n_layers)])
+        assert torch.equal(dense, dense.round())
+        for mode in ("largest", "smallest", "abs"):
+            key = dense.abs() if mode == "abs" else (-dense if mode == "smallest" else dense)
+            for k in (1, 5, 37, 200):
+                hits = sp.find_neurons(t, k=k, mode=mode)
+                want = torch.argsort(-key, stable=True)[:k]
+                assert (hits.layers * cfg.d_mlp + hits.units).tolist() == want.tolist()
+                assert torch.equal(hits.values, dense[want])
+                n_checked += int((key == key[want[-1]]).sum()) > 1  # k-th value shared
+    assert n_checked > 20  # the cases really have ties at the boundary
+    s, d = 3, 8
+    heads_dense = torch.stack([torch.stack([
+        (E.T @ m.blocks[l].attn.W_V.detach()[h] @ m.blocks[l].attn.W_O.detach()[h] @ E)[s, d]
+        for h in range(cfg.n_heads)]) for l in range(cfg.n_layers)]).flatten()
+    for mode in ("largest", "smallest", "abs"):
+        key = heads_dense.abs() if mode == "abs" else (-heads_dense if mode == "smallest" else heads_dense)
+        for k in (1, 2, 4, 5):
+            heads = sp.find_heads(s, d, k=k, mode=mode)
+            want = torch.argsort(-key, stable=True)[:k]
+            assert (heads.layers * cfg.n_heads + heads.units).tolist() == want.tolist()
+            assert torch.equal(heads.values, heads_dense[want])
+
+
+def test_rank_matches_stable_argsort_on_integer_scores():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        n = int(torch.randint(1, 80, (1,), generator=g))
+        k = int(torch.randint(1, n + 5, (1,), generator=g))
+        scores = torch.randint(-3, 4, (n,), generator=g).float()
+        for mode in ("largest", "smallest", "abs"):
+            key = scores.abs() if mode == "abs" else (-scores if mode == "smallest" else scores)
+            want = torch.argsort(-key, stable=True)[:k]
+            layers, units, vals = EmbeddingSpace._rank(scores, k, mode, 6)
+            assert (layers * 6 + units).tolist() == want.tolist()
+            assert torch.equal(vals, scores[want])
+
+
 # -- results -----------------------------------------------------------------------------------------
 
 def test_results_frames_and_html(gpt2_tied):
