@@ -57,7 +57,10 @@ class BenchResult:
     def render(self) -> str:
         lines = [f"== bench {self.name} ==", f"device: {self.device}"]
         if self.rows:
-            with _pandas_wide():
+            import pandas as pd
+
+            with pd.option_context("display.width", 200, "display.max_columns", 50,
+                                   "display.float_format", "{:.4g}".format):
                 lines.append(self.to_frame().to_string(index=False))
         for name, ok in self.checks.items():
             lines.append(f"[{'PASS' if ok else 'FAIL'}] {name}")
@@ -66,18 +69,6 @@ class BenchResult:
 
     def _repr_html_(self) -> str:
         return f"<h4>bench {self.name}</h4><p>{self.device}</p>" + self.to_frame().to_html(index=False)
-
-
-class _pandas_wide:
-    def __enter__(self):
-        import pandas as pd
-
-        self._ctx = pd.option_context("display.width", 200, "display.max_columns", 50,
-                                      "display.float_format", "{:.4g}".format)
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
 
 
 def median_time(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, sync: bool = False) -> float:
@@ -158,8 +149,10 @@ def available() -> dict[str, tuple[Callable[..., BenchResult], str]]:
     return collect("tl_plugins_register_benchmarks")
 
 
-def run(name: str, *, quick: bool = False, model: Optional[str] = None, device: str = "cpu") -> BenchResult:
-    found = available()
+def run(name: str, *, quick: bool = False, model: Optional[str] = None, device: str = "cpu",
+        found: Optional[dict] = None) -> BenchResult:
+    """Run benchmark ``name``; ``found`` is ``available()`` when the caller already collected it."""
+    found = available() if found is None else found
     if name not in found:
         raise KeyError(f"name: unknown benchmark {name!r}; available: {', '.join(sorted(found))}")
     fn, _ = found[name]

@@ -67,7 +67,7 @@ def bench_cmd(name, quick, model, device, json_out) -> None:
     if name not in found:
         raise click.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(sorted(found))}",
                                  param_hint="NAME")
-    result = bench.run(name, quick=quick, model=model, device=device)
+    result = bench.run(name, quick=quick, model=model, device=device, found=found)
     click.echo(result.render())
     if json_out:
         Path(json_out).write_text(result.to_json())

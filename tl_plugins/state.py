@@ -18,13 +18,7 @@ class _Missing:
     def __repr__(self) -> str:
         return "<missing>"
 
-    def __copy__(self):
-        return self
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
+    def __reduce__(self):  # a string: copy, deepcopy and pickle all give back the module's one instance
         return "_MISSING"
 
 

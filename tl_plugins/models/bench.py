@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,8 +53,7 @@ def bench_load(*, quick: bool = False, model: str = "smollm2-135m", device: str 
     for _ in range(1 if quick else 3):
         s, rss = _timed_load(model, env)
         times.append(s)
-    times.sort()
-    res.add(model=model, cache="warm (median)", seconds=round(times[len(times) // 2], 2),
+    res.add(model=model, cache="warm (median)", seconds=round(statistics.median(times), 2),
             peak_rss_gb=round(rss / 2**30, 2))
     res.notes.append(f"cache: {cache_dir()}; each load in a fresh process (imports included)")
     return res
