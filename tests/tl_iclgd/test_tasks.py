@@ -30,8 +30,8 @@ def test_query_tokens_align_between_zsl_and_icl():
     tt = tokenize_task(t, CharTokenizer(), prepend_bos=True, single_token_labels=False)
     q = tt.query_tokens(0)
     assert tt.zsl_tokens(0) == (1,) + q
-    icl = tt.prefix_tokens() + q
-    assert icl[-len(q):] == q and icl[0] == 1 and icl.count(1) == 1
+    # the ICL sequence is BOS once, then exactly the joined text
+    assert tt.prefix_tokens() + q == (1,) + tuple(map(ord, "hot -> cold\nup -> down\nbig ->"))
     # the label carries the space before it; prompt and label concatenate to the formatted demo
     d = tt.demos[0]
     assert "".join(map(chr, d.prompt)) == "hot ->" and "".join(map(chr, d.label)) == " cold"
