@@ -35,9 +35,12 @@ def test_untrained_weights_are_initialised_even_when_the_loader_disabled_init(gp
 def test_trained_embeddings_copied_rest_random(gpt3):
     e = untrained_like(gpt3, "embeddings", seed=0)
     src = dict(gpt3.named_parameters())
+    # embeddings, unembedding and every norm of the 3-layer GPT-2-like model, written out
+    kept = {"embed.W_E", "pos_embed.W_pos", "unembed.W_U", "unembed.b_U", "ln_final.w", "ln_final.b"}
+    kept |= {f"blocks.{layer}.{ln}.{wb}" for layer in range(3) for ln in ("ln1", "ln2") for wb in ("w", "b")}
+    assert kept <= set(src)
     for n, p in e.named_parameters():
-        kept = n.startswith(("embed.", "pos_embed.", "unembed.", "ln_final.")) or ".ln1." in n or ".ln2." in n
-        if kept:
+        if n in kept:
             assert torch.equal(p, src[n]), n
         elif "W_" in n:
             assert not torch.equal(p, src[n]), n
