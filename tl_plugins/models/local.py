@@ -53,7 +53,7 @@ def hooked_config_from_hf(hf_cfg: Any, *, n_ctx: Optional[int] = None, dtype=tor
             normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
             rotary_dim=d_head, rotary_base=base, rotary_adjacent_pairs=False, gated_mlp=True,
             original_architecture="LlamaForCausalLM", default_prepend_bos=False,
-            dtype=dtype, device=device, init_weights=False,  # every weight is loaded right after
+            dtype=dtype, device=device,
         )
         return HookedTransformerConfig(**fields)
     if mt == "gpt2" or arch == "GPT2LMHeadModel":
@@ -63,7 +63,7 @@ def hooked_config_from_hf(hf_cfg: Any, *, n_ctx: Optional[int] = None, dtype=tor
             n_ctx=n_ctx or hf_cfg.n_positions, eps=hf_cfg.layer_norm_epsilon,
             d_vocab=hf_cfg.vocab_size, act_fn=hf_cfg.activation_function, normalization_type="LN",
             positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-            dtype=dtype, device=device, init_weights=False,
+            dtype=dtype, device=device,
         )
     raise UnsupportedModelError(
         f"path: model_type {mt!r} (architecture {arch!r}) is not supported; accepted: llama, gpt2"
@@ -83,16 +83,19 @@ def hf_to_hooked(hf_model: Any, tokenizer: Any = None, *, processed: bool = Fals
     state_dict = convert(hf_model, cfg)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+        # Skip the random init that loading overwrites, for this construction only: model.cfg is
+        # cfg, and HookedTransformer(model.cfg) elsewhere (an untrained baseline) must initialise.
+        cfg.init_weights = False
+        try:
+            model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+        finally:
+            cfg.init_weights = True
         flags = dict(fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
                      fold_value_biases=processed)
         if processed:
             model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
         else:
             _load_unprocessed(model, state_dict)
-    # init_weights=False only skipped a random init that loading overwrote; restore the default so
-    # HookedTransformer(model.cfg) elsewhere (e.g. an untrained baseline) is initialised again.
-    cfg.init_weights = True
     model.to(device)
     model.eval()
     record_processing(model, **flags)
