@@ -373,7 +373,7 @@ def topk_per_row(
     """Top-k columns of each (selected) row of ``A @ B``: ``(values [n, k'], col ids [n, k'])``.
 
     k' = min(k, number of columns). Streams row chunks; ties inside a row go to the smaller column
-    id among the selected entries. With ``exclude_diagonal`` a row's own id is never a column.
+    id (both which tied entries are kept and their order). With ``exclude_diagonal`` a row's own id is never a column.
     """
     _check_mode(mode)
     _check_k(k)
@@ -401,6 +401,15 @@ def topk_per_row(
         if exclude_diagonal:
             _mask_diagonal(C, row_ids[s:s + chunk].to(A.device), cid)
         v, j = C.topk(kk, dim=1)
+        if kk:
+            # topk keeps an arbitrary subset of the entries tied at the k-th value: where a row has
+            # more candidates at or above it than kk, redo that row's choice (ties to the smaller
+            # position, which is the smaller column id: col_ids are sorted)
+            kth = v[:, -1:]
+            for t in ((C >= kth).sum(1) > kk).nonzero().flatten().tolist():
+                cand = (C[t] >= kth[t]).nonzero().flatten()
+                _, pos = _select(C[t, cand], cand, kk)
+                j[t], v[t] = pos, C[t, pos]
         # stable order by (value desc, column id asc) within the selected set
         ids = cid[j]
         o = torch.argsort(ids, dim=1)

@@ -91,14 +91,35 @@ def test_balance_factors_keeps_the_product():
 def test_topk_per_row_matches_dense(mode):
     g = torch.Generator().manual_seed(1)
     A, B = torch.randint(-4, 5, (30, 4), generator=g).float(), torch.randint(-4, 5, (4, 25), generator=g).float()
-    v, c = topk_per_row(A, B, 6, mode=mode, rows=[0, 3, 7], cols=list(range(20)), exclude_diagonal=True,
-                        budget_bytes=200)
-    for r, i in enumerate([0, 3, 7]):
-        exp = brute(A, B, 6, mode, rows=[i], cols=list(range(20)), exclude_diagonal=True)
-        f = abs if mode == "abs" else (lambda x: x)  # ties of |v| may pick either sign
-        assert sorted(f(x) for x in v[r].tolist()) == sorted(f(e[2]) for e in exp)
-        # per-row ties resolve to the smaller column among the chosen values
-        assert all(c[r, j] != i for j in range(c.shape[1]))
+    # column ids that differ from their positions in the filtered factor, so that a result reported
+    # by position instead of id (or a diagonal masked by position) cannot pass
+    cols = [0, 3, 7] + list(range(10, 25))
+    rows = [0, 3, 7]
+    M = A @ B  # integer entries: exact
+    v, c = topk_per_row(A, B, 6, mode=mode, rows=rows, cols=cols, exclude_diagonal=True, budget_bytes=200)
+    assert v.shape == c.shape == (3, 6)
+    for r, i in enumerate(rows):
+        # the values are the dense entries at the returned ids ...
+        assert torch.equal(v[r], M[i, c[r]])
+        assert all(int(j) in cols and int(j) != i for j in c[r])
+        # ... and the ids are the brute-force ranking: value by mode desc, ties to the smaller column
+        exp = brute(A, B, 6, mode, rows=[i], cols=cols, exclude_diagonal=True)
+        assert c[r].tolist() == [e[1] for e in exp]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_topk_per_row_matches_brute_force(p):
+    A, B, k, mode, rows, cols, excl, budget = p
+    v, c = topk_per_row(A, B, k, mode=mode, rows=rows, cols=cols, exclude_diagonal=excl, budget_bytes=budget)
+    M = A @ B
+    row_list = sorted(set(rows)) if rows is not None else list(range(A.shape[0]))
+    assert c.shape[0] == len(row_list)
+    for r, i in enumerate(row_list):
+        exp = brute(A, B, k, mode, rows=[i], cols=cols, exclude_diagonal=excl)
+        n = len(exp)  # an excluded diagonal may leave fewer candidates than returned columns
+        assert c[r, :n].tolist() == [e[1] for e in exp]
+        assert torch.equal(v[r, :n], M[i, c[r, :n]])
 
 
 def test_top1_diag_accuracy_matches_dense():
