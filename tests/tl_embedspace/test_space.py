@@ -153,6 +153,11 @@ def test_gqa_and_gated_mlp(llama):
         for h in range(4)]) for l in range(2)])
     heads = sp.find_heads(s, d, k=8)
     torch.testing.assert_close(heads.values, dense.flatten().sort(descending=True).values)
+    order = torch.argsort(-dense.flatten(), stable=True)
+    assert (heads.layers * 4 + heads.units).tolist() == order.tolist()
+    heads = sp.find_heads(s, d, k=3)
+    assert (heads.layers * 4 + heads.units).tolist() == order[:3].tolist()
+    torch.testing.assert_close(heads.values, dense.flatten()[order[:3]])
     assert heads.to_frame().columns.tolist() == ["rank", "layer", "head", "value"]
 
 
