@@ -8,7 +8,8 @@
 
 Layout: ``metrics`` (pure tensor functions), ``tasks`` (tasks and token ids), ``capture`` (hooks),
 ``gd`` (vanilla and layer-causal SGD), ``baselines`` (untrained models), ``compare`` (the pipeline),
-``plugin`` (tl_plugins hooks: registration, CLI, benchmark, report section).
+``plugin`` (tl_plugins hooks: registration, CLI, benchmark, report section), ``threads`` (a torch
+thread-count context manager).
 """
 
 from tl_iclgd.baselines import untrained_like

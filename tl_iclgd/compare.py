@@ -26,6 +26,7 @@ import gc
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -36,6 +37,7 @@ from tl_iclgd.baselines import untrained_like
 from tl_iclgd.capture import Capture, capture
 from tl_iclgd.gd import GDConfig, check_unprocessed, finetune
 from tl_iclgd.tasks import Task, TokenizedTask, get_task, tokenize_task
+from tl_iclgd.threads import torch_threads
 
 METHODS = ("gd", "lcgd")
 BASELINES = {"untrained": "none", "untrained_embeddings": "embeddings"}
@@ -269,18 +271,21 @@ def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDCo
     given to ``tl_plugins.enable(model, "iclgd", ...)`` if any, else ``GDConfig()``.
     num_threads: torch threads for the run (restored after); 1 is much faster on an oversubscribed CPU.
     """
-    if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads: got {num_threads!r}; accepted: None or an int >= 1")
-        before = torch.get_num_threads()
-        torch.set_num_threads(num_threads)
-        try:
-            return compare(model, task, gd, methods=methods, baselines=baselines, n_demos=n_demos,
-                           n_queries=n_queries, seeds=seeds, position=position, prepend_bos=prepend_bos,
-                           context_budget=context_budget, single_token_labels=single_token_labels,
-                           batch_size=batch_size, kendall=kendall, progress=progress)
-        finally:
-            torch.set_num_threads(before)
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads: got {num_threads!r}; accepted: None or an int >= 1")
+    with torch_threads(num_threads) if num_threads is not None else nullcontext():
+        return _compare(model, task, gd, methods=methods, baselines=baselines, n_demos=n_demos,
+                        n_queries=n_queries, seeds=seeds, position=position, prepend_bos=prepend_bos,
+                        context_budget=context_budget, single_token_labels=single_token_labels,
+                        batch_size=batch_size, kendall=kendall, progress=progress)
+
+
+def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDConfig], *,
+             methods: Sequence[str], baselines: Sequence[str], n_demos: Optional[int], n_queries: Optional[int],
+             seeds: Sequence[int], position: str, prepend_bos: Optional[bool], context_budget: Optional[int],
+             single_token_labels: bool, batch_size: int, kendall: bool, progress: bool) -> Comparison:
+    """:func:`compare` with the torch thread count already set."""
     from dataclasses import replace
 
     import pandas as pd

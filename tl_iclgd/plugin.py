@@ -140,14 +140,10 @@ def bench_iclgd(*, quick: bool = False, model: str = "smollm2-135m", device: str
     Runs with ``threads`` torch threads (default 1: on a 2-core CPU shared with other work one thread is
     several times faster than two; the ratio is measured below and printed).
     """
-    import torch
+    from tl_iclgd.threads import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _bench(quick=quick, model=model, device=device)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _bench(*, quick: bool, model: str, device: str):
@@ -158,6 +154,7 @@ def _bench(*, quick: bool, model: str, device: str):
     from tl_iclgd.compare import compare
     from tl_iclgd.gd import GDConfig, finetune
     from tl_iclgd.tasks import get_task, tokenize_task
+    from tl_iclgd.threads import torch_threads
     from tl_plugins import models
     from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time, rss_bytes
 
@@ -208,11 +205,8 @@ def _bench(*, quick: bool, model: str, device: str):
     default_threads = max(1, min(2, __import__("os").cpu_count() or 1))
     t2 = float("nan")
     if not quick:
-        torch.set_num_threads(default_threads)
-        try:
+        with torch_threads(default_threads):
             t2 = median_time(lambda: capture(m, prefix, queries), repeat=rep, warmup=0)
-        finally:
-            torch.set_num_threads(nthreads)
         res.add(what=f"ICL capture with {default_threads} threads (vs {nthreads} above)", seconds=t2,
                 cpu_seconds=float("nan"), ratio_to_full=t2 / t_full, peak_rss_gb=float("nan"))
     res.check("full comparison at most 5 minutes" + (" (quick sizes)" if quick else ""), t_full <= 300)
@@ -240,14 +234,6 @@ def tl_plugins_register_benchmarks(register):
 
 # -- report -----------------------------------------------------------------------------------------
 
-def _threads(n: int) -> int:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    return before
-
-
 def _layer_figure(layer_df, metric: str, title: str):
     import plotly.graph_objects as go
 
@@ -266,6 +252,7 @@ def tl_plugins_report_sections(report):
 
     from tl_iclgd.compare import compare, icl_accuracy_curve
     from tl_iclgd.gd import GDConfig, check_unprocessed
+    from tl_iclgd.threads import torch_threads
 
     model = report.model
     try:
@@ -295,12 +282,9 @@ def tl_plugins_report_sections(report):
             "and GD agree for a learned reason (Deutch et al. 2024).</p>")
     tables = [res.table()]
     if has_tok:
-        torch_threads = _threads(1)
-        try:
+        with torch_threads(1):
             curve = icl_accuracy_curve(model, "antonyms", n_demos=(0, 2, 4) if quick else (0, 1, 2, 4, 8, 16),
                                        n_queries=8 if quick else 20)
-        finally:
-            _threads(torch_threads)
         cdf = curve.to_frame()
         fig = go.Figure(go.Scatter(x=cdf.n_demos, y=cdf.accuracy, mode="lines+markers"))
         fig.update_layout(title="ICL accuracy vs number of demonstrations (antonyms)", xaxis_title="demonstrations",

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tl_iclgd.tasks import TokenizedTask
+from tl_iclgd.threads import torch_threads
 from tl_plugins.models import tiny
 
 
@@ -40,10 +41,8 @@ def smollm2():
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One torch thread: much faster than two on the shared 2-core test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

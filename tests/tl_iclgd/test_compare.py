@@ -111,6 +111,11 @@ def test_compare_bad_input(llama3, make_task):
         compare(llama3, task, {"lr": 1})
     with pytest.raises(ValueError, match="num_threads"):
         compare(llama3, task, GDConfig(), num_threads=0)
+    # the thread count set for the run is restored even when the run raises
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="methods: got"):
+        compare(llama3, task, GDConfig(), methods=("sgd",), num_threads=2)
+    assert torch.get_num_threads() == 1
 
 
 def test_first_label_token_position_records_the_label_token(llama3, make_task):
