@@ -179,6 +179,22 @@ class _small_ops:
         torch.set_num_threads(self._n)
 
 
+def _prepare(A, B, k, mode, rows, cols, budget_bytes):
+    """Validate the arguments shared by the top-k scans; return the factors sliced to the selected
+    rows/columns and the selected ids ``(A[rows], B[:, cols], row_ids, col_ids)`` (all ids if None)."""
+    _check_mode(mode)
+    _check_k(k)
+    _check_factors(A, B)
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive number of bytes")
+    n, m = A.shape[0], B.shape[1]
+    row_ids = as_index(rows, n, "rows")
+    col_ids = as_index(cols, m, "cols")
+    row_ids = torch.arange(n) if row_ids is None else row_ids
+    col_ids = torch.arange(m) if col_ids is None else col_ids
+    return A[row_ids.to(A.device)], B[:, col_ids.to(B.device)], row_ids, col_ids
+
+
 def topk_product(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -203,20 +219,9 @@ def topk_product(
     are candidates, all of them are returned. Returns values/rows/cols sorted best first, ties by
     (row id, column id) ascending.
     """
-    _check_mode(mode)
-    _check_k(k)
-    _check_factors(A, B)
-    if budget_bytes <= 0:
-        raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive number of bytes")
-    n, r = A.shape
-    m = B.shape[1]
-    row_ids = as_index(rows, n, "rows")
-    col_ids = as_index(cols, m, "cols")
-    row_ids = torch.arange(n) if row_ids is None else row_ids
-    col_ids = torch.arange(m) if col_ids is None else col_ids
     A_in, B_in = A, B
-    A = A[row_ids.to(A.device)]
-    B = B[:, col_ids.to(B.device)]
+    A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes)
+    r, m = A.shape[1], B_in.shape[1]
     if balance and min(A.shape[0], B.shape[1]) > r:
         A, B = balance_factors(A, B)
     if mode == "smallest":
@@ -375,16 +380,8 @@ def topk_per_row(
     k' = min(k, number of columns). Streams row chunks; ties inside a row go to the smaller column
     id (both which tied entries are kept and their order). With ``exclude_diagonal`` a row's own id is never a column.
     """
-    _check_mode(mode)
-    _check_k(k)
-    _check_factors(A, B)
-    row_ids = as_index(rows, A.shape[0], "rows")
-    row_ids = torch.arange(A.shape[0]) if row_ids is None else row_ids
-    A = A[row_ids.to(A.device)]
-    n, m = A.shape[0], B.shape[1]
-    col_ids = as_index(cols, m, "cols")
-    col_ids = torch.arange(m) if col_ids is None else col_ids
-    B = B[:, col_ids.to(B.device)]
+    A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes)
+    n = A.shape[0]
     kk = min(k, col_ids.numel())
     chunk = chunk_rows_for(col_ids.numel(), A.element_size(), budget_bytes)
     out_v = torch.empty(n, kk, dtype=A.dtype)

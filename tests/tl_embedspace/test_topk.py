@@ -151,3 +151,8 @@ def test_bad_input_is_refused():
         topk_product(torch.full((5, 2), float("nan")), B, 3)
     with pytest.raises(ValueError, match="selects no ids"):
         topk_product(A, B, 3, cols=[])
+    for f in (topk_product, topk_per_row):
+        with pytest.raises(ValueError, match="budget_bytes: got 0; accepted: a positive number of bytes"):
+            f(A, B, 3, budget_bytes=0)
+        with pytest.raises(IndexError, match="cols: id 4 out of range"):
+            f(A, B, 3, cols=[4])
