@@ -64,6 +64,20 @@ class ScalePlugin:
 
 
 @pytest.fixture
+def temp_plugin():
+    """``temp_plugin(obj, name)`` registers a throw-away plugin; teardown unregisters it."""
+    names = []
+
+    def register(obj, name):
+        names.append(tl_plugins.register_plugin(obj, name=name))
+        return obj
+
+    yield register
+    for name in reversed(names):
+        tl_plugins.unregister_plugin(name=name)
+
+
+@pytest.fixture
 def scale_plugin():
     name = tl_plugins.register_plugin(ScalePlugin, name="test-scale")
     yield ScalePlugin

@@ -161,7 +161,7 @@ def test_disable_not_enabled(tiny_model, scale_plugin):
         tl_plugins.disable(tiny_model, "scale")
 
 
-def test_failing_enable_leaves_model_unchanged(tiny_model, tokens, scale_plugin):
+def test_failing_enable_leaves_model_unchanged(tiny_model, tokens, scale_plugin, temp_plugin):
     """A plugin whose enable hook raises after the seams were installed: everything is rolled back."""
     from dataclasses import dataclass
 
@@ -185,17 +185,14 @@ def test_failing_enable_leaves_model_unchanged(tiny_model, tokens, scale_plugin)
 
     before = _fingerprint(tiny_model)
     ref = tiny_model(tokens)
-    tl_plugins.register_plugin(Broken, name="test-broken")
-    try:
-        with pytest.raises(RuntimeError, match="refusing"):
-            tl_plugins.enable(tiny_model, "broken")
-    finally:
-        tl_plugins.unregister_plugin(name="test-broken")
+    temp_plugin(Broken, "test-broken")
+    with pytest.raises(RuntimeError, match="refusing"):
+        tl_plugins.enable(tiny_model, "broken")
     assert torch.equal(tiny_model(tokens), ref)
     _same_fingerprint(before, _fingerprint(tiny_model))
 
 
-def test_two_plugins_share_one_seam(tiny_model, tokens, scale_plugin):
+def test_two_plugins_share_one_seam(tiny_model, tokens, scale_plugin, temp_plugin):
     """Disabling one of two seam users keeps the seam for the other."""
     from dataclasses import dataclass
 
@@ -211,18 +208,15 @@ def test_two_plugins_share_one_seam(tiny_model, tokens, scale_plugin):
         def tl_plugins_register(register):
             register("other", config=Cfg, changes_forward=True, attention_seam=True)
 
-    tl_plugins.register_plugin(Other, name="test-other")
-    try:
-        ref = tiny_model(tokens)
-        tl_plugins.enable(tiny_model, "other")
-        tl_plugins.enable(tiny_model, "scale", factor=2.0)
-        tl_plugins.disable(tiny_model, "scale")
-        assert "forward" in tiny_model.blocks[0].attn.__dict__
-        assert torch.equal(tiny_model(tokens), ref)
-        tl_plugins.disable(tiny_model, "other")
-        assert "forward" not in tiny_model.blocks[0].attn.__dict__
-    finally:
-        tl_plugins.unregister_plugin(name="test-other")
+    temp_plugin(Other, "test-other")
+    ref = tiny_model(tokens)
+    tl_plugins.enable(tiny_model, "other")
+    tl_plugins.enable(tiny_model, "scale", factor=2.0)
+    tl_plugins.disable(tiny_model, "scale")
+    assert "forward" in tiny_model.blocks[0].attn.__dict__
+    assert torch.equal(tiny_model(tokens), ref)
+    tl_plugins.disable(tiny_model, "other")
+    assert "forward" not in tiny_model.blocks[0].attn.__dict__
 
 
 def test_kv_cache_generation_through_the_seam_is_bit_exact(scale_plugin):

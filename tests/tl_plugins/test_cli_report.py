@@ -60,7 +60,7 @@ def test_report_is_self_contained(tmp_path):
     assert "section failed" not in html, re.findall(r"<h2[^>]*>([^<]*failed)</h2>", html)
 
 
-def test_a_failing_section_does_not_lose_the_report(tmp_path):
+def test_a_failing_section_does_not_lose_the_report(tmp_path, temp_plugin):
     from tl_plugins import hookimpl
 
     class Bad:
@@ -69,12 +69,9 @@ def test_a_failing_section_does_not_lose_the_report(tmp_path):
         def tl_plugins_report_sections(report):
             raise ValueError("this section is broken")
 
-    tl_plugins.register_plugin(Bad, name="test-bad-section")
-    try:
-        html = build_report(tl_plugins.models.load("tiny-gpt2"), "tiny-gpt2", tmp_path,
-                            options={"quick": True}, progress=False).read_text()
-    finally:
-        tl_plugins.unregister_plugin(name="test-bad-section")
+    temp_plugin(Bad, "test-bad-section")
+    html = build_report(tl_plugins.models.load("tiny-gpt2"), "tiny-gpt2", tmp_path,
+                        options={"quick": True}, progress=False).read_text()
     assert "test-bad-section: section failed" in html and "this section is broken" in html
     assert "Model card" in html
 
