@@ -35,7 +35,7 @@ import torch
 from tl_iclgd import metrics as M
 from tl_iclgd.baselines import untrained_like
 from tl_iclgd.capture import Capture, capture
-from tl_iclgd.gd import GDConfig, check_unprocessed, finetune
+from tl_iclgd.gd import GDConfig, _finetune, check_unprocessed
 from tl_iclgd.tasks import Task, TokenizedTask, get_task, tokenize_task
 from tl_iclgd.threads import torch_threads
 
@@ -212,7 +212,11 @@ def _layer_rows(rows: list, base: dict, name: str, per_example: torch.Tensor) ->
 def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *, seed: int,
                 context_budget: Optional[int], batch_size: int, kendall: bool, variant: str,
                 layer_rows: list, run_rows: list) -> None:
-    """ZSL, ICL and FT for one model and one tokenised task; appends rows (see :class:`Comparison`)."""
+    """ZSL, ICL and FT for one model and one tokenised task; appends rows (see :class:`Comparison`).
+
+    The caller checks the weights are unprocessed (:func:`~tl_iclgd.gd.check_unprocessed`), as :func:`compare`
+    does once for every variant, seed and method.
+    """
     k = ttask.icl_budget(model.cfg.n_ctx, context_budget)
     bos = () if ttask.bos is None else (ttask.bos,)
     queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
@@ -228,7 +232,7 @@ def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *
     gen = torch.Generator().manual_seed(10_000 + seed)
     for cfg in configs:
         base = {"variant": variant, "method": cfg.method, "seed": seed}
-        ft_res = finetune(model, ttask, cfg, record_inputs=kendall)
+        ft_res = _finetune(model, ttask, cfg, record_inputs=kendall)
         ft = capture(model, bos, queries, params=ft_res.params, predict_offset=off, batch_size=batch_size,
                      want_attn_in=kendall)
         ft_ok = predictions(ft, ttask.label_ids) == gold

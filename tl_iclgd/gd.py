@@ -254,6 +254,12 @@ def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_in
     if not isinstance(config, GDConfig):
         raise TypeError(f"config: got {type(config).__name__}; accepted: a tl_iclgd.GDConfig")
     check_unprocessed(model, config.allow_processed)
+    return _finetune(model, demos, config, record_inputs=record_inputs)
+
+
+def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) -> FinetuneResult:
+    """:func:`finetune` once the caller has checked ``config`` and the model's weights (compare does so
+    once per run, not per variant, seed and method)."""
     seqs = _sequences(demos, config.loss)
     n_ctx = model.cfg.n_ctx
     for i, (s, _) in enumerate(seqs):
