@@ -226,15 +226,20 @@ def test_references_are_discriminating():
     assert torch.equal(refs.plugin_only, refs.base)  # pass-through changes nothing
 
 
+def _setup(plugin, arch):
+    """(name, options, reference outputs, a fresh SAE-capable model, tokens) for one plugin/arch."""
+    name, options = plugin
+    refs = _references(arch, name, options)
+    model = _sae_model(arch)
+    return name, options, refs, model, _tokens(model)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("order", ["sae_then_enable", "enable_then_sae"])
 @pytest.mark.parametrize("teardown", ["disable_then_reset", "reset_then_disable"])
 def test_sae_fires_with_plugin_and_teardown_restores(plugin, arch, order, teardown):
-    name, options = plugin
-    refs = _references(arch, name, options)
-    model = _sae_model(arch)
+    name, options, refs, model, tokens = _setup(plugin, arch)
     saes = _saes(model)
-    tokens = _tokens(model)
     with torch.no_grad():
         assert torch.equal(model(tokens), refs.base)
         if order == "sae_then_enable":
@@ -271,10 +276,7 @@ def test_sae_fires_with_plugin_and_teardown_restores(plugin, arch, order, teardo
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_enable_disable_cycles_with_sae_attached(plugin, arch):
     """Reconfigure and re-enable with the SAE on; each disable gives the SAE-only outputs back."""
-    name, options = plugin
-    refs = _references(arch, name, options)
-    model = _sae_model(arch)
-    tokens = _tokens(model)
+    name, options, refs, model, tokens = _setup(plugin, arch)
     _attach(model, _saes(model))
     with torch.no_grad():
         for _ in range(2):
@@ -293,10 +295,7 @@ def test_enable_disable_cycles_with_sae_attached(plugin, arch):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_deepcopy_of_enabled_sae_model_is_independent(plugin, arch):
-    name, options = plugin
-    refs = _references(arch, name, options)
-    model = _sae_model(arch)
-    tokens = _tokens(model)
+    name, options, refs, model, tokens = _setup(plugin, arch)
     _attach(model, _saes(model))
     tl_plugins.enable(model, name, **options)
     with torch.no_grad():
