@@ -35,24 +35,35 @@ def gram_matrices(P1: torch.Tensor, P2: torch.Tensor) -> tuple[torch.Tensor, tor
     return P1c @ P1c.T, P2c @ P2c.T, P1c @ P2c.T
 
 
+def _embedding_side(X: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X`` in float64 and the norms of its projections, ``sqrt(x G x^T)`` (G its centred Gram)."""
+    X = X.double()
+    return X, ((X @ G) * X).sum(-1).clamp_min(1e-300).sqrt()
+
+
+def _embedding_pair(XG12: torch.Tensor, vx: torch.Tensor, Y: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
+    return (XG12 @ Y.T) / vx[:, None] / vy[None, :]
+
+
 def embedding_correlation(X: torch.Tensor, Y: torch.Tensor, grams) -> torch.Tensor:
     """Correlation across the vocabulary of ``X [n, d1] P1`` and ``Y [m, d2] P2``: ``[n, m]``."""
     G11, G22, G12 = grams
-    X, Y = X.double(), Y.double()
-    vx = ((X @ G11) * X).sum(-1).clamp_min(1e-300).sqrt()
-    vy = ((Y @ G22) * Y).sum(-1).clamp_min(1e-300).sqrt()
-    return (X @ G12 @ Y.T) / vx[:, None] / vy[None, :]
+    X, vx = _embedding_side(X, G11)
+    Y, vy = _embedding_side(Y, G22)
+    return _embedding_pair(X @ G12, vx, Y, vy)
+
+
+def _feature_unit(X: torch.Tensor) -> torch.Tensor:
+    """Rows of ``X`` centred over their coordinates and scaled to unit norm (float64)."""
+    Xc = (X - X.mean(1, keepdim=True)).double()
+    return Xc / Xc.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
 def feature_correlation(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Correlation across the d coordinates of ``X [n, d]`` and ``Y [m, d]``: ``[n, m]``."""
     if X.shape[1] != Y.shape[1]:
         raise ValueError(f"X, Y: feature dimensions differ ({X.shape[1]} vs {Y.shape[1]})")
-    Xc = (X - X.mean(1, keepdim=True)).double()
-    Yc = (Y - Y.mean(1, keepdim=True)).double()
-    Xc = Xc / Xc.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    Yc = Yc / Yc.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    return Xc @ Yc.T
+    return _feature_unit(X) @ _feature_unit(Y).T
 
 
 def summarise(corr: torch.Tensor, stat: str) -> float:
@@ -171,10 +182,16 @@ def align(space_a: Any, space_b: Any, kind: str = "ff_values", stat: str = "mean
     S_f = torch.zeros(La, Lb, dtype=torch.float64) if same_d else None
     va = [_layer_vectors(space_a, kind, i)[0][:max_vectors] for i in range(La)]
     vb = [_layer_vectors(space_b, kind, j)[0][:max_vectors] for j in range(Lb)]
+    # the per-layer parts (Gram products, norms, centring) once per layer; one product per pair
+    G11, G22, G12 = grams
+    ea = [(X @ G12, vx) for X, vx in (_embedding_side(X, G11) for X in va)]
+    eb = [_embedding_side(Y, G22) for Y in vb]
+    fa = [_feature_unit(X) for X in va] if S_f is not None else None
+    fb = [_feature_unit(Y) for Y in vb] if S_f is not None else None
     for i in range(La):
         for j in range(Lb):
-            S_e[i, j] = summarise(embedding_correlation(va[i], vb[j], grams), stat)
+            S_e[i, j] = summarise(_embedding_pair(*ea[i], *eb[j]), stat)
             if S_f is not None:
-                S_f[i, j] = summarise(feature_correlation(va[i], vb[j]), stat)
+                S_f[i, j] = summarise(fa[i] @ fb[j].T, stat)
     return AlignResult(kind, stat, S_e, hungarian(S_e), S_f, hungarian(S_f) if S_f is not None else None,
                        {"a": space_a.basis, "b": space_b.basis})
