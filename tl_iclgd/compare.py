@@ -36,7 +36,7 @@ from tl_iclgd import metrics as M
 from tl_iclgd.baselines import untrained_like
 from tl_iclgd.capture import Capture, capture
 from tl_iclgd.gd import GDConfig, _finetune, check_unprocessed
-from tl_iclgd.tasks import Task, TokenizedTask, get_task, tokenize_task
+from tl_iclgd.tasks import Task, TokenizedTask, _draw, get_task, tokenize_task
 from tl_iclgd.threads import torch_threads
 
 METHODS = ("gd", "lcgd")
@@ -147,20 +147,19 @@ def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, 
         import random
 
         rng = random.Random(seed)
-        d = _pick(len(task.demos), n_demos, rng, "n_demos")
-        q = _pick(len(task.queries), n_queries, rng, "n_queries")
+        d = _draw(list(range(len(task.demos))), n_demos, rng, "n_demos")
+        q = _draw(list(range(len(task.queries))), n_queries, rng, "n_queries")
         return task.subset(d, q).with_position(position)
     raise TypeError(f"task: got {type(task).__name__}; accepted: a built-in task name, a Task or a TokenizedTask")
 
 
-def _pick(n_pool: int, n: Optional[int], rng, arg: str) -> list[int]:
-    if n is None:
-        n = n_pool
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > n_pool:
-        raise ValueError(f"{arg}: got {n!r}; accepted: None or an int in [1, {n_pool}] (the pool size)")
-    idx = list(range(n_pool))
-    rng.shuffle(idx)
-    return idx[:n]
+def _default_prepend_bos(model: Any, task: Union[str, Task, TokenizedTask]) -> bool:
+    """prepend_bos=None: the model's default for tasks tokenised here; a TokenizedTask keeps its own BOS."""
+    return bool(getattr(model.cfg, "default_prepend_bos", False)) and isinstance(task, (str, Task))
+
+
+def _task_name(task: Union[str, Task, TokenizedTask]) -> str:
+    return task if isinstance(task, str) else getattr(task, "name", "custom")
 
 
 def predictions(cap: Capture, label_ids: Optional[Sequence[int]]) -> torch.Tensor:
@@ -188,7 +187,7 @@ def _kendall(icl: Capture, ft: Capture, inputs: list[torch.Tensor], trace_demos:
     first_step = {}
     for step, j in enumerate(trace_demos):
         first_step.setdefault(j, step)
-    skip = 0 if ttask.bos is None else 1
+    skip = len(ttask._bos())
     xs = [inputs[first_step[j]][skip:] for j in range(n_gd - k, n_gd)]  # ICL saw the last k demos
     X = torch.cat(xs, dim=0)  # [P, L, d]
     dual = torch.einsum("pld,nld->nlp", X.double(), ft.attn_in.double())  # [N, L, P]
@@ -218,7 +217,7 @@ def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *
     does once for every variant, seed and method.
     """
     k = ttask.icl_budget(model.cfg.n_ctx, context_budget)
-    bos = () if ttask.bos is None else (ttask.bos,)
+    bos = ttask._bos()
     queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
     off = ttask.predict_offset()
     zsl = capture(model, bos, queries, predict_offset=off, batch_size=batch_size)
@@ -310,7 +309,7 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
         raise ValueError(f"seeds: got {seeds!r}; accepted: a non-empty sequence of ints")
     check_unprocessed(model, gd.allow_processed)
     if prepend_bos is None:
-        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", False)) and isinstance(task, (str, Task))
+        prepend_bos = _default_prepend_bos(model, task)
     configs = [replace(gd, layer_causal=(m == "lcgd")) for m in methods]
     layer_rows: list = []
     run_rows: list = []
@@ -330,7 +329,7 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
         if m is not model:
             del m
             gc.collect()  # free the baseline model before the next one is built (peak memory)
-    settings = {"task": task if isinstance(task, str) else getattr(task, "name", "custom"),
+    settings = {"task": _task_name(task),
                 "n_demos": n_demos, "n_queries": n_queries, "seeds": list(seeds), "position": position,
                 "methods": list(methods), "baselines": list(baselines), "lr": gd.lr, "params": gd.params,
                 "loss": gd.loss, "order": gd.order, "readout": gd.readout, "epochs": gd.epochs,
@@ -365,13 +364,13 @@ def icl_accuracy_curve(model: Any, task: Union[str, Task, TokenizedTask] = "anto
                        batch_size: int = 64) -> AccuracyCurve:
     """ICL accuracy as the number of demonstrations grows (0 = zero-shot); same queries per seed."""
     if prepend_bos is None:
-        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", False)) and isinstance(task, (str, Task))
+        prepend_bos = _default_prepend_bos(model, task)
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in n_demos):
         raise ValueError(f"n_demos: got {list(n_demos)!r}; accepted: ints >= 0")
     rows = []
     for seed in seeds:
         ttask = _resolve_task(model, task, seed, max(max(n_demos), 1), n_queries, "prompt_end", prepend_bos, True)
-        bos = () if ttask.bos is None else (ttask.bos,)
+        bos = ttask._bos()
         queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
         gold = torch.tensor([q.label[0] for q in ttask.queries])
         for n in n_demos:
@@ -379,7 +378,7 @@ def icl_accuracy_curve(model: Any, task: Union[str, Task, TokenizedTask] = "anto
             cap = capture(model, ctx, queries, batch_size=batch_size)
             acc = float((predictions(cap, ttask.label_ids) == gold).float().mean())
             rows.append({"n_demos": n, "seed": seed, "accuracy": acc, "n_queries": len(queries)})
-    return AccuracyCurve(rows, task if isinstance(task, str) else getattr(task, "name", "custom"))
+    return AccuracyCurve(rows, _task_name(task))
 
 
 __all__ = ["compare", "Comparison", "run_variant", "predictions", "icl_accuracy_curve", "AccuracyCurve",
