@@ -258,27 +258,23 @@ def tokenize_task(task: Task, tokenizer: Any, *, position: str = "prompt_end", p
         raise ValueError(f"position: got {position!r}; accepted: {', '.join(POSITIONS)}")
     head, mid, label_space, tail = task._pieces()
 
+    def _label_ids(text: str, where: str) -> tuple[int, ...]:
+        """The ids of ``label_space + text``; one id only when single_token_labels (raises naming ``where``)."""
+        ids = _encode(tok, label_space + text)
+        if single_token_labels and len(ids) != 1:
+            raise ValueError(f"{where} {label_space + text!r} tokenises to {len(ids)} tokens {list(ids)}; "
+                             "accepted: single-token labels (or single_token_labels=False)")
+        return ids
+
     def one(pair, arg, i):
         x, y = pair
-        prompt = _encode(tok, head + x + mid)
-        label = _encode(tok, label_space + y)
-        if single_token_labels and len(label) != 1:
-            raise ValueError(f"{arg}[{i}]: label {label_space + y!r} tokenises to {len(label)} tokens {list(label)}; "
-                             "accepted: single-token labels (or single_token_labels=False)")
-        return Example(prompt, label, _encode(tok, tail))
+        return Example(_encode(tok, head + x + mid), _label_ids(y, f"{arg}[{i}]: label"), _encode(tok, tail))
 
     demos = tuple(one(p, "demos", i) for i, p in enumerate(task.demos))
     queries = tuple(one(p, "queries", i) for i, p in enumerate(task.queries))
     label_ids = None
     if task.labels is not None:
-        ids = []
-        for lab in task.labels:
-            t = _encode(tok, label_space + lab)
-            if single_token_labels and len(t) != 1:
-                raise ValueError(f"labels: {label_space + lab!r} tokenises to {len(t)} tokens; accepted: single-token "
-                                 "labels")
-            ids.append(t[0])
-        label_ids = tuple(ids)
+        label_ids = tuple(_label_ids(lab, "labels:")[0] for lab in task.labels)
     bos = None
     if prepend_bos:
         bos = getattr(tok, "bos_token_id", None)
