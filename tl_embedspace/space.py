@@ -57,6 +57,13 @@ class ProcessedWeightsWarning(UserWarning):
     """The model's weights were processed (fold_ln/centering): results differ from the paper's."""
 
 
+def check_index(value: Any, size: int, arg: str) -> int:
+    """``value`` if it is an int (not a bool) in ``[0, size)``, else an IndexError naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+        raise IndexError(f"{arg}: got {value!r}; accepted: an int in [0, {size - 1}]")
+    return value
+
+
 class EmbeddingSpace:
     """Vocabulary-space view of one model's weights (see the module docstring).
 
@@ -217,27 +224,15 @@ class EmbeddingSpace:
 
     # -- range checks --------------------------------------------------------------------------
     def _layer(self, layer: Any) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer: got {layer!r}; accepted: an int in [0, {self.n_layers - 1}]")
-        return layer
+        return check_index(layer, self.n_layers, "layer")
 
     def _head(self, head: Any) -> int:
-        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < self.n_heads:
-            raise IndexError(f"head: got {head!r}; accepted: an int in [0, {self.n_heads - 1}]")
-        return head
+        return check_index(head, self.n_heads, "head")
 
     def _neuron(self, neuron: Any) -> int:
-        d_mlp = self.w.d_mlp
-        if d_mlp is None:
+        if self.w.d_mlp is None:
             raise UnsupportedModelError("model: attention-only model has no feed-forward neurons")
-        if isinstance(neuron, bool) or not isinstance(neuron, int) or not 0 <= neuron < d_mlp:
-            raise IndexError(f"neuron: got {neuron!r}; accepted: an int in [0, {d_mlp - 1}]")
-        return neuron
-
-    def _index(self, index: Any, size: int, arg: str) -> int:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < size:
-            raise IndexError(f"{arg}: got {index!r}; accepted: an int in [0, {size - 1}]")
-        return index
+        return check_index(neuron, self.w.d_mlp, "neuron")
 
     # -- vectors to tokens ---------------------------------------------------------------------
     def _scores(self, scores: torch.Tensor, k: int, label: str, tokens: Any = None) -> TokenScores:
@@ -285,7 +280,7 @@ class EmbeddingSpace:
                     tokens: Any = None) -> TokenScores:
         """Column ``index`` of W_Q/W_K/W_V (read side) or row ``index`` of W_O (write side) of a head."""
         layer, head = self._layer(layer), self._head(head)
-        index = self._index(index, self.w.d_head, "index")
+        index = check_index(index, self.w.d_head, "index")
         which = str(which).upper()
         if which in ("Q", "K", "V"):
             mat = getattr(self.w, f"W_{which}_layer")(layer)[head]  # [d_model, d_head]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tl_embedspace.align import check_shared_vocabulary
+from tl_embedspace.space import check_index
 
 METHODS = ("pinv", "transpose", "lstsq")
 
@@ -84,16 +85,9 @@ def translator(space_a: Any, space_b: Any, method: str = "pinv", *, hidden_a: to
     return Translator(method, T, {"a": space_a.basis, "b": space_b.basis})
 
 
-def _check_layer(model: Any, layer: int, arg: str) -> int:
-    n = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-        raise IndexError(f"{arg}: got {layer!r}; accepted: an int in [0, {n - 1}]")
-    return layer
-
-
 def collect_hidden(model: Any, tokens: torch.Tensor, layer: int) -> torch.Tensor:
     """``blocks.{layer}.hook_resid_post`` of ``model`` on ``tokens``: ``[batch, pos, d_model]``."""
-    layer = _check_layer(model, layer, "layer")
+    layer = check_index(layer, model.cfg.n_layers, "layer")
     store: dict[str, torch.Tensor] = {}
 
     def keep(x, hook):
@@ -115,7 +109,7 @@ def stitched_forward(model_a: Any, model_b: Any, tokens: torch.Tensor, layer_a: 
     """
     if model_a.cfg.d_vocab != model_b.cfg.d_vocab:
         raise ValueError(f"models: vocabularies differ ({model_a.cfg.d_vocab} vs {model_b.cfg.d_vocab})")
-    layer_b = _check_layer(model_b, layer_b, "layer_b")
+    layer_b = check_index(layer_b, model_b.cfg.n_layers, "layer_b")
     h_a = collect_hidden(model_a, tokens, layer_a)
     h_b = translate(h_a)
     if h_b.shape[-1] != model_b.cfg.d_model:
