@@ -126,13 +126,10 @@ def _json_default(x):
 # -- helpers ----------------------------------------------------------------------------------------
 
 def _active_config(model: Any) -> GDConfig:
-    try:
-        import tl_plugins
+    """The settings given to ``tl_plugins.enable(model, "iclgd", ...)``, else ``GDConfig()``."""
+    import tl_plugins
 
-        cfg = tl_plugins.active(model).get("iclgd")
-    except Exception:  # the host may not know the model; defaults then
-        cfg = None
-    return cfg if isinstance(cfg, GDConfig) else GDConfig()
+    return tl_plugins.active(model).get("iclgd") or GDConfig()
 
 
 def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, n_demos: Optional[int],
@@ -174,9 +171,7 @@ def _per_query_heads(fn, *tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Apply a [L, H, n_q]-wise metric per query and average over heads (NaN-aware) -> [N, L]."""
     out = []
     for parts in zip(*tensors):
-        per_head = fn(*parts)  # [L, H]
-        out.append(torch.nanmean(per_head, dim=-1) if not torch.isnan(per_head).all() else
-                   torch.full(per_head.shape[:-1], math.nan, dtype=torch.float64))
+        out.append(torch.nanmean(fn(*parts), dim=-1))  # [L, H] -> [L]; NaN where every head is NaN
     return torch.stack(out)
 
 
