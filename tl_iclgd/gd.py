@@ -240,10 +240,6 @@ def _ce(logits: torch.Tensor, toks: torch.Tensor, mask: Optional[torch.Tensor]) 
     return (nll * mask).sum(-1) / mask.sum()
 
 
-def _logit_lens(model: Any, resid: torch.Tensor) -> torch.Tensor:
-    return _unembed(model, resid)
-
-
 def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_inputs: bool = False
              ) -> FinetuneResult:
     """Fine-tune copies of the chosen parameters on ``demos`` and return them (the model is untouched).
@@ -313,7 +309,7 @@ def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) 
                 with model.hooks(fwd_hooks=fwd_lc):
                     call_with_params(model, P, toks, stop_at_layer=L)
                 resid = torch.cat([store[f"readout.{layer}"] for layer in range(L)], dim=0)  # [L, T, d]
-                per_layer = _ce(_logit_lens(model, resid), toks[0], mask)  # [L]
+                per_layer = _ce(_unembed(model, resid), toks[0], mask)  # [L] (logit lens)
                 loss = per_layer.sum()
             grads = torch.autograd.grad(loss, list(P.values()), allow_unused=True)
         sq = [torch.zeros((), dtype=torch.float32) for _ in range(L)]
