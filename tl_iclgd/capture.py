@@ -172,25 +172,19 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
             rec = offset + n_q - 1  # recorded position, in the positions of this forward
             store: dict[str, torch.Tensor] = {}
 
-            def keep_out(x, hook, store=store, rec=rec):
+            def keep_pos(x, hook, store=store, rec=rec):  # [B, T, d] -> [B, d]
                 store[hook.name] = x[:, rec].detach()
 
-            def keep_scores(x, hook, store=store, rec=rec):
-                store[hook.name] = x[:, :, rec].detach()  # [B, H, K]
-
-            def keep_pattern(x, hook, store=store, rec=rec):
+            def keep_query_row(x, hook, store=store, rec=rec):  # [B, H, T, K] -> [B, H, K]
                 store[hook.name] = x[:, :, rec].detach()
-
-            def keep_norm(x, hook, store=store, rec=rec):
-                store[hook.name] = x[:, rec].detach()
 
             fwd = []
             for layer in range(L):
-                fwd.append((f"blocks.{layer}.hook_attn_out", keep_out))
-                fwd.append((f"blocks.{layer}.attn.hook_attn_scores", keep_scores))
-                fwd.append((f"blocks.{layer}.attn.hook_pattern", keep_pattern))
+                fwd.append((f"blocks.{layer}.hook_attn_out", keep_pos))
+                fwd.append((f"blocks.{layer}.attn.hook_attn_scores", keep_query_row))
+                fwd.append((f"blocks.{layer}.attn.hook_pattern", keep_query_row))
                 if want_attn_in:
-                    fwd.append((f"blocks.{layer}.ln1.hook_normalized", keep_norm))
+                    fwd.append((f"blocks.{layer}.ln1.hook_normalized", keep_pos))
             with torch.no_grad(), model.hooks(fwd_hooks=fwd):
                 # stop before the final norm: unembedding every position would cost as much as a block
                 resid = call_with_params(model, params, toks, stop_at_layer=L, **kw)
