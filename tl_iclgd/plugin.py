@@ -16,7 +16,6 @@ import click
 from tl_plugins import hookimpl
 
 DEFAULT_LR = 0.1
-_enabled: "dict[int, object]" = {}
 
 
 @hookimpl

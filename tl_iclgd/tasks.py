@@ -189,10 +189,6 @@ class TokenizedTask:
         d = self.demos[j]
         return (False,) * (len(self._bos()) + len(d.prompt)) + (True,) * len(d.label) + (False,) * len(d.suffix)
 
-    def record_offset(self) -> int:
-        """Offset of the recorded position from the end of the query sequence (-1)."""
-        return -1
-
     def predict_offset(self) -> int:
         """Offset of the position whose logits predict the label (-1 or -2)."""
         return -2 if self.position == "first_label_token" else -1
