@@ -169,23 +169,32 @@ def _depth() -> int:
     return getattr(_local, "depth", 0)
 
 
-def _wrap_model_init(cls) -> None:
+def _wrap_init(cls, after, *, nest: bool) -> None:
+    """Wrap ``cls.__init__`` (once) so that ``after(instance)`` runs when an outermost construction
+    finishes with a plugin selected. ``nest``: count this class's constructions as nesting depth
+    (a model builds attention modules inside its own __init__; those must not be enabled apart)."""
     original = cls.__init__
     if getattr(original, "_tl_conformance", False):
         return
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        _local.depth = _depth() + 1
+        if nest:
+            _local.depth = _depth() + 1
         try:
             original(self, *args, **kwargs)
         finally:
-            _local.depth -= 1
+            if nest:
+                _local.depth -= 1
         if _depth() == 0 and _PLUGIN:
-            _enable(self, "model_enables")
+            after(self)
 
     __init__._tl_conformance = True
     cls.__init__ = __init__
+
+
+def _enable_model(model) -> None:
+    _enable(model, "model_enables")
 
 
 def _shell_for(attn):
@@ -199,22 +208,11 @@ def _shell_for(attn):
     return shell
 
 
-def _wrap_attention_init(cls) -> None:
-    original = cls.__init__
-    if getattr(original, "_tl_conformance", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if _depth() == 0 and _PLUGIN:
-            shell = _shell_for(self)
-            # the seam's bookkeeping lives on the shell; keep it alive as long as the module
-            object.__setattr__(self, "_tl_conformance_shell", shell)
-            _enable(shell, "module_enables")
-
-    __init__._tl_conformance = True
-    cls.__init__ = __init__
+def _enable_bare_attention(attn) -> None:
+    shell = _shell_for(attn)
+    # the seam's bookkeeping lives on the shell; keep it alive as long as the module
+    object.__setattr__(attn, "_tl_conformance_shell", shell)
+    _enable(shell, "module_enables")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,11 +371,11 @@ def pytest_configure(config):
     from transformer_lens import HookedTransformer
     from transformer_lens.components import Attention, GroupedQueryAttention
 
-    _wrap_model_init(HookedTransformer)
+    _wrap_init(HookedTransformer, _enable_model, nest=True)
     if "sae_lens" in sys.modules:  # importing it costs seconds; the TL tests never do
-        _wrap_model_init(sys.modules["sae_lens"].HookedSAETransformer)
-    _wrap_attention_init(Attention)
-    _wrap_attention_init(GroupedQueryAttention)
+        _wrap_init(sys.modules["sae_lens"].HookedSAETransformer, _enable_model, nest=True)
+    _wrap_init(Attention, _enable_bare_attention, nest=False)
+    _wrap_init(GroupedQueryAttention, _enable_bare_attention, nest=False)
     HookedTransformer.from_pretrained = classmethod(_offline_loader(processing=True))
     HookedTransformer.from_pretrained_no_processing = classmethod(_offline_loader(processing=False))
     _shim_auto_tokenizer()
