@@ -158,7 +158,7 @@ def _bench(*, quick: bool, model: str, device: str):
     from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time, rss_bytes
 
     n_demos, n_queries = (4, 8) if quick else (16, 50)
-    m = models.load(model, device=device) if model == "smollm2-135m" else models.load(model)
+    m = models.load(model, device=device)
     has_tok = getattr(m, "tokenizer", None) is not None
     task = "antonyms" if has_tok else _synthetic_task(m.cfg.d_vocab, n_demos, n_queries)
     gd = GDConfig(lr=DEFAULT_LR)
