@@ -7,7 +7,6 @@ stores default fine-tuning settings: ``tl_plugins.enable(model, "iclgd", lr=1e-3
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 
@@ -155,7 +154,7 @@ def _bench(*, quick: bool, model: str, device: str):
     from tl_iclgd.tasks import get_task, tokenize_task
     from tl_iclgd.threads import torch_threads
     from tl_plugins import models
-    from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time, rss_bytes
+    from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time
 
     n_demos, n_queries = (4, 8) if quick else (16, 50)
     m = models.load(model, device=device)
@@ -163,8 +162,6 @@ def _bench(*, quick: bool, model: str, device: str):
     task = "antonyms" if has_tok else _synthetic_task(m.cfg.d_vocab, n_demos, n_queries)
     gd = GDConfig(lr=DEFAULT_LR)
     res = BenchResult("iclgd", device=device_description(device))
-    gc.collect()
-    rss0 = rss_bytes()
     with PeakRSS() as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         full = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,))
@@ -215,7 +212,7 @@ def _bench(*, quick: bool, model: str, device: str):
     with pd.option_context("display.width", 250, "display.max_columns", 40):
         res.notes.append(f"model {model}, task {getattr(ttask, 'name', task)}, {n_demos} demos, {n_queries} "
                          f"queries, {m.cfg.n_layers} layers, lr {gd.lr}, K/V of every layer, seed 0, "
-                         f"{nthreads} torch thread(s); RSS before the run {rss0 / 2**30:.2f} GB"
+                         f"{nthreads} torch thread(s); RSS before the run {mem.start / 2**30:.2f} GB"
                          + ("" if quick else f"; {nthreads}-thread/{default_threads}-thread ICL capture time "
                             f"ratio {t1 / t2:.2f}"))
         res.notes.append("aggregate (mean over examples, then layers), trained and untrained:\n"
