@@ -186,7 +186,7 @@ def _bench(*, quick: bool, model: str, device: str):
         ("ZSL capture", lambda: capture(m, (), queries)),
         ("ICL capture, prefix KV cache", lambda: capture(m, prefix, queries)),
         ("ICL capture, full forward per query", lambda: capture(m, prefix, queries, use_prefix_cache=False)),
-        ("GD fine-tuning (16 SGD steps)" if not quick else "GD fine-tuning", lambda: finetune(m, ttask, gd)),
+        (f"GD fine-tuning ({n_demos} SGD steps)" if not quick else "GD fine-tuning", lambda: finetune(m, ttask, gd)),
         ("LCGD fine-tuning", lambda: finetune(m, ttask, GDConfig(lr=DEFAULT_LR, layer_causal=True))),
     ]
     times = {}
