@@ -379,6 +379,8 @@ def topk_per_row(
 
     k' = min(k, number of columns). Streams row chunks; ties inside a row go to the smaller column
     id (both which tied entries are kept and their order). With ``exclude_diagonal`` a row's own id is never a column.
+    When k' exceeds a row's candidates (the excluded diagonal), the padding entries come last with
+    value -inf (+inf in ``mode="smallest"``).
     """
     A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes)
     n = A.shape[0]
@@ -416,7 +418,9 @@ def topk_per_row(
         if mode == "smallest":
             v = -v
         elif mode == "abs":
-            v = signed.gather(1, j)
+            # an excluded diagonal entry only comes back as padding (k above the row's candidates):
+            # it keeps the -inf marker of its key, not its real value
+            v = torch.where(v == float("-inf"), v, signed.gather(1, j))
         out_v[s:s + chunk] = v.cpu()
         out_i[s:s + chunk] = ids.cpu()
     return out_v, out_i

@@ -107,6 +107,20 @@ def test_topk_per_row_matches_dense(mode):
         assert c[r].tolist() == [e[1] for e in exp]
 
 
+@pytest.mark.parametrize("mode, pad", [("largest", float("-inf")), ("smallest", float("inf")),
+                                       ("abs", float("-inf"))])
+def test_topk_per_row_pads_past_the_candidates_without_leaking_the_diagonal(mode, pad):
+    """k = every column with the diagonal excluded: each row has one candidate fewer than k; the
+    last entry is padding (-inf, +inf for smallest), never the excluded entry's real value."""
+    g = torch.Generator().manual_seed(2)
+    A, B = torch.randn(4, 3, generator=g), torch.randn(3, 4, generator=g)
+    v, c = topk_per_row(A, B, 4, mode=mode, exclude_diagonal=True)
+    M = A @ B
+    assert torch.equal(v[:, -1], torch.full((4,), pad))
+    for i in range(4):
+        assert torch.equal(v[i, :3], M[i, c[i, :3]]) and i not in c[i, :3].tolist()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_topk_per_row_matches_brute_force(p):
