@@ -182,7 +182,7 @@ def _kendall(icl: Capture, ft: Capture, inputs: list[torch.Tensor], trace_demos:
     first_step = {}
     for step, j in enumerate(trace_demos):
         first_step.setdefault(j, step)
-    skip = len(ttask._bos())
+    skip = len(ttask.bos_tokens())
     xs = [inputs[first_step[j]][skip:] for j in range(n_gd - k, n_gd)]  # ICL saw the last k demos
     X = torch.cat(xs, dim=0)  # [P, L, d]
     dual = torch.einsum("pld,nld->nlp", X.double(), ft.attn_in.double())  # [N, L, P]
@@ -212,7 +212,7 @@ def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *
     does once for every variant, seed and method.
     """
     k = ttask.icl_budget(model.cfg.n_ctx, context_budget)
-    bos = ttask._bos()
+    bos = ttask.bos_tokens()
     queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
     off = ttask.predict_offset()
     zsl = capture(model, bos, queries, predict_offset=off, batch_size=batch_size)
@@ -365,7 +365,7 @@ def icl_accuracy_curve(model: Any, task: Union[str, Task, TokenizedTask] = "anto
     rows = []
     for seed in seeds:
         ttask = _resolve_task(model, task, seed, max(max(n_demos), 1), n_queries, "prompt_end", prepend_bos, True)
-        bos = ttask._bos()
+        bos = ttask.bos_tokens()
         queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
         gold = torch.tensor([q.label[0] for q in ttask.queries])
         for n in n_demos:

@@ -159,7 +159,8 @@ class TokenizedTask:
         return cls(mk(demos, "demos"), mk(queries, "queries"), **kw)
 
     # -- sequences ---------------------------------------------------------------------------------
-    def _bos(self) -> tuple[int, ...]:
+    def bos_tokens(self) -> tuple[int, ...]:
+        """``(bos,)``, or ``()`` when the task was tokenised without a BOS token."""
         return () if self.bos is None else (self.bos,)
 
     def query_tokens(self, i: int) -> tuple[int, ...]:
@@ -170,24 +171,24 @@ class TokenizedTask:
 
     def zsl_tokens(self, i: int) -> tuple[int, ...]:
         """The zero-shot sequence of query i: BOS (if any) plus :meth:`query_tokens`."""
-        return self._bos() + self.query_tokens(i)
+        return self.bos_tokens() + self.query_tokens(i)
 
     def prefix_tokens(self, n_demos: Optional[int] = None) -> tuple[int, ...]:
         """BOS plus the concatenated demonstrations (the last ``n_demos`` of them)."""
         demos = self.demos if n_demos is None else self.demos[len(self.demos) - n_demos:]
-        out: tuple[int, ...] = self._bos()
+        out: tuple[int, ...] = self.bos_tokens()
         for d in demos:
             out += d.demo_tokens
         return out
 
     def demo_sequence(self, j: int) -> tuple[int, ...]:
         """The GD training sequence of demonstration j (BOS plus the formatted pair)."""
-        return self._bos() + self.demos[j].demo_tokens
+        return self.bos_tokens() + self.demos[j].demo_tokens
 
     def demo_label_mask(self, j: int) -> tuple[bool, ...]:
         """Per position of :meth:`demo_sequence`: True where the token is part of the label."""
         d = self.demos[j]
-        return (False,) * (len(self._bos()) + len(d.prompt)) + (True,) * len(d.label) + (False,) * len(d.suffix)
+        return (False,) * (len(self.bos_tokens()) + len(d.prompt)) + (True,) * len(d.label) + (False,) * len(d.suffix)
 
     def predict_offset(self) -> int:
         """Offset of the position whose logits predict the label (-1 or -2)."""
@@ -202,14 +203,14 @@ class TokenizedTask:
         if not isinstance(budget, int) or budget < 1 or budget > n_ctx:
             raise ValueError(f"context_budget: got {context_budget!r}; accepted: None or an int in [1, {n_ctx}]")
         longest_q = max(len(self.query_tokens(i)) for i in range(len(self.queries)))
-        if len(self._bos()) + longest_q > budget:
+        if len(self.bos_tokens()) + longest_q > budget:
             raise ValueError(f"queries: the longest query prompt has {longest_q} tokens, longer than the context "
                              f"budget {budget}; accepted: prompts that fit in the context")
         longest_demo = max(len(self.demo_sequence(j)) for j in range(len(self.demos)))
         if longest_demo > n_ctx:
             raise ValueError(f"demos: a demonstration has {longest_demo} tokens, longer than the model's context "
                              f"n_ctx={n_ctx}")
-        used = len(self._bos()) + longest_q
+        used = len(self.bos_tokens()) + longest_q
         k = 0
         for d in reversed(self.demos):
             if used + len(d.demo_tokens) > budget:
