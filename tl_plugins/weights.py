@@ -66,10 +66,11 @@ def record_processing(model: Any, *, fold_ln: bool, center_writing_weights: bool
     _recorded[model] = p
 
 
-def _infer_processing(model: Any) -> Processing:
+def infer_processing(model: Any, backend: Any) -> Processing:
+    """The loader's record if it is still true of the weights, else what the weights show."""
     cfg = model.cfg
     recorded = getattr(cfg, _PROCESSING_ATTR, None) or _recorded.get(model)
-    inferred = _read_processing_off_weights(model)
+    inferred = _read_processing_off_weights(backend)
     if recorded is None:
         return inferred
     # A model processed in place after loading (model.process_weights_()) makes the record stale.
@@ -78,17 +79,17 @@ def _infer_processing(model: Any) -> Processing:
     return replace(inferred, source="inferred (the loader's record is stale)") if stale else recorded
 
 
-def _read_processing_off_weights(model: Any) -> Processing:
-    cfg = model.cfg
+def _read_processing_off_weights(backend: Any) -> Processing:
+    cfg = backend.cfg
     norm = getattr(cfg, "normalization_type", None) or ""
-    fold_ln = norm.endswith("Pre")
+    fold_ln = norm.endswith("Pre") or bool(getattr(backend, "layer_norm_folded", False))
     with torch.no_grad():
-        W_U = model.W_U.detach().float()
-        W_E = model.W_E.detach().float()
+        W_U = backend.weight("W_U").detach().float()
+        W_E = backend.weight("W_E").detach().float()
         scale_u = W_U.abs().mean().clamp_min(1e-12)
         scale_e = W_E.abs().mean().clamp_min(1e-12)
         center_unembed = bool((W_U.mean(-1).abs().max() / scale_u) < 1e-4)
-        center_writing = bool((W_E.mean(-1).abs().max() / scale_e) < 1e-4) and cfg.d_model > 1
+        center_writing = bool((W_E.mean(-1).abs().max() / scale_e) < 1e-4) and backend.d_model > 1
     return Processing(fold_ln, center_writing, center_unembed, False, "inferred")
 
 
@@ -100,67 +101,69 @@ class WeightView:
         self._model = model
         self.cfg = model.cfg
 
+    @property
+    def backend(self) -> Any:
+        """The model's backend (``tl_plugins.backends``): where these weights are read from."""
+        return self._backend
+
     @cached_property
     def processing(self) -> Processing:
         """How the weights were processed; read off W_E/W_U on first access only (a vocab-sized scan)."""
-        return _infer_processing(self._model)
+        return self._backend.processing()
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
     def n_layers(self) -> int:
-        return self.cfg.n_layers
+        return self._backend.n_layers
 
     @property
     def n_heads(self) -> int:
-        return self.cfg.n_heads
+        return self._backend.n_heads
 
     @property
     def n_kv_heads(self) -> int:
-        return getattr(self.cfg, "n_key_value_heads", None) or self.cfg.n_heads
+        return self._backend.n_kv_heads
 
     @property
     def d_model(self) -> int:
-        return self.cfg.d_model
+        return self._backend.d_model
 
     @property
     def d_head(self) -> int:
-        return self.cfg.d_head
+        return self._backend.d_head
 
     @property
     def d_mlp(self) -> Optional[int]:
-        return None if getattr(self.cfg, "attn_only", False) else self.cfg.d_mlp
+        return self._backend.d_mlp
 
     @property
     def d_vocab(self) -> int:
-        return self.cfg.d_vocab
+        return self._backend.d_vocab
 
     @property
     def gated_mlp(self) -> bool:
-        return bool(getattr(self.cfg, "gated_mlp", False))
+        return self._backend.gated_mlp
 
     @property
     def tied(self) -> bool:
         """True when W_U equals W_E^T exactly (tied embeddings, not centred apart)."""
-        W_E, W_U = self._model.W_E, self._model.W_U
+        W_E, W_U = self._backend.weight("W_E"), self._backend.weight("W_U")
         return W_E.shape == W_U.T.shape and bool(torch.equal(W_E.detach(), W_U.detach().T))
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
-    def _out(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().clone()
+    def _out(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach().clone()
 
     def _check_layer(self, layer: Any) -> int:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
             raise IndexError(f"layer: got {layer!r}; accepted: an int in [0, {self.n_layers - 1}]")
         return layer
 
-    def _attn(self, layer: int) -> Any:
-        return self._model.blocks[self._check_layer(layer)].attn
-
-    def _mlp(self, layer: int) -> Any:
-        if self.d_mlp is None:
+    def _layer_weight(self, name: str, layer: int) -> Optional[torch.Tensor]:
+        if name in _MLP_WEIGHTS and self.d_mlp is None:
             raise UnsupportedModelError("model: attention-only model (cfg.attn_only=True) has no MLP weights")
-        return self._model.blocks[self._check_layer(layer)].mlp
+        return self._out(self._backend.weight(name, self._check_layer(layer)))
 
     def _stack(self, fn) -> torch.Tensor:
         return torch.stack([fn(layer) for layer in range(self.n_layers)])
@@ -168,77 +171,21 @@ class WeightView:
     # -- embeddings ----------------------------------------------------------------------------
     @property
     def W_E(self) -> torch.Tensor:
-        return self._out(self._model.W_E)
+        return self._out(self._backend.weight("W_E"))
 
     @property
     def W_U(self) -> torch.Tensor:
-        return self._out(self._model.W_U)
+        return self._out(self._backend.weight("W_U"))
 
     @property
     def b_U(self) -> torch.Tensor:
-        b = getattr(self._model.unembed, "b_U", None)
-        return self._out(b) if b is not None else torch.zeros(self.d_vocab, dtype=self._model.W_U.dtype)
+        return self._out(self._backend.weight("b_U"))
 
     @property
     def W_pos(self) -> Optional[torch.Tensor]:
-        if self.cfg.positional_embedding_type in ("standard", "shortformer"):
-            return self._out(self._model.W_pos)
-        return None
+        return self._out(self._backend.weight("W_pos"))
 
-    # -- attention, per layer ------------------------------------------------------------------
-    def W_Q_layer(self, layer: int) -> torch.Tensor:
-        return self._out(self._attn(layer).W_Q)
-
-    def W_K_layer(self, layer: int) -> torch.Tensor:
-        return self._out(self._attn(layer).W_K)  # GroupedQueryAttention.W_K expands
-
-    def W_V_layer(self, layer: int) -> torch.Tensor:
-        return self._out(self._attn(layer).W_V)
-
-    def W_O_layer(self, layer: int) -> torch.Tensor:
-        return self._out(self._attn(layer).W_O)
-
-    def _bias(self, layer: int, attr: str, shape: tuple[int, ...]) -> torch.Tensor:
-        attn = self._attn(layer)
-        b = getattr(attn, attr, None)
-        if b is None:
-            return torch.zeros(shape, dtype=attn.W_Q.dtype, device=attn.W_Q.device)
-        return self._out(b)
-
-    def b_Q_layer(self, layer: int) -> torch.Tensor:
-        return self._bias(layer, "b_Q", (self.n_heads, self.d_head))
-
-    def b_K_layer(self, layer: int) -> torch.Tensor:
-        return self._bias(layer, "b_K", (self.n_heads, self.d_head))
-
-    def b_V_layer(self, layer: int) -> torch.Tensor:
-        return self._bias(layer, "b_V", (self.n_heads, self.d_head))
-
-    def b_O_layer(self, layer: int) -> torch.Tensor:
-        return self._bias(layer, "b_O", (self.d_model,))
-
-    # -- MLP, per layer ------------------------------------------------------------------------
-    def W_in_layer(self, layer: int) -> torch.Tensor:
-        return self._out(self._mlp(layer).W_in)
-
-    def W_gate_layer(self, layer: int) -> Optional[torch.Tensor]:
-        mlp = self._mlp(layer)
-        return self._out(mlp.W_gate) if getattr(mlp, "W_gate", None) is not None else None
-
-    def W_out_layer(self, layer: int) -> torch.Tensor:
-        return self._out(self._mlp(layer).W_out)
-
-    def b_in_layer(self, layer: int) -> torch.Tensor:
-        mlp = self._mlp(layer)
-        b = getattr(mlp, "b_in", None)
-        return self._out(b) if b is not None else torch.zeros(self.d_mlp, dtype=mlp.W_in.dtype)
-
-    def b_out_layer(self, layer: int) -> torch.Tensor:
-        mlp = self._mlp(layer)
-        b = getattr(mlp, "b_out", None)
-        return self._out(b) if b is not None else torch.zeros(self.d_model, dtype=mlp.W_in.dtype)
-
-    # -- stacked over layers: W_Q, W_K, W_V, W_O, b_Q, b_K, b_V, b_O, W_in, W_out, b_in, b_out --
+    # -- per layer: W_Q_layer(l) ... b_out_layer(l) are defined below ---------------------------
     @property
     def W_gate(self) -> Optional[torch.Tensor]:
         return self._stack(self.W_gate_layer) if self.gated_mlp else None
@@ -246,14 +193,25 @@ class WeightView:
     # -- norms ---------------------------------------------------------------------------------
     def ln_final_w(self) -> Optional[torch.Tensor]:
         """Scale of the final norm, or None when it was folded or is absent."""
-        w = getattr(getattr(self._model, "ln_final", None), "w", None)
-        return self._out(w) if w is not None else None
+        return self._out(self._backend.weight("ln_final_w"))
 
     def __repr__(self) -> str:
         return (
             f"WeightView(n_layers={self.n_layers}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
             f"d_model={self.d_model}, d_vocab={self.d_vocab}, processing={self.processing.describe()})"
         )
+
+
+_MLP_WEIGHTS = ("W_in", "W_gate", "W_out", "b_in", "b_out")
+
+
+def _per_layer(name: str):
+    def get(self: WeightView, layer: int) -> Optional[torch.Tensor]:
+        return self._layer_weight(name, layer)
+
+    get.__doc__ = f"``{name}`` of one layer (shape in the module docstring, without the layer axis)."
+    get.__name__ = f"{name}_layer"
+    return get
 
 
 def _stacked(per_layer: str) -> property:
@@ -264,6 +222,8 @@ def _stacked(per_layer: str) -> property:
     return property(get)
 
 
+for _name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_gate", "W_out", "b_in", "b_out"):
+    setattr(WeightView, f"{_name}_layer", _per_layer(_name))
 for _name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "W_out", "b_in", "b_out"):
     setattr(WeightView, _name, _stacked(f"{_name}_layer"))
 
@@ -273,4 +233,4 @@ def weights(model: Any) -> WeightView:
     return WeightView(model)
 
 
-__all__ = ["Processing", "WeightView", "record_processing", "weights", "replace"]
+__all__ = ["Processing", "WeightView", "infer_processing", "record_processing", "weights"]

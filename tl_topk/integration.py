@@ -6,7 +6,8 @@ Attention takes one of three routes:
   * the hooked route, ``call.dense(scores_transform=...)``, whenever ``hook_attn_scores`` or
     ``hook_pattern`` is observed or edited (so the hooks see the full masked scores and the sparse
     pattern the model used), and for attention variants the functional op does not model
-    (additive masks, non-causal attention with a padding mask), or ``backend="dense"``;
+    (masks that are not causal + window + key padding, dropout in training, non-causal attention
+    with a padding mask), or ``backend="dense"``;
   * otherwise the functional op ``topk_attention`` (chunked on CPU, triton on CUDA), local
     (sliding-window) layers included.
 """
@@ -54,7 +55,7 @@ def _hooked_route_needed(call: Any, cfg: TopKConfig) -> bool:
     return (
         backend == "dense"
         or call.scores_hooked()
-        or call.additive_attention_mask is not None
+        or call.custom_mask
         or (not call.causal and call.attention_mask is not None)
     )
 

@@ -71,11 +71,3 @@ def test_layer_out_of_range_and_attn_only():
     attn_only = tiny.build(tiny.TINY_GPT2, attn_only=True)
     with pytest.raises(UnsupportedModelError, match="attention-only"):
         _ = tl_plugins.weights(attn_only).W_in
-
-
-def test_bridge_is_detected_and_refused():
-    TransformerBridge = pytest.importorskip("transformer_lens.model_bridge").TransformerBridge
-    bridge = TransformerBridge.boot_native(dict(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32,
-                                                d_vocab=20, n_ctx=16, act_fn="gelu"))
-    with pytest.raises(UnsupportedModelError, match="TransformerBridge"):
-        tl_plugins.weights(bridge)
