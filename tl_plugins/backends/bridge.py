@@ -514,10 +514,11 @@ class BridgeBackend(Backend):
         if name == "W_pos":
             if getattr(self.cfg, "positional_embedding_type", "standard") not in ("standard", "shortformer"):
                 return None
-            return self._maybe(m, "W_pos")
+            pos = m._modules.get("pos_embed")
+            return None if pos is None else self._maybe(pos, "W_pos")
         if name == "ln_final_w":
             ln = m._modules.get("ln_final")
-            if ln is None or self.layer_norm_folded:
+            if ln is None or self.layer_norm_folded or self.processing().fold_ln:
                 return None
             hf = getattr(ln, "original_component", None)
             return self._maybe(hf, "weight")

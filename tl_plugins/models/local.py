@@ -81,6 +81,8 @@ def hf_to_hooked(hf_model: Any, tokenizer: Any = None, *, processed: bool = Fals
     cfg = hooked_config_from_hf(hf_model.config, n_ctx=n_ctx, dtype=dtype, device=device)
     convert = convert_llama_weights if cfg.original_architecture == "LlamaForCausalLM" else convert_gpt2_weights
     state_dict = convert(hf_model, cfg)
+    if "unembed.b_U" not in state_dict:  # GPT-2's lm_head has no bias; HookedTransformer has one
+        state_dict["unembed.b_U"] = torch.zeros(cfg.d_vocab, dtype=cfg.dtype)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Skip the random init that loading overwrites, for this construction only: model.cfg is
@@ -100,6 +102,27 @@ def hf_to_hooked(hf_model: Any, tokenizer: Any = None, *, processed: bool = Fals
     model.eval()
     record_processing(model, **flags)
     return model
+
+
+def hf_to_bridge(hf_model: Any, tokenizer: Any = None, *, processed: bool = False,
+                 n_ctx: Optional[int] = None, device: str = "cpu"):
+    """Boot a TransformerBridge on an in-memory HF model, offline (TransformerLens's own
+    ``boot_transformers``); ``processed=True`` turns on compatibility mode (TransformerLens's weight
+    processing: fold_ln, centering). The bridge rewires ``hf_model``: pass a copy you do not reuse."""
+    from tl_plugins.backends.bridge import boot
+    from tl_plugins.weights import record_processing
+
+    bridge = boot(hf_model, tokenizer, device=device)
+    if n_ctx is not None:
+        bridge.cfg.n_ctx = int(n_ctx)
+    if processed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge.enable_compatibility_mode(disable_warnings=True)
+    flags = dict(fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
+                 fold_value_biases=processed)
+    record_processing(bridge, **flags)
+    return bridge
 
 
 def _load_unprocessed(model: Any, state_dict: dict) -> None:
@@ -136,9 +159,15 @@ def load_hf_model(path: str | os.PathLike):
 
 
 def load_hf_folder(path: str | os.PathLike, *, processed: bool = False, n_ctx: Optional[int] = None,
-                   dtype=torch.float32, device: str = "cpu"):
-    """Load a local Hugging Face folder (Llama or GPT-2 family) as a HookedTransformer."""
+                   dtype=torch.float32, device: str = "cpu", backend: str = "auto"):
+    """Load a local Hugging Face folder as a HookedTransformer (Llama or GPT-2 family) or, with
+    ``backend="bridge"`` (the default on transformer-lens 4.x), as a TransformerBridge."""
+    from tl_plugins.models.tiny import resolve_backend
+
+    kind = resolve_backend(backend)
     hf, tok = load_hf_model(path)
+    if kind == "bridge":
+        return hf_to_bridge(hf.to(dtype), tok, processed=processed, n_ctx=n_ctx, device=device)
     return hf_to_hooked(hf, tok, processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)
 
 
@@ -182,7 +211,13 @@ def read_gguf(path: str | os.PathLike):
 
 
 def load_gguf(path: str | os.PathLike, *, processed: bool = False, n_ctx: Optional[int] = None,
-              dtype=torch.float32, device: str = "cpu"):
-    """Load a local GGUF file (Llama or GPT-2 family) as a HookedTransformer (weights dequantised)."""
+              dtype=torch.float32, device: str = "cpu", backend: str = "auto"):
+    """Load a local GGUF file as a HookedTransformer (Llama or GPT-2 family) or a TransformerBridge
+    (``backend``, as in :func:`load_hf_folder`); weights dequantised."""
+    from tl_plugins.models.tiny import resolve_backend
+
+    kind = resolve_backend(backend)
     hf, tok = read_gguf(path)
+    if kind == "bridge":
+        return hf_to_bridge(hf.to(dtype), tok, processed=processed, n_ctx=n_ctx, device=device)
     return hf_to_hooked(hf, tok, processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)

@@ -106,18 +106,27 @@ def load_hf(progress: bool = True):
 
 
 def load(*, processed: bool = False, n_ctx: int = 2048, dtype: Optional[torch.dtype] = None,
-         device: str = "cpu", progress: bool = True):
-    """SmolLM2-135M-Instruct as a HookedTransformer (unprocessed weights unless ``processed=True``)."""
-    from tl_plugins.models.local import hf_to_hooked
+         device: str = "cpu", progress: bool = True, backend: str = "auto"):
+    """SmolLM2-135M-Instruct as a HookedTransformer or, with ``backend="bridge"`` (the default on
+    transformer-lens 4.x), a TransformerBridge; unprocessed weights unless ``processed=True``
+    (compatibility mode on a bridge)."""
+    from tl_plugins.models.local import hf_to_bridge, hf_to_hooked
+    from tl_plugins.models.tiny import resolve_backend
 
+    kind = resolve_backend(backend)
     if not isinstance(n_ctx, int) or n_ctx <= 0:
         raise ValueError(f"n_ctx: got {n_ctx!r}; accepted: a positive int (the model allows up to 8192)")
     if n_ctx > 8192:
         raise ValueError(f"n_ctx: got {n_ctx}; SmolLM2-135M was trained with a context of 8192")
     t0 = time.perf_counter()
     hf, tok = load_hf(progress)
-    model = hf_to_hooked(hf, tok, processed=processed, n_ctx=n_ctx, dtype=dtype or torch.float32,
-                         device=device)
+    if kind == "bridge":
+        model = hf_to_bridge(hf.to(dtype or torch.float32), tok, processed=processed, n_ctx=n_ctx,
+                             device=device)
+        model.cfg.default_prepend_bos = False  # <|im_start|> is a chat-turn marker, not a BOS
+    else:
+        model = hf_to_hooked(hf, tok, processed=processed, n_ctx=n_ctx, dtype=dtype or torch.float32,
+                             device=device)
     model.tl_plugins_load_seconds = time.perf_counter() - t0
     return model
 

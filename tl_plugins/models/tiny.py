@@ -2,11 +2,18 @@
 
 Seeded, and built inside ``torch.random.fork_rng()`` so loading one never moves the caller's global
 RNG (``HookedTransformerConfig(seed=...)`` reseeds it otherwise).
+
+``backend="hooked"`` builds a HookedTransformer from a TransformerLens config (random TL init, no
+tokenizer); ``backend="bridge"`` builds the equivalent Hugging Face model (random HF init) with a
+word-level tokenizer ("w4 w5 ...", ids 0-3 special) and boots a TransformerBridge on it, offline;
+``"auto"`` is hooked where HookedTransformer exists (transformer-lens 3.x), bridge on 4.x.
+:func:`hf_pair` gives a HookedTransformer and a bridge on the *same* weights, for parity checks.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,11 +62,133 @@ def build(base: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32, devi
     return model
 
 
-def tiny_gpt2(**options: Any):
+def tiny_gpt2(*, backend: str = "auto", **options: Any):
     """2 layers, d_model 64, 4 heads, vocab 101, LayerNorm, GELU, learned positions; random weights."""
+    if resolve_backend(backend) == "bridge":
+        return tiny_bridge("gpt2", **options)
     return build(TINY_GPT2, **options)
 
 
-def tiny_llama(**options: Any):
+def tiny_llama(*, backend: str = "auto", **options: Any):
     """2 layers, d_model 64, 4 query heads over 2 K/V heads, rotary, RMSNorm, gated SiLU; random."""
+    if resolve_backend(backend) == "bridge":
+        return tiny_bridge("llama", **options)
     return build(TINY_LLAMA, **options)
+
+
+BACKENDS = ("auto", "hooked", "bridge")
+
+
+def hooked_available() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: Any) -> str:
+    """"hooked" or "bridge" for a zoo ``backend`` option ("auto": hooked where it exists)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}; accepted: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "hooked" if hooked_available() else "bridge"
+    if backend == "hooked" and not hooked_available():
+        import importlib.metadata as md
+
+        raise ImportError(
+            f"backend='hooked': transformer-lens {md.version('transformer-lens')} has no HookedTransformer "
+            "(4.x removed it); use backend='bridge' or 'auto', or install transformer-lens 3.x")
+    return backend
+
+
+def hf_model(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """The tiny model as a random Hugging Face model (``kind`` "llama" or "gpt2"), seeded."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if kind == "llama":
+        b = {**TINY_LLAMA, **overrides}
+        cfg = LlamaConfig(vocab_size=b["d_vocab"], hidden_size=b["d_model"], intermediate_size=b["d_mlp"],
+                          num_hidden_layers=b["n_layers"], num_attention_heads=b["n_heads"],
+                          num_key_value_heads=b.get("n_key_value_heads") or b["n_heads"],
+                          head_dim=b["d_head"], max_position_embeddings=b["n_ctx"], rms_norm_eps=1e-5,
+                          rope_theta=float(b["rotary_base"]), tie_word_embeddings=False,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        cls = LlamaForCausalLM
+    elif kind == "gpt2":
+        b = {**TINY_GPT2, **overrides}
+        cfg = GPT2Config(vocab_size=b["d_vocab"], n_embd=b["d_model"], n_layer=b["n_layers"],
+                         n_head=b["n_heads"], n_inner=b["d_mlp"], n_positions=b["n_ctx"],
+                         activation_function=b["act_fn"], layer_norm_epsilon=1e-5,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        cls = GPT2LMHeadModel
+    else:
+        raise ValueError(f"kind: got {kind!r}; accepted: llama, gpt2")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = cls(cfg).to(dtype).eval()
+    return model
+
+
+def word_tokenizer(d_vocab: int):
+    """A word-level tokenizer over ``d_vocab`` ids: <unk> <bos> <eos> <pad>, then "w4" ... (offline).
+
+    Saved once under the user cache and loaded from there: HookedTransformer re-reads a tokenizer
+    from its folder to add a BOS token.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from tl_plugins.models.cache import cache_dir
+
+    folder = cache_dir() / f"tiny-tokenizer-{int(d_vocab)}"
+    if not (folder / "tokenizer.json").is_file():
+        vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, "<pad>": 3}
+        vocab.update({f"w{i}": i for i in range(4, d_vocab)})
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>",
+                                       eos_token="<eos>", pad_token="<pad>")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        fast.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race: use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_bridge(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                compatibility_mode: bool = False, **overrides: Any):
+    """The tiny model as a TransformerBridge booted offline with TransformerLens's own API."""
+    from tl_plugins.models.local import hf_to_bridge
+
+    hf = hf_model(kind, seed=seed, dtype=dtype, **overrides)
+    bridge = hf_to_bridge(hf, word_tokenizer(hf.config.vocab_size), processed=compatibility_mode,
+                          device=device)
+    if kind == "llama":
+        bridge.cfg.default_prepend_bos = False  # as the hooked tiny-llama
+    return bridge
+
+
+def hf_pair(kind: str, *, seed: int = 0, **overrides: Any):
+    """(HookedTransformer, TransformerBridge) on the same random weights (transformer-lens 3.x)."""
+    import copy
+
+    from tl_plugins.models.local import hf_to_bridge, hf_to_hooked
+
+    hf = hf_model(kind, seed=seed, **overrides)
+    tok = word_tokenizer(hf.config.vocab_size)
+    hooked = hf_to_hooked(hf, tok)
+    bridge = hf_to_bridge(copy.deepcopy(hf), tok)
+    if kind == "llama":
+        bridge.cfg.default_prepend_bos = False
+    return hooked, bridge
