@@ -1,15 +1,26 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
 # Both create .venv, install torch 2.13.0 first (the CPU build; an unpinned torch pulls CUDA) and the
 # project with its extras, pinned by constraints.txt.
+#
+# `make test` runs the suite in two legs, one after the other, each in its own virtual environment:
+#   tl39: .venv      TransformerLens 3.9 + SAELens (constraints.txt),          TL_PLUGINS_TEST_LEG=tl39
+#   tl4:  .venv-tl4  TransformerLens 4.3, no SAELens (constraints-tl4.txt),   TL_PLUGINS_TEST_LEG=tl4
+# The second leg runs even when the first fails; `make test` fails if either did. `make test-tl39` and
+# `make test-tl4` run one leg. Each environment is installed once (a stamp file inside it records that).
 
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tl-plugins-installed
 EXTRAS := gguf,sae,dev
+VENV_TL4 := .venv-tl4
+BIN_TL4 := $(VENV_TL4)/bin
+STAMP_TL4 := $(VENV_TL4)/.tl-plugins-installed
+EXTRAS_TL4 := gguf,dev
 PYTEST_ARGS ?=
+PYTEST := python -m pytest -q -p no:cacheprovider
 
-.PHONY: install demo test test-fast bench docs lint clean
+.PHONY: install install-tl4 demo test test-tl39 test-tl4 test-fast bench docs lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,16 +32,44 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt triton || echo "triton not installable here: Triton tests will skip"
 	touch $(STAMP)
 
+# An existing .venv-tl4 without the stamp (made by hand) is reused: the install step runs into it.
+$(BIN_TL4)/python:
+	$(PY) -m venv $(VENV_TL4)
+	$(BIN_TL4)/pip install -q --upgrade pip
+
+$(STAMP_TL4): $(BIN_TL4)/python pyproject.toml constraints-tl4.txt
+	$(BIN_TL4)/pip install -q torch==2.13.0
+	$(BIN_TL4)/pip install -q -c constraints-tl4.txt -e ".[$(EXTRAS_TL4)]"
+	$(BIN_TL4)/pip install -q -c constraints-tl4.txt triton || echo "triton not installable here: Triton tests will skip"
+	touch $(STAMP_TL4)
+
 install: $(STAMP)
+
+install-tl4: $(STAMP_TL4)
 
 demo: $(STAMP)
 	$(BIN)/tl-plugins report --model smollm2-135m --out report/
 	@echo "open report/index.html"
 
-test: $(STAMP)
+# Each leg is a sub-make, so that a failed install of one leg does not stop the other.
+test:
+	@start=$$(date +%s); rc=0; summary=""; \
+	for leg in tl39 tl4; do \
+	  t0=$$(date +%s); \
+	  if $(MAKE) --no-print-directory test-$$leg; then res=passed; else res=FAILED; rc=1; fi; \
+	  summary="$$summary  leg $$leg: $$res in $$(( $$(date +%s) - t0 )) s (install and tests)\n"; \
+	done; \
+	printf "make test:\n$$summary  total: %s s\n" "$$(( $$(date +%s) - start ))"; exit $$rc
+
+test-tl39: $(STAMP)
 	@start=$$(date +%s); \
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
-	echo "make test: $$(( $$(date +%s) - start )) s"; exit $$rc
+	TL_PLUGINS_TEST_LEG=tl39 $(BIN)/$(PYTEST) $(PYTEST_ARGS); rc=$$?; \
+	echo "make test-tl39: tests $$(( $$(date +%s) - start )) s (rc $$rc)"; exit $$rc
+
+test-tl4: $(STAMP_TL4)
+	@start=$$(date +%s); \
+	TL_PLUGINS_TEST_LEG=tl4 $(BIN_TL4)/$(PYTEST) $(PYTEST_ARGS); rc=$$?; \
+	echo "make test-tl4: tests $$(( $$(date +%s) - start )) s (rc $$rc)"; exit $$rc
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -43,7 +82,7 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check tl_plugins tl_topk tl_embedspace tl_iclgd tests
+	$(BIN)/ruff check tl_plugins tl_topk tl_embedspace tl_iclgd tests scripts
 
 clean:
-	rm -rf $(VENV) report site .pytest_cache
+	rm -rf $(VENV) $(VENV_TL4) report site .pytest_cache

@@ -681,6 +681,10 @@ def boot(hf_model: Any, tokenizer: Any = None, *, device: str = "cpu", folder: O
 
     from transformer_lens.model_bridge import TransformerBridge
 
+    if not getattr(hf_model.config, "architectures", None):
+        # TransformerLens picks its adapter from config.architectures; a model built from a config
+        # in code has none.
+        hf_model.config.architectures = [type(hf_model).__name__]
     with tempfile.TemporaryDirectory(prefix="tl-plugins-boot-") as tmp:
         path = folder or tmp
         if folder is None:
@@ -697,19 +701,27 @@ def boot(hf_model: Any, tokenizer: Any = None, *, device: str = "cpu", folder: O
 
 
 def support_table() -> dict[str, dict[str, str]]:
-    """Attention bridge class name -> {plugin: "yes" | "refused: reason"} for every class in the
-    installed transformer-lens (docs/backends.md is generated from it)."""
-    from transformer_lens.model_bridge import generalized_components as gc
+    """Attention bridge class name -> {plugin: "yes" | "refused: reason" | "untested: ..."} for every
+    attention bridge class loaded (the library's own and those of imported architecture adapters);
+    docs/backends.md is generated from it by scripts/backends_table.py."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
+    seen: dict[str, type] = {}
+    todo = [AttentionBridge]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ not in seen:
+            seen[cls.__name__] = cls
+            todo.extend(cls.__subclasses__())
     out: dict[str, dict[str, str]] = {}
-    for name in dir(gc):
-        cls = getattr(gc, name)
-        if not (isinstance(cls, type) and name.endswith("AttentionBridge")):
-            continue
+    for name, cls in sorted(seen.items()):
         fam, reason = attention_family(cls)
-        seam = "yes" if fam is not None else f"refused: {reason}"
-        out[name] = {"topk": seam, "embedspace": "yes (weights only)",
-                     "iclgd": "yes" if fam is not None else "yes (no top-k composition)"}
+        if fam is not None:
+            out[name] = {"topk": "yes", "embedspace": "yes", "iclgd": "yes"}
+        else:
+            out[name] = {"topk": f"refused: {reason}",
+                         "embedspace": "untested: reads the bridge's W_Q/W_K/W_V/W_O",
+                         "iclgd": "untested: needs pre-softmax hook_attn_scores"}
     return out
 
 
