@@ -89,7 +89,7 @@ def _install(model: Any, name: str, info: PluginInfo, cfg: Any, backend: Any) ->
     try:
         if info.attention_seam:
             state.attention_seam_users.add(name)
-            install_attention_seam(model, backend)
+            install_attention_seam(model, backend, name)
         if info.mlp_seam:
             state.mlp_seam_users.add(name)
             install_mlp_seam(model, backend)

@@ -183,12 +183,13 @@ class SeamActFn:
         return self.original(pre) if out is None else out
 
 
-def install_attention_seam(model: Any, backend: Any) -> None:
-    """Install the attention seam on every attention module of ``model`` (idempotent)."""
+def install_attention_seam(model: Any, backend: Any, plugin: str = "attention seam") -> None:
+    """Install the attention seam on every attention module of ``model`` (idempotent); ``plugin``
+    (the plugin asking for it) is named when the model's attention is refused."""
     state = get_state(model, create=True)
     if state.overrides.get(SEAM_OWNER_ATTN):
         return
-    backend.check_attention_supported("attention seam")
+    backend.check_attention_supported(plugin)
     backend.install_attention_seam(state)
 
 

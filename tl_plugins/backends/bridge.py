@@ -231,22 +231,42 @@ class BridgeAttentionCall(AttentionCall):
         if mask.dim() < 4 or mask.shape[1] != 1 or mask.shape[-2] != self.q.shape[1]:
             self.is_custom = True
             return
-        mask = mask[..., : self.k.shape[1]]
-        allowed = mask[:, 0].bool() if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-        if mask.dtype != torch.bool and not bool(((mask[:, 0] == 0) | ~allowed).all()):
-            self.is_custom = True  # an additive bias, not a mask
-            return
-        real = allowed.any(dim=-2)  # [batch, k_pos]: a real key is seen by some query
-        q_len, kv_len = allowed.shape[-2], allowed.shape[-1]
-        qpos = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+        mask = mask[:, 0, :, : self.k.shape[1]]
+        q_len, kv_len = mask.shape[-2], mask.shape[-1]
+        # Read in blocks of query rows, so that no temporary is larger than [batch, block, k_pos].
+        block = max(1, (1 << 22) // max(1, mask.shape[0] * kv_len))
+
+        def allowed(rows: slice) -> Optional[torch.Tensor]:
+            m = mask[:, rows]
+            if m.dtype == torch.bool:
+                return m
+            ok = m > torch.finfo(m.dtype).min / 2
+            if not bool(((m == 0) | ~ok).all()):
+                return None  # an additive bias, not a mask
+            return ok
+
+        real = torch.zeros(mask.shape[0], kv_len, dtype=torch.bool, device=mask.device)
+        for start in range(0, q_len, block):
+            a = allowed(slice(start, start + block))
+            if a is None:
+                self.is_custom = True
+                return
+            real |= a.any(dim=-2)  # a real key is seen by some query
         kpos = torch.arange(kv_len, device=mask.device)[None, :]
-        band = kpos <= qpos if self.causal else torch.ones_like(kpos <= qpos)
         window = getattr(self.module.original_component, "sliding_window", None)
-        candidates = [None] + ([int(window)] if window else [])
-        for w in candidates:
-            expected = band if w is None else band & (kpos > qpos - w)
-            if torch.equal(expected[None] & real[:, None, :], allowed):
-                self.window = w if self.causal else None
+        for w in [None] + ([int(window)] if window and self.causal else []):
+            same = True
+            for start in range(0, q_len, block):
+                rows = slice(start, min(start + block, q_len))
+                qpos = torch.arange(rows.start, rows.stop, device=mask.device)[:, None] + (kv_len - q_len)
+                band = kpos <= qpos if self.causal else torch.ones_like(kpos <= qpos)
+                if w is not None:
+                    band = band & (kpos > qpos - w)
+                if not torch.equal(band[None] & real[:, None, :], allowed(rows)):
+                    same = False
+                    break
+            if same:
+                self.window = w
                 self.attention_mask = None if bool(real.all()) else real.long()
                 return
         self.is_custom = True

@@ -122,13 +122,42 @@ def hf_model(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **
                          activation_function=b["act_fn"], layer_norm_epsilon=1e-5,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
         cls = GPT2LMHeadModel
+    elif kind in _OTHER_KINDS:
+        cls, cfg = _other_hf(kind, **overrides)
     else:
-        raise ValueError(f"kind: got {kind!r}; accepted: llama, gpt2")
+        raise ValueError(f"kind: got {kind!r}; accepted: llama, gpt2, {', '.join(_OTHER_KINDS)}")
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
         model = cls(cfg).to(dtype).eval()
     return model
+
+
+_OTHER_KINDS = ("gemma2", "gemma3", "qwen2")
+
+
+def _other_hf(kind: str, **overrides: Any):
+    """Tiny configs of other bridge families: Gemma 2 (soft-capping, sliding window every other
+    layer), Gemma 3 (QK-norm, one KV head, local/global layers, query_pre_attn_scalar) and Qwen2
+    (q/k/v biases). Bridge only: HookedTransformer has no offline converter for them here."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if kind == "gemma2":
+        cfg = Gemma2Config(**{**common, "num_hidden_layers": 2, "num_key_value_heads": 2, "sliding_window": 4,
+                              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                              "query_pre_attn_scalar": 8, **overrides})
+        return Gemma2ForCausalLM, cfg
+    if kind == "gemma3":
+        cfg = Gemma3TextConfig(**{**common, "num_hidden_layers": 3, "num_key_value_heads": 1, "sliding_window": 4,
+                                  "query_pre_attn_scalar": 8,
+                                  "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+                                  **overrides})
+        return Gemma3ForCausalLM, cfg
+    cfg = Qwen2Config(**{**common, "num_hidden_layers": 2, "num_key_value_heads": 2, **overrides})
+    return Qwen2ForCausalLM, cfg
 
 
 def word_tokenizer(d_vocab: int):
@@ -168,7 +197,8 @@ def word_tokenizer(d_vocab: int):
 
 def tiny_bridge(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
                 compatibility_mode: bool = False, **overrides: Any):
-    """The tiny model as a TransformerBridge booted offline with TransformerLens's own API."""
+    """The tiny model of ``kind`` ("llama", "gpt2", "gemma2", "gemma3", "qwen2") as a
+    TransformerBridge booted offline with TransformerLens's own ``boot_transformers``."""
     from tl_plugins.models.local import hf_to_bridge
 
     hf = hf_model(kind, seed=seed, dtype=dtype, **overrides)
