@@ -76,14 +76,17 @@ def hidden_state_overlap(space: Any, tokens: torch.Tensor, *, layers: Sequence[i
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
     layers = list(range(space.n_layers)) if layers is None else [space._layer(l) for l in layers]
-    names = {f"blocks.{l}.mlp.hook_post" for l in layers} | {f"blocks.{l}.hook_resid_post" for l in layers}
+    backend = space.w.backend
+    post = {l: backend.hook_name("mlp_post", l) for l in layers}
+    resid = {l: backend.hook_name("resid_post", l) for l in layers}
+    names = set(post.values()) | set(resid.values())
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
     g = torch.Generator().manual_seed(seed)
     res = EvalResult("overlap of neuron value tokens with hidden-state tokens", basis=dict(space.basis))
     for l in layers:
-        act = cache[f"blocks.{l}.mlp.hook_post"].reshape(-1, space.w.d_mlp)  # [N, d_mlp]
-        hid = cache[f"blocks.{l}.hook_resid_post"].reshape(-1, space.w.d_model)
+        act = cache[post[l]].reshape(-1, space.w.d_mlp)  # [N, d_mlp]
+        hid = cache[resid[l]].reshape(-1, space.w.d_model)
         N = act.shape[0]
         top_neurons = torch.topk(act, n_neurons, dim=-1).indices  # [N, n_neurons]
         needed = torch.unique(top_neurons)

@@ -20,6 +20,7 @@ import torch
 
 from tl_embedspace.align import check_shared_vocabulary
 from tl_embedspace.space import check_index
+from tl_plugins.backends import detect
 
 METHODS = ("pinv", "transpose", "lstsq")
 
@@ -87,14 +88,15 @@ def translator(space_a: Any, space_b: Any, method: str = "pinv", *, hidden_a: to
 
 def collect_hidden(model: Any, tokens: torch.Tensor, layer: int) -> torch.Tensor:
     """``blocks.{layer}.hook_resid_post`` of ``model`` on ``tokens``: ``[batch, pos, d_model]``."""
-    layer = check_index(layer, model.cfg.n_layers, "layer")
+    backend = detect(model)
+    layer = check_index(layer, backend.n_layers, "layer")
     store: dict[str, torch.Tensor] = {}
 
     def keep(x, hook):
         store["h"] = x.detach().clone()
 
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", keep)],
+        model.run_with_hooks(tokens, fwd_hooks=[(backend.hook_name("resid_post", layer), keep)],
                              stop_at_layer=layer + 1)
     return store["h"]
 
@@ -107,16 +109,17 @@ def stitched_forward(model_a: Any, model_b: Any, tokens: torch.Tensor, layer_a: 
     Model b runs with a temporary hook that replaces ``blocks.{layer_b}.hook_resid_post`` with the
     translated state (hooks are removed afterwards; neither model is modified).
     """
-    if model_a.cfg.d_vocab != model_b.cfg.d_vocab:
-        raise ValueError(f"models: vocabularies differ ({model_a.cfg.d_vocab} vs {model_b.cfg.d_vocab})")
-    layer_b = check_index(layer_b, model_b.cfg.n_layers, "layer_b")
+    backend_a, backend_b = detect(model_a), detect(model_b)
+    if backend_a.d_vocab != backend_b.d_vocab:
+        raise ValueError(f"models: vocabularies differ ({backend_a.d_vocab} vs {backend_b.d_vocab})")
+    layer_b = check_index(layer_b, backend_b.n_layers, "layer_b")
     h_a = collect_hidden(model_a, tokens, layer_a)
     h_b = translate(h_a)
-    if h_b.shape[-1] != model_b.cfg.d_model:
-        raise ValueError(f"translate: produces width {h_b.shape[-1]}, model b has d_model {model_b.cfg.d_model}")
+    if h_b.shape[-1] != backend_b.d_model:
+        raise ValueError(f"translate: produces width {h_b.shape[-1]}, model b has d_model {backend_b.d_model}")
 
     def replace(x, hook):
         return h_b.to(x.dtype)
 
     with torch.no_grad():
-        return model_b.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer_b}.hook_resid_post", replace)])
+        return model_b.run_with_hooks(tokens, fwd_hooks=[(backend_b.hook_name("resid_post", layer_b), replace)])
