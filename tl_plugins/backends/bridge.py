@@ -395,7 +395,9 @@ def _library_activation(mlp: Any) -> Callable:
     module = sys.modules.get(type(mlp).__module__)
     resolve = getattr(module, "resolve_activation_fn", None)
     if resolve is None:
-        from transformer_lens.model_bridge.generalized_components.gated_mlp import resolve_activation_fn as resolve
+        from transformer_lens.model_bridge.generalized_components.gated_mlp import (
+            resolve_activation_fn as resolve,
+        )
     return resolve(mlp.config)
 
 

@@ -140,8 +140,14 @@ def _other_hf(kind: str, **overrides: Any):
     """Tiny configs of other bridge families: Gemma 2 (soft-capping, sliding window every other
     layer), Gemma 3 (QK-norm, one KV head, local/global layers, query_pre_attn_scalar) and Qwen2
     (q/k/v biases). Bridge only: HookedTransformer has no offline converter for them here."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
