@@ -150,8 +150,11 @@ def available() -> dict[str, tuple[Callable[..., BenchResult], str]]:
 
 
 def run(name: str, *, quick: bool = False, model: Optional[str] = None, device: str = "cpu",
-        found: Optional[dict] = None) -> BenchResult:
-    """Run benchmark ``name``; ``found`` is ``available()`` when the caller already collected it."""
+        found: Optional[dict] = None, backend: Optional[str] = None) -> BenchResult:
+    """Run benchmark ``name``; ``found`` is ``available()`` when the caller already collected it.
+    ``backend`` is passed to benchmarks whose function takes one (``ValueError`` for the others)."""
+    import inspect
+
     found = available() if found is None else found
     if name not in found:
         raise KeyError(f"name: unknown benchmark {name!r}; available: {', '.join(sorted(found))}")
@@ -159,4 +162,8 @@ def run(name: str, *, quick: bool = False, model: Optional[str] = None, device: 
     kwargs: dict[str, Any] = {"quick": quick, "device": device}
     if model is not None:
         kwargs["model"] = model
+    if backend is not None:
+        if "backend" not in inspect.signature(fn).parameters:
+            raise ValueError(f"backend: benchmark {name!r} does not take a backend (got {backend!r})")
+        kwargs["backend"] = backend
     return fn(**kwargs)

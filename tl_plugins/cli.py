@@ -55,7 +55,9 @@ def models_cmd() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the result as JSON to this file.")
-def bench_cmd(name, quick, model, device, json_out) -> None:
+@click.option("--backend", type=click.Choice(["hooked", "bridge"]), default=None,
+              help="Model backend, for benchmarks that measure both (topk).")
+def bench_cmd(name, quick, model, device, json_out, backend) -> None:
     """Run benchmark NAME (omit it to list them); prints ratios measured in one run."""
     from tl_plugins import bench
 
@@ -67,7 +69,12 @@ def bench_cmd(name, quick, model, device, json_out) -> None:
     if name not in found:
         raise click.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(sorted(found))}",
                                  param_hint="NAME")
-    result = bench.run(name, quick=quick, model=model, device=device, found=found)
+    try:
+        result = bench.run(name, quick=quick, model=model, device=device, found=found, backend=backend)
+    except ValueError as exc:
+        if str(exc).startswith("backend:"):
+            raise click.BadParameter(str(exc), param_hint="--backend") from None
+        raise
     click.echo(result.render())
     if json_out:
         Path(json_out).write_text(result.to_json())
@@ -78,14 +85,16 @@ def bench_cmd(name, quick, model, device, json_out) -> None:
               help="Model name (see `tl-plugins models`).")
 @click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="Smaller measurements: for tests and slow machines.")
-def report_cmd(model_name, out_dir, quick) -> None:
+@click.option("--backend", type=click.Choice(["auto", "hooked", "bridge"]), default="auto", show_default=True,
+              help="HookedTransformer or TransformerBridge (auto: hooked where transformer-lens has it).")
+def report_cmd(model_name, out_dir, quick, backend) -> None:
     """Write a self-contained HTML report about one model (OUT/index.html, opens offline)."""
     from tl_plugins import models
     from tl_plugins.report import build_report
 
     t0 = time.perf_counter()
     click.echo(f"loading {model_name} ...", err=True)
-    model = models.load(model_name)
+    model = models.load(model_name, backend=backend)
     load_seconds = time.perf_counter() - t0
     path = build_report(model, model_name, out_dir,
                         options={"quick": quick, "load_seconds": load_seconds})

@@ -64,11 +64,15 @@ def model_card_section(report: Report) -> None:
 
     import tl_plugins
 
+    from importlib import metadata
+
     model, cfg = report.model, report.model.cfg
     n_params = sum(p.numel() for p in model.parameters())
     view = tl_plugins.weights(model)
     rows = [
         ("model", report.model_name),
+        ("backend", f"{view.backend.name}: {type(model).__name__}, transformer-lens "
+                    f"{metadata.version('transformer-lens')}"),
         ("architecture", getattr(cfg, "original_architecture", None)),
         ("n_layers", cfg.n_layers), ("d_model", cfg.d_model), ("n_heads", cfg.n_heads),
         ("n_key_value_heads", view.n_kv_heads), ("d_head", cfg.d_head), ("d_mlp", cfg.d_mlp),

@@ -328,12 +328,22 @@ def bench_perplexity(result: BenchResult, model: Any, model_name: str, n_tokens:
     return sweep
 
 
-def bench_topk(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu") -> BenchResult:
-    """Run the four parts (the GPU part only with ``device='cuda'``); see the module docstring."""
+def bench_topk(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu",
+               backend: str = "hooked") -> BenchResult:
+    """Run the four parts (the GPU part only with ``device='cuda'``); see the module docstring.
+    ``backend="bridge"`` runs the TransformerBridge benchmark instead (``tl_topk.bench_bridge``)."""
     import tl_plugins
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device: got {device!r} but CUDA is not available on this machine; use device='cpu'")
+    if backend not in ("hooked", "bridge"):
+        raise ValueError(f"backend: got {backend!r}; accepted: hooked, bridge")
+    if backend == "bridge":
+        from tl_topk.bench_bridge import bench_bridge
+
+        result = BenchResult("topk --backend bridge", device=device_description("cpu"))
+        bench_bridge(result, quick=quick, device=device)
+        return result
     result = BenchResult("topk", device=device_description(device))
     lm = tl_plugins.models.load(model)
     if quick:

@@ -85,3 +85,22 @@ def test_report_sections_see_the_model():
     (card, plugins) = r.sections[0].tables
     fields = dict(zip(card["field"], card["value"]))
     assert fields["n_key_value_heads"] == 2 and fields["weight processing"] == "unprocessed (recorded)"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_report_on_a_bridge_has_every_section(tmp_path, name):
+    pytest.importorskip("transformer_lens.model_bridge")
+    res = CliRunner().invoke(build_cli(), ["report", "--model", name, "--backend", "bridge", "--quick",
+                                           "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "index.html").read_text()
+    assert "bridge: TransformerBridge" in html
+    assert "section failed" not in html, re.findall(r"<h2[^>]*>([^<]*failed)</h2>", html)
+
+
+def test_backend_options_are_usage_errors_when_wrong(cli):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["bench", "load", "--quick", "--backend", "bridge"])
+    assert res.exit_code == 2 and "--backend" in res.output and "does not take a backend" in res.output
+    res = runner.invoke(cli, ["report", "--backend", "nope"])
+    assert res.exit_code == 2 and "--backend" in res.output

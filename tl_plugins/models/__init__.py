@@ -21,7 +21,13 @@ def available() -> dict[str, str]:
 
 
 def load(name: str, **options: Any):
-    """Load model ``name`` (see ``available()``) with loader-specific keyword options."""
+    """Load model ``name`` (see ``available()``) with loader-specific keyword options.
+
+    Every built-in loader takes ``backend="auto" | "hooked" | "bridge"``: a HookedTransformer or a
+    TransformerBridge ("auto": hooked where transformer-lens has HookedTransformer, i.e. 3.x).
+    """
+    import inspect
+
     from tl_plugins.plugins import collect
 
     found = collect("tl_plugins_register_models")
@@ -30,6 +36,14 @@ def load(name: str, **options: Any):
 
         raise UnknownModelError(f"name: unknown model {name!r}; available: {', '.join(sorted(found))}")
     loader, _ = found[name]
+    if "backend" in options:
+        params = inspect.signature(loader).parameters
+        takes = "backend" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        if not takes:
+            if options["backend"] != "auto":
+                raise ValueError(f"backend: model {name!r}'s loader has no backend option "
+                                 f"(got {options['backend']!r}); accepted for it: 'auto'")
+            options = {k: v for k, v in options.items() if k != "backend"}
     return loader(**options)
 
 
