@@ -150,3 +150,35 @@ def test_hf_folder_round_trip(tmp_path, smol):
     toks = torch.tensor([[1, 2, 3, 400, 5000]])
     with torch.no_grad():
         assert torch.equal(mine(toks), smol(toks))
+
+
+def test_an_import_error_is_reported_with_its_own_message(monkeypatch):
+    """A broken transformer-lens install (here: the module cannot be imported at all) surfaces as
+    the ImportError it is, not as a guess that 4.x removed HookedTransformer."""
+    import sys
+
+    from tl_plugins.models import tiny
+
+    if not tiny.hooked_available():
+        pytest.skip("needs transformer-lens 3.x")
+    for name in [m for m in sys.modules if m == "transformer_lens" or m.startswith("transformer_lens.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformer_lens", None)
+    with pytest.raises(ImportError) as info:
+        tl_plugins.models.load("tiny-llama")
+    assert "transformer_lens" in str(info.value) and "removed" not in str(info.value)
+
+
+def test_backend_option_of_the_zoo():
+    from tl_plugins.models import tiny
+
+    with pytest.raises(ValueError, match="backend: got 'nope'; accepted: auto, hooked, bridge"):
+        tl_plugins.models.load("tiny-llama", backend="nope")
+    expected = "HookedTransformer" if tiny.hooked_available() else "TransformerBridge"
+    assert type(tl_plugins.models.load("tiny-gpt2")).__name__ == expected
+    pytest.importorskip("transformer_lens.model_bridge")
+    bridge = tl_plugins.models.load("tiny-llama", backend="bridge")
+    assert type(bridge).__name__ == "TransformerBridge" and bridge.cfg.n_key_value_heads == 2
+    if not tiny.hooked_available():
+        with pytest.raises(ImportError, match="no HookedTransformer"):
+            tl_plugins.models.load("tiny-llama", backend="hooked")

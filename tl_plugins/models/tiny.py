@@ -20,13 +20,9 @@ import torch
 
 
 def _hooked_transformer():
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError as exc:  # transformer-lens 4.x
-        raise ImportError(
-            "tl_plugins.models needs HookedTransformer, which transformer-lens 4.x removed; "
-            "install transformer-lens>=2.16.1,<4 (pip install 'transformer-lens==3.9.0')."
-        ) from exc
+    resolve_backend("hooked")  # explains a transformer-lens without HookedTransformer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     return HookedTransformer, HookedTransformerConfig
 
 
@@ -79,11 +75,19 @@ def tiny_llama(*, backend: str = "auto", **options: Any):
 BACKENDS = ("auto", "hooked", "bridge")
 
 
+def _tl_major() -> int:
+    from importlib import metadata
+
+    return int(metadata.version("transformer-lens").split(".")[0])
+
+
 def hooked_available() -> bool:
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
+    """True when transformer-lens has HookedTransformer (3.x). An ImportError for any other reason
+    (a broken install, a missing dependency) is raised with its own message, not guessed at."""
+    if _tl_major() >= 4:
         return False
+    from transformer_lens import HookedTransformer  # noqa: F401
+
     return True
 
 
@@ -98,7 +102,7 @@ def resolve_backend(backend: Any) -> str:
 
         raise ImportError(
             f"backend='hooked': transformer-lens {md.version('transformer-lens')} has no HookedTransformer "
-            "(4.x removed it); use backend='bridge' or 'auto', or install transformer-lens 3.x")
+            "(4.0 removed it); use backend='bridge' or 'auto', or install transformer-lens 3.x")
     return backend
 
 
