@@ -43,19 +43,30 @@ def _make_config(info: PluginInfo, config: dict[str, Any]) -> Any:
 
 
 def _uninstall(model: Any, name: str, backend: Any) -> None:
-    state = get_state(model)
-    get_plugin_manager().hook.tl_plugins_disable(model=model, name=name, backend=backend)
-    restore_owner(model, name)
-    if state is None:
-        return
-    state.active.pop(name, None)
-    state.attention_seam_users.discard(name)
-    state.mlp_seam_users.discard(name)
-    if not state.attention_seam_users:
-        restore_owner(model, SEAM_OWNER_ATTN)
-    if not state.mlp_seam_users:
-        restore_owner(model, SEAM_OWNER_MLP)
-    drop_state_if_empty(model)
+    """Remove plugin ``name``: its disable hook, then everything the host recorded for it.
+
+    The host's part runs even when the plugin's disable hook raises (a broken community plugin
+    must not strand its seams, or other plugins, on the model); the hook's error is re-raised after.
+    """
+    error: BaseException | None = None
+    try:
+        get_plugin_manager().hook.tl_plugins_disable(model=model, name=name, backend=backend)
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the cleanup
+        error = exc
+    finally:
+        restore_owner(model, name)
+        state = get_state(model)
+        if state is not None:
+            state.active.pop(name, None)
+            state.attention_seam_users.discard(name)
+            state.mlp_seam_users.discard(name)
+            if not state.attention_seam_users:
+                restore_owner(model, SEAM_OWNER_ATTN)
+            if not state.mlp_seam_users:
+                restore_owner(model, SEAM_OWNER_MLP)
+            drop_state_if_empty(model)
+    if error is not None:
+        raise error
 
 
 def enable(model: Any, name: str, **config: Any) -> Any:
@@ -99,8 +110,12 @@ def _install(model: Any, name: str, info: PluginInfo, cfg: Any, backend: Any) ->
         )
         if not handled and info.changes_forward and not (info.attention_seam or info.mlp_seam):
             raise RuntimeError(f"plugin {name!r} declared changes_forward but no enable hook handled it")
-    except BaseException:
-        _uninstall(model, name, backend)
+    except BaseException as exc:
+        try:
+            _uninstall(model, name, backend)
+        except BaseException as cleanup:  # noqa: BLE001 - the enable error is the one to report
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(f"(disabling {name!r} after the failed enable also raised: {cleanup!r})")
         raise
 
 
@@ -113,8 +128,14 @@ def disable(model: Any, name: Optional[str] = None) -> None:
     backend = _backends.detect(model)
     state = get_state(model)
     if name is None:
+        errors = []
         for n in list(reversed(state.active)) if state is not None else []:
-            _uninstall(model, n, backend)
+            try:
+                _uninstall(model, n, backend)
+            except Exception as exc:  # every plugin comes off; the first error is raised after
+                errors.append(exc)
+        if errors:
+            raise errors[0]
         return
     _info(name)
     if state is None or name not in state.active:
