@@ -12,6 +12,7 @@ enable time.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -93,6 +94,14 @@ class TopKConfig:
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
                 raise TypeError(f"layers: got {self.layers!r}; accepted: an iterable of layer indices or None")
             self._layers = frozenset(_check_index(x, "layers") for x in self.layers)
+            if not self._layers:
+                raise ValueError(f"layers: got {self.layers!r}, which selects no layer (top-k would change "
+                                 "nothing); accepted: a non-empty iterable of layer indices, or None for all")
+            for argument, mapping in (("k", self._k), ("ff_k", self._ff_k)):
+                listed = {x for x in (mapping or {}) if x != "*"}
+                if mapping is not None and "*" not in mapping and not listed & self._layers:
+                    raise ValueError(f"{argument}: gives k only for layers {sorted(listed)}, none of which "
+                                     f"layers={sorted(self._layers)} selects; the option would change nothing")
         else:
             self._layers = None
         if self.ff_rule not in FF_RULES:
@@ -103,8 +112,9 @@ class TopKConfig:
                                             or not isinstance(self.chunk_size, numbers.Integral)
                                             or self.chunk_size < 1):
             raise ValueError(f"chunk_size: got {self.chunk_size!r}; accepted: an int >= 1 or None")
-        if not isinstance(self.memory_budget_mb, numbers.Real) or not self.memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb: got {self.memory_budget_mb!r}; accepted: a positive number")
+        mb = self.memory_budget_mb
+        if isinstance(mb, bool) or not isinstance(mb, numbers.Real) or not math.isfinite(mb) or not mb > 0:
+            raise ValueError(f"memory_budget_mb: got {mb!r}; accepted: a finite positive number (MiB)")
 
     # -- model checks ---------------------------------------------------------------------------
     def check_model(self, n_layers: int, n_heads: int) -> None:
@@ -153,8 +163,6 @@ class TopKConfig:
         if entry is None:
             return None
         if isinstance(entry, float):
-            import math
-
             return max(1, math.ceil(entry * d_mlp - 1e-9))
         return entry
 

@@ -10,6 +10,9 @@ matrices fit the memory budget, and ``chunked`` otherwise; the environment varia
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import os
 from typing import Optional
 
@@ -78,10 +81,18 @@ def _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal=True, window
             raise ValueError(f"key_padding_mask: device {key_padding_mask.device} differs from q's {q.device}")
         if key_padding_mask.dtype.is_floating_point:
             raise TypeError(f"key_padding_mask: dtype {key_padding_mask.dtype}; accepted: bool or int (1 = real token)")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale: got {scale!r}; accepted: a positive float or None (1/sqrt(d_head))")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap: got {softcap!r}; accepted: a positive float or None")
+    for name, value, default in (("scale", scale, " (1/sqrt(d_head))"), ("softcap", softcap, "")):
+        if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: got {value!r}; accepted: a finite positive number or None{default}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q: d_head is 0 (shape {tuple(q.shape)}); accepted: d_head >= 1")
+    # One rule for every backend: non-finite inputs are refused, not turned into zeros by one backend
+    # and NaN by another (auto picks a backend by sequence length).
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or infinite values; accepted: finite tensors (top-k "
+                             "selection is undefined on NaN scores)")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window: got {window!r}; accepted: an int >= 1 (sliding-window size) or None")
@@ -142,7 +153,7 @@ def topk_attention(
     spec = per_head_spec(k_top, h)
     scale = float(scale) if scale is not None else d ** -0.5
     softcap = float(softcap) if softcap is not None else None
-    if n_k == 0 or n_q == 0:
+    if n_k == 0 or n_q == 0 or b == 0:
         return q.new_zeros(b, n_q, h, v.shape[3])
     n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device, window)
     k_rows = k_per_row(spec, n_valid, n_k)
