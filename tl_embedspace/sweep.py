@@ -3,6 +3,12 @@
 One file per item (``heads/ov_L3H1.parquet``, ``heads/qk_L3H1.parquet``, ``neurons/values_L3.parquet``),
 written atomically (temporary name, then rename), so an interrupted sweep resumes by skipping the
 files that exist. ``summary.json`` lists the items and each head's eigenvalue copying score.
+
+Resuming never mixes settings: ``settings.json`` (written first) records everything that changes a
+file's contents (bases, layer-norm mode, filters, k, k_neurons, format, the model's shapes and a
+checksum of its weights); a folder holding another sweep's settings, or result files without
+settings, is refused before anything is computed. Every file a resumed run would skip is read back
+and checked (readable, expected columns and rows); a truncated or damaged one is recomputed.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -73,13 +79,75 @@ def layer_circuits(space: Any, layer: int, kind: str) -> list:
                         f"{kind.upper()} L{layer}H{h}", kind, layer, h) for h in range(H)]
 
 
+def sweep_settings(space: Any, *, k: int, k_neurons: int, fmt: str) -> dict:
+    """What determines the files' contents (compared on resume); JSON-serialisable."""
+    w = space.w
+    with torch.no_grad():
+        checksum = float(w.W_U.double().abs().sum() + w.W_E.double().abs().sum())
+        if w.d_mlp is not None:
+            checksum += float(w.W_out_layer(0).double().abs().sum())
+    return {"basis": space.basis, "filters": repr(space._filter_spec), "k": k, "k_neurons": k_neurons,
+            "format": fmt, "model": {"n_layers": w.n_layers, "n_heads": w.n_heads, "d_model": w.d_model,
+                                     "d_mlp": w.d_mlp, "d_vocab": w.d_vocab, "weights_checksum": round(checksum, 3)}}
+
+
+SETTINGS = "settings.json"
+
+
+def _check_folder(out: Path, settings: dict) -> None:
+    """Refuse a folder that holds another sweep (other settings, or result files without settings)."""
+    path = out / SETTINGS
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"out_dir: {str(out)!r} has an unreadable {SETTINGS} ({exc}); use a new folder "
+                             "or delete it") from None
+        if old != settings:
+            diff = sorted(key for key in set(old) | set(settings) if old.get(key) != settings.get(key))
+            raise ValueError(
+                f"out_dir: {str(out)!r} holds a sweep with other settings ({', '.join(diff)} differ: "
+                f"{', '.join(f'{key}={old.get(key)!r} there, {settings.get(key)!r} now' for key in diff)}); "
+                "resuming would mix them: use a new folder, or delete that one")
+        return
+    existing = [p for sub in ("heads", "neurons") if (out / sub).is_dir() for p in (out / sub).iterdir()]
+    if existing:
+        raise ValueError(f"out_dir: {str(out)!r} holds {len(existing)} result files but no {SETTINGS}, so "
+                         "it cannot be resumed safely; use a new folder, or delete that one")
+
+
+def _expected_rows(space: Any, item: tuple, k: int, k_neurons: int) -> Optional[int]:
+    kind, _, h = item
+    if h is None:
+        ids = space.filter_ids
+        candidates = space.d_vocab if ids is None else int(len(ids))
+        return space.w.d_mlp * min(k_neurons, candidates)
+    return None  # a head's file may hold fewer than k pairs (filters): checked by columns only
+
+
+_COLUMNS = {"heads": {"circuit", "layer", "head"}, "neurons": {"layer", "neuron", "rank", "token", "id", "value"}}
+
+
+def _intact(path: Path, fmt: str, expected_rows: Optional[int], columns: set) -> bool:
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path) if fmt == "parquet" else pd.read_json(path, orient="records")
+    except Exception:  # noqa: BLE001 - any failure to read back means the file must be recomputed
+        return False
+    if not columns <= set(df.columns):
+        return False
+    return expected_rows is None or len(df) == expected_rows
+
+
 def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, fmt: str = "parquet",
           layers: Sequence[int] | None = None, heads: bool = True, neurons: bool = True,
           progress: bool = True) -> dict:
     """Write the ranking files and ``summary.json``; return the summary (items done, skipped, seconds).
 
     Heads: exact top-``k`` (largest) token pairs of each OV and QK circuit. Neurons: the top
-    ``k_neurons`` value tokens of every neuron of each layer.
+    ``k_neurons`` value tokens of every neuron of each layer. ``out_dir`` may start with ``~``.
+    Resuming checks settings and files (see the module docstring).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -88,18 +156,30 @@ def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, 
         raise ValueError(f"fmt: got {fmt!r}; accepted: {', '.join(FORMATS)}")
     _topk._check_k(k)
     _topk._check_k(k_neurons)
-    out = Path(out_dir)
+    items = sweep_items(space, layers=layers, heads=heads, neurons=neurons)  # validates layers first
+    if not items:
+        raise ValueError("heads, neurons: nothing to sweep (heads=False and the model has no MLPs, or "
+                         "neurons=False too)")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {str(out)!r} exists and is not a folder")
+    settings = sweep_settings(space, k=k, k_neurons=k_neurons, fmt=fmt)
+    _check_folder(out, settings)
     (out / "heads").mkdir(parents=True, exist_ok=True)
     (out / "neurons").mkdir(parents=True, exist_ok=True)
-    items = sweep_items(space, layers=layers, heads=heads, neurons=neurons)
-    done = skipped = 0
+    if not (out / SETTINGS).exists():
+        (out / SETTINGS).write_text(json.dumps(settings, indent=2))
+    done = skipped = repaired = 0
     t0 = time.perf_counter()
     built: dict = {}  # (kind, layer) -> that layer's circuits, built once
     for item in tqdm(items, desc="embedspace sweep", disable=not progress, file=sys.stderr):
         path = item_path(out, item, fmt)
         if path.exists():
-            skipped += 1
-            continue
+            sub = "heads" if item[2] is not None else "neurons"
+            if _intact(path, fmt, _expected_rows(space, item, k, k_neurons), _COLUMNS[sub]):
+                skipped += 1
+                continue
+            repaired += 1  # damaged or truncated: computed again below
         kind, l, h = item
         if h is not None:
             if (kind, l) not in built:
@@ -126,7 +206,8 @@ def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, 
     scores = space.copying_scores() if heads else None
     summary = {
         "basis": space.basis, "k": k, "k_neurons": k_neurons, "format": fmt, "items": len(items),
-        "written": done, "skipped_existing": skipped, "seconds": round(time.perf_counter() - t0, 2),
+        "written": done, "skipped_existing": skipped, "recomputed_damaged": repaired,
+        "seconds": round(time.perf_counter() - t0, 2),
         "copying_scores": scores.tolist() if scores is not None else None,
         "token_note": "token strings show spaces as " + visible(" "),
     }
