@@ -6,6 +6,8 @@ import json as _json
 
 import click
 
+from tl_plugins.cli_checks import argument_errors_as_usage, model_name, output_dir
+
 
 def _space_options(f):
     f = click.option("--filter", "filter_", default=None,
@@ -16,9 +18,9 @@ def _space_options(f):
                      type=click.Choice(["auto", "paper", "unembed", "full-circuit", "pinv"]))(f)
     f = click.option("--read-basis", default="auto", show_default=True,
                      type=click.Choice(["auto", "paper", "unembed", "full-circuit", "pinv"]))(f)
-    f = click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+    f = click.option("--model", "model_name", default="smollm2-135m", show_default=True, callback=model_name,
                      help="Model name (see `tl-plugins models`).")(f)
-    return f
+    return argument_errors_as_usage(f)
 
 
 def _space(model_name, read_basis, write_basis, ln, filter_):
@@ -49,16 +51,16 @@ def embedspace_group() -> None:
 
 @embedspace_group.command("top-tokens")
 @_space_options
-@click.option("--layer", type=int, default=None, help="Layer (for neurons and heads).")
-@click.option("--neuron", type=int, default=None, help="Feed-forward neuron.")
-@click.option("--head", type=int, default=None, help="Attention head.")
+@click.option("--layer", type=click.IntRange(min=0), default=None, help="Layer (for neurons and heads).")
+@click.option("--neuron", type=click.IntRange(min=0), default=None, help="Feed-forward neuron.")
+@click.option("--head", type=click.IntRange(min=0), default=None, help="Attention head.")
 @click.option("--kind", default=None,
               type=click.Choice(["value", "key", "gate", "Q", "K", "V", "O", "embedding", "unembedding"]),
               help="What to project: a neuron's value/key/gate (default value), a head's Q/K/V column or "
                    "O row (needs --index), or a token's embedding/unembedding (needs --token).")
-@click.option("--index", type=int, default=0, show_default=True, help="Column/row of a head matrix.")
+@click.option("--index", type=click.IntRange(min=0), default=0, show_default=True, help="Column/row of a head matrix.")
 @click.option("--token", default=None, help="Token id or string (embedding/unembedding).")
-@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def top_tokens(model_name, read_basis, write_basis, ln, filter_, layer, neuron, head, kind, index, token, k,
                as_json):
@@ -86,10 +88,10 @@ def top_tokens(model_name, read_basis, write_basis, ln, filter_, layer, neuron, 
 
 @embedspace_group.command("pairs")
 @_space_options
-@click.option("--layer", type=int, required=True)
-@click.option("--head", type=int, required=True)
+@click.option("--layer", type=click.IntRange(min=0), required=True)
+@click.option("--head", type=click.IntRange(min=0), required=True)
 @click.option("--circuit", type=click.Choice(["ov", "qk"]), default="ov", show_default=True)
-@click.option("-k", "k", type=int, default=20, show_default=True)
+@click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--mode", type=click.Choice(["largest", "smallest", "abs"]), default="largest", show_default=True)
 @click.option("--exclude-diagonal", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -109,7 +111,7 @@ def pairs(model_name, read_basis, write_basis, ln, filter_, layer, head, circuit
 @_space_options
 @click.option("--token", required=True, help="Token id or string (visible spaces allowed).")
 @click.option("--kind", type=click.Choice(["value", "key", "gate"]), default="value", show_default=True)
-@click.option("-k", "k", type=int, default=10, show_default=True)
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def find_neurons(model_name, read_basis, write_basis, ln, filter_, token, kind, k, as_json):
     """Neurons of every layer ranked by their score for a token (one matrix product)."""
@@ -121,8 +123,8 @@ def find_neurons(model_name, read_basis, write_basis, ln, filter_, token, kind, 
 @_space_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["parquet", "json"]), default="parquet", show_default=True)
-@click.option("-k", "k", type=int, default=50, show_default=True, help="Pairs per head circuit.")
-@click.option("--k-neurons", type=int, default=10, show_default=True, help="Value tokens per neuron.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=50, show_default=True, help="Pairs per head circuit.")
+@click.option("--k-neurons", type=click.IntRange(min=1), default=10, show_default=True, help="Value tokens per neuron.")
 @click.option("--layers", default=None, help="Comma-separated layers (default: all).")
 @click.option("--no-heads", is_flag=True)
 @click.option("--no-neurons", is_flag=True)
@@ -131,9 +133,14 @@ def sweep_cmd(model_name, read_basis, write_basis, ln, filter_, out_dir, fmt, k,
     """Rank every head's OV and QK and every feed-forward value into files; rerun to resume."""
     from tl_embedspace.sweep import sweep
 
+    try:
+        lay = [int(x) for x in layers.split(",")] if layers else None
+    except ValueError:
+        raise click.BadParameter(f"got {layers!r}; accepted: comma-separated layer numbers like 0,3,5",
+                                 param_hint="--layers") from None
+    out = output_dir(out_dir, "--out")
     sp = _space(model_name, read_basis, write_basis, ln, filter_)
-    lay = [int(x) for x in layers.split(",")] if layers else None
-    summary = sweep(sp, out_dir, k=k, k_neurons=k_neurons, fmt=fmt, layers=lay, heads=not no_heads,
+    summary = sweep(sp, out, k=k, k_neurons=k_neurons, fmt=fmt, layers=lay, heads=not no_heads,
                     neurons=not no_neurons)
     click.echo(f"{summary['written']} written, {summary['skipped_existing']} already there, "
                f"{summary['seconds']:.1f} s -> {out_dir}")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import click
+
+from tl_plugins.cli_checks import model_name, output_dir, output_file
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,7 +52,7 @@ def models_cmd() -> None:
 @cli.command("bench")
 @click.argument("name", required=False)
 @click.option("--quick", is_flag=True, help="Smaller sizes (seconds, not minutes).")
-@click.option("--model", default=None, help="Model name (default: the benchmark's own).")
+@click.option("--model", default=None, callback=model_name, help="Model name (default: the benchmark's own).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Also write the result as JSON to this file.")
@@ -69,6 +70,7 @@ def bench_cmd(name, quick, model, device, json_out, backend) -> None:
     if name not in found:
         raise click.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(sorted(found))}",
                                  param_hint="NAME")
+    json_file = output_file(json_out, "--json")
     try:
         result = bench.run(name, quick=quick, model=model, device=device, found=found, backend=backend)
     except ValueError as exc:
@@ -76,12 +78,12 @@ def bench_cmd(name, quick, model, device, json_out, backend) -> None:
             raise click.BadParameter(str(exc), param_hint="--backend") from None
         raise
     click.echo(result.render())
-    if json_out:
-        Path(json_out).write_text(result.to_json())
+    if json_file is not None:
+        json_file.write_text(result.to_json())
 
 
 @cli.command("report")
-@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, callback=model_name,
               help="Model name (see `tl-plugins models`).")
 @click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="Smaller measurements: for tests and slow machines.")
@@ -92,6 +94,7 @@ def report_cmd(model_name, out_dir, quick, backend) -> None:
     from tl_plugins import models
     from tl_plugins.report import build_report
 
+    out_dir = output_dir(out_dir, "--out")
     t0 = time.perf_counter()
     click.echo(f"loading {model_name} ...", err=True)
     model = models.load(model_name, backend=backend)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from tl_plugins.cli_checks import argument_errors_as_usage, model_name, output_file
+
 
 def _parse_k(values):
     out = []
@@ -44,7 +46,7 @@ def _parse_layers(text):
 
 
 @topk_group.command("perplexity")
-@click.option("--model", "model_name", default="smollm2-135m", show_default=True,
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, callback=model_name,
               help="Model name (see `tl-plugins models`).")
 @click.option("--k", "ks", multiple=True, default=("4", "8", "16", "32", "64", "128", "n"), show_default=True,
               help="k values (repeat the option); 'n' means dense.")
@@ -60,6 +62,7 @@ def _parse_layers(text):
 @click.option("--layers", "layers_text", default=None,
               help="Only these layers get top-k: a range '1-29' or a list '0,3,5' (default: all).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
+@argument_errors_as_usage
 def perplexity_cmd(model_name, ks, modes, n_tokens, backend, ff_rule, layers_text, csv_path) -> None:
     """Perplexity of MODEL on the Python docs text vs k (attention, feed-forward, both)."""
     from tqdm.auto import tqdm
@@ -68,21 +71,30 @@ def perplexity_cmd(model_name, ks, modes, n_tokens, backend, ff_rule, layers_tex
     from tl_topk.analysis import docs_tokens, perplexity_sweep
 
     layers = _parse_layers(layers_text)
+    k_values = _parse_k(ks)
+    csv_file = output_file(csv_path, "--csv")
     model = tl_plugins.models.load(model_name)
+    if layers is not None:
+        n_layers = tl_plugins.backends.detect(model).n_layers
+        bad = [x for x in layers if not 0 <= x < n_layers]
+        if bad:
+            raise click.BadParameter(f"layers {bad} do not exist; {model_name} has layers 0-{n_layers - 1}",
+                                     param_hint="--layers")
     tokens = docs_tokens(model, n_tokens)
-    sweep = perplexity_sweep(model, tokens, _parse_k(ks), modes=modes, model_name=model_name, backend=backend,
+    sweep = perplexity_sweep(model, tokens, k_values, modes=modes, model_name=model_name, backend=backend,
                              ff_rule=ff_rule, layers=layers,
                              progress=lambda it, desc: tqdm(it, desc=desc, leave=False))
     click.echo(f"dense perplexity {sweep.dense:.4f} ({model_name}, {n_tokens} tokens)")
     click.echo(sweep.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    if csv_path:
-        sweep.to_frame().to_csv(csv_path, index=False)
+    if csv_file is not None:
+        sweep.to_frame().to_csv(csv_file, index=False)
 
 
 @topk_group.command("sparsity")
-@click.option("--model", "model_name", default="smollm2-135m", show_default=True)
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, callback=model_name)
 @click.option("--k", "k", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--tokens", "n_tokens", default=256, show_default=True, type=click.IntRange(min=2))
+@argument_errors_as_usage
 def sparsity_cmd(model_name, k, n_tokens) -> None:
     """Per layer: non-zeros per pattern row under top-k, and the dense pattern's mass in its top k."""
     import tl_plugins

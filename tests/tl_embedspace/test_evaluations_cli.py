@@ -99,7 +99,7 @@ def test_cli_commands(tmp_path):
     assert r.exit_code == 0 and "L0N9 key" in r.output
     r = CliRunner().invoke(cli, ["embedspace", "top-tokens", "--model", "tiny-gpt2", "--layer", "0",
                                  "--neuron", "999"])
-    assert r.exit_code != 0 and "neuron: got 999" in str(r.exception)
+    assert r.exit_code == 2 and "neuron: got 999" in r.output  # a usage error, not a traceback
     r = CliRunner().invoke(cli, ["embedspace", "sweep", "--model", "tiny-gpt2", "--out", str(tmp_path / "s"),
                                  "--format", "json", "--layers", "1", "--no-neurons"])
     assert r.exit_code == 0 and (tmp_path / "s" / "heads" / "ov_L1H0.json").exists()
