@@ -20,6 +20,21 @@ from tl_plugins.errors import ModelFetchError, UnsupportedModelError
 _FIX_HINT = "pip install 'tl-plugins[gguf]'  (gguf, transformers, safetensors)"
 
 
+def check_load_options(*, processed: Any, n_ctx: Any, dtype: Any, device: Any) -> None:
+    """Validate the options every loader shares (by type, not by truthiness: ``n_ctx=0`` and
+    ``processed="no"`` are errors, not defaults)."""
+    if not isinstance(processed, bool):
+        raise TypeError(f"processed: got {processed!r}; accepted: True or False")
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0):
+        raise ValueError(f"n_ctx: got {n_ctx!r}; accepted: a positive int or None (the model's own)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: got {dtype!r}; accepted: a floating torch.dtype such as torch.float32")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: got {device!r}; accepted: 'cpu', 'cuda', 'cuda:0', ...") from exc
+
+
 def _require_transformers():
     try:
         import transformers  # noqa: F401
@@ -146,14 +161,27 @@ def load_hf_model(path: str | os.PathLike):
     _require_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ModelFetchError(f"path: {str(path)!r} has no config.json; expected a Hugging Face model folder")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() or (
-            path / "tokenizer.json").exists() else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelFetchError(
+            f"path: could not read the model files in {str(path)!r} ({type(exc).__name__}: {exc}); a "
+            "weights file (safetensors/bin) or config.json may be truncated or corrupt: delete the folder "
+            "and fetch or save the model again") from exc
+    has_tok = (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(path) if has_tok else None
+    except Exception as exc:
+        raise ModelFetchError(
+            f"path: could not read the tokenizer files in {str(path)!r} ({type(exc).__name__}: {exc}); "
+            "tokenizer.json may be truncated or corrupt: save the tokenizer again") from exc
     hf.eval()
     return hf, tok
 
@@ -164,6 +192,7 @@ def load_hf_folder(path: str | os.PathLike, *, processed: bool = False, n_ctx: O
     ``backend="bridge"`` (the default on transformer-lens 4.x), as a TransformerBridge."""
     from tl_plugins.models.tiny import resolve_backend
 
+    check_load_options(processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)
     kind = resolve_backend(backend)
     hf, tok = load_hf_model(path)
     if kind == "bridge":
@@ -180,7 +209,7 @@ def read_gguf(path: str | os.PathLike):
         raise ModelFetchError(f"reading GGUF files needs the gguf package: {_FIX_HINT}") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ModelFetchError(f"path: GGUF file {str(path)!r} does not exist")
     with open(path, "rb") as fh:
@@ -216,6 +245,7 @@ def load_gguf(path: str | os.PathLike, *, processed: bool = False, n_ctx: Option
     (``backend``, as in :func:`load_hf_folder`); weights dequantised."""
     from tl_plugins.models.tiny import resolve_backend
 
+    check_load_options(processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)
     kind = resolve_backend(backend)
     hf, tok = read_gguf(path)
     if kind == "bridge":

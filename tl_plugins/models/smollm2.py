@@ -98,9 +98,20 @@ def ensure_hf_folder(progress: bool = True) -> Path:
 
 def load_hf(progress: bool = True):
     """(HF model, tokenizer) of SmolLM2-135M-Instruct in float32, from the cache."""
+    from tl_plugins.errors import ModelFetchError
     from tl_plugins.models.local import load_hf_model
 
-    hf, tok = load_hf_model(ensure_hf_folder(progress))
+    folder = ensure_hf_folder(progress)
+    try:
+        hf, tok = load_hf_model(folder)
+    except ModelFetchError as exc:
+        # A cache entry damaged after it was written (a truncated safetensors file, a disk that
+        # filled up): rebuild it once from the GGUF file instead of failing on every load.
+        if progress:
+            print(f"tl_plugins: the cached model in {folder} is damaged ({exc}); rebuilding it",
+                  file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+        hf, tok = load_hf_model(ensure_hf_folder(progress))
     fix_tokenizer(tok)  # idempotent; protects against a folder saved by an older version
     return hf, tok
 
@@ -110,12 +121,13 @@ def load(*, processed: bool = False, n_ctx: int = 2048, dtype: Optional[torch.dt
     """SmolLM2-135M-Instruct as a HookedTransformer or, with ``backend="bridge"`` (the default on
     transformer-lens 4.x), a TransformerBridge; unprocessed weights unless ``processed=True``
     (compatibility mode on a bridge)."""
-    from tl_plugins.models.local import hf_to_bridge, hf_to_hooked
+    from tl_plugins.models.local import check_load_options, hf_to_bridge, hf_to_hooked
     from tl_plugins.models.tiny import resolve_backend
 
     kind = resolve_backend(backend)
-    if not isinstance(n_ctx, int) or n_ctx <= 0:
-        raise ValueError(f"n_ctx: got {n_ctx!r}; accepted: a positive int (the model allows up to 8192)")
+    check_load_options(processed=processed, n_ctx=n_ctx, dtype=dtype or torch.float32, device=device)
+    if n_ctx is None:
+        raise ValueError("n_ctx: got None; accepted: a positive int (the model allows up to 8192)")
     if n_ctx > 8192:
         raise ValueError(f"n_ctx: got {n_ctx}; SmolLM2-135M was trained with a context of 8192")
     t0 = time.perf_counter()
