@@ -64,6 +64,36 @@ def check_index(value: Any, size: int, arg: str) -> int:
     return value
 
 
+class _cached_on_weights:
+    """Like ``functools.cached_property``, but recomputed when the model's weights change.
+
+    The key is every parameter's storage address and PyTorch version counter, so in-place edits
+    (``with torch.no_grad(): W[...] = ...``, ``copy_``) and replaced parameters are noticed; an edit
+    through ``.data`` bypasses the version counter and is not (call ``space.refresh()`` then).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        key = obj._weights_key()
+        store = obj.__dict__.setdefault("_weight_cache", {})
+        hit = store.get(self.name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        if obj.__dict__.get("_weights_seen") != key:  # the weights changed since the view was made
+            obj.w = tl_plugins.weights(obj.model)
+            obj.__dict__["_weights_seen"] = key
+            store.clear()
+        value = self.fn(obj)
+        store[self.name] = (key, value)
+        return value
+
+
 class EmbeddingSpace:
     """Vocabulary-space view of one model's weights (see the module docstring).
 
@@ -93,6 +123,7 @@ class EmbeddingSpace:
             raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive int")
         self.model = model
         self.w = tl_plugins.weights(model)
+        self._weights_seen = self._weights_key()
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.ln = ln
         self.budget_bytes = budget_bytes
@@ -107,6 +138,16 @@ class EmbeddingSpace:
                 ProcessedWeightsWarning, stacklevel=2)
         self._filter_spec = filters
         self.filter_ids = build_filter(filters, self.d_vocab, self._token_strings_fn())
+
+    # -- freshness -----------------------------------------------------------------------------
+    def _weights_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
+    def refresh(self) -> None:
+        """Forget every basis and stack computed from the weights (after edits through ``.data``)."""
+        self.__dict__.pop("_weight_cache", None)
+        self.w = tl_plugins.weights(self.model)
+        self._weights_seen = self._weights_key()
 
     # -- configuration -------------------------------------------------------------------------
     @staticmethod
@@ -140,7 +181,7 @@ class EmbeddingSpace:
     def n_heads(self) -> int:
         return self.w.n_heads
 
-    @cached_property
+    @_cached_on_weights
     def R(self) -> torch.Tensor:
         """Read basis ``[d_vocab, d_model]``: row t is token t's residual vector as components read it."""
         if self.read_basis in ("paper", "unembed"):
@@ -149,14 +190,14 @@ class EmbeddingSpace:
             return self.w.W_E
         return torch.linalg.pinv(self.w.W_U.double()).to(self.w.W_U.dtype)  # [d_vocab, d_model]
 
-    @cached_property
+    @_cached_on_weights
     def W(self) -> torch.Tensor:
         """Write basis ``[d_model, d_vocab]``: ``v @ W`` are the token scores of a written vector v."""
         if self.write_basis in ("paper", "unembed", "full-circuit"):
             return self.w.W_U
         return torch.linalg.pinv(self.w.W_E.double()).to(self.w.W_E.dtype)  # [d_model, d_vocab]
 
-    @cached_property
+    @_cached_on_weights
     def W_T(self) -> torch.Tensor:
         """``W^T`` contiguous ``[d_vocab, d_model]`` (one token's write direction is a row)."""
         if self.read_basis in ("paper", "unembed") and self.write_basis in ("paper", "unembed", "full-circuit"):
@@ -321,20 +362,20 @@ class EmbeddingSpace:
         return VocabMatrix(self, A, B, label, "custom", None, None)
 
     # -- search across the whole model ---------------------------------------------------------
-    @cached_property
+    @_cached_on_weights
     def _values_flat(self) -> torch.Tensor:
         """Every feed-forward value vector, ``[n_layers * d_mlp, d_model]``."""
         if self.w.d_mlp is None:
             raise UnsupportedModelError("model: attention-only model has no feed-forward neurons")
         return self.w.W_out.reshape(-1, self.w.d_model).contiguous()
 
-    @cached_property
+    @_cached_on_weights
     def _keys_flat(self) -> torch.Tensor:
         if self.w.d_mlp is None:
             raise UnsupportedModelError("model: attention-only model has no feed-forward neurons")
         return self.w.W_in.transpose(1, 2).reshape(-1, self.w.d_model).contiguous()
 
-    @cached_property
+    @_cached_on_weights
     def _gates_flat(self) -> torch.Tensor:
         if not self.w.gated_mlp:
             raise UnsupportedModelError("kind: 'gate' needs a gated MLP (cfg.gated_mlp=True)")
@@ -363,7 +404,7 @@ class EmbeddingSpace:
         return ComponentHits(f"neurons for {self.token_str(t)} ({kind})", "neuron", layers, units, vals, kind,
                              dict(self.basis), time.perf_counter() - t0)
 
-    @cached_property
+    @_cached_on_weights
     def _attn_stack(self) -> dict[str, torch.Tensor]:
         return {"W_Q": self.w.W_Q, "W_K": self.w.W_K, "W_V": self.w.W_V, "W_O": self.w.W_O}
 
