@@ -7,6 +7,8 @@ from them.
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 
 from tl_embedspace.space import LN_MODES, READ_BASES, WRITE_BASES
@@ -31,9 +33,9 @@ class EmbedSpaceConfig:
             raise ValueError(f"write_basis: got {self.write_basis!r}; accepted: auto, {', '.join(WRITE_BASES)}")
         if self.ln not in LN_MODES:
             raise ValueError(f"ln: got {self.ln!r}; accepted: {', '.join(LN_MODES)}")
-        if isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0:
+        if isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, numbers.Integral) or self.budget_bytes <= 0:
             raise ValueError(f"budget_bytes: got {self.budget_bytes!r}; accepted: a positive int")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k <= 0:
             raise ValueError(f"k: got {self.k!r}; accepted: a positive int")
 
 

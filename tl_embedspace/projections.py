@@ -9,6 +9,8 @@ gate key, a column of W_Q/W_K/W_V, an unembedding) is read as ``R @ k`` with a r
 
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Callable, Sequence
 from typing import Union
 
@@ -49,7 +51,7 @@ def top_bottom(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None
     Returns ``(top_values, top_ids, bottom_values, bottom_ids)``, each ``[min(k, n)]``; ties go to the
     smaller id.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
         raise ValueError(f"k: got {k!r}; accepted: a positive int")
     if ids is None:
         ids = torch.arange(scores.shape[-1])
@@ -81,7 +83,7 @@ def build_filter(spec: FilterLike, d_vocab: int, token_strings: Callable[[], lis
     """
     if spec is None:
         return None
-    if isinstance(spec, list) and spec and not all(isinstance(x, int) for x in spec):
+    if isinstance(spec, list) and spec and not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in spec):
         out: torch.Tensor | None = None
         for part in spec:
             ids = build_filter(part, d_vocab, token_strings)

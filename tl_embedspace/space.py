@@ -23,6 +23,8 @@ processed them (folding/centering change W_E and W_U, so results no longer match
 
 from __future__ import annotations
 
+import numbers
+
 import time
 import warnings
 from collections.abc import Sequence
@@ -59,9 +61,9 @@ class ProcessedWeightsWarning(UserWarning):
 
 def check_index(value: Any, size: int, arg: str) -> int:
     """``value`` if it is an int (not a bool) in ``[0, size)``, else an IndexError naming ``arg``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < size:
         raise IndexError(f"{arg}: got {value!r}; accepted: an int in [0, {size - 1}]")
-    return value
+    return int(value)
 
 
 class _cached_on_weights:
@@ -86,6 +88,7 @@ class _cached_on_weights:
         if hit is not None and hit[0] == key:
             return hit[1]
         if obj.__dict__.get("_weights_seen") != key:  # the weights changed since the view was made
+            obj._check_finite()
             obj.w = tl_plugins.weights(obj.model)
             obj.__dict__["_weights_seen"] = key
             store.clear()
@@ -119,9 +122,10 @@ class EmbeddingSpace:
                 "their feed-forward weights are per expert and routed, which this package does not model")
         if ln not in LN_MODES:
             raise ValueError(f"ln: got {ln!r}; accepted: one of {', '.join(LN_MODES)}")
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral) or budget_bytes <= 0:
             raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive int")
         self.model = model
+        self._check_finite()
         self.w = tl_plugins.weights(model)
         self._weights_seen = self._weights_key()
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -143,8 +147,16 @@ class EmbeddingSpace:
     def _weights_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
+    def _check_finite(self) -> None:
+        """Refuse non-finite weights: top-k over NaN scores is undefined (fewer results, eigh errors)."""
+        for name, p in self.model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise ValueError(f"model: parameter {name} holds NaN or infinite values; accepted: finite "
+                                 "weights (vocabulary-space rankings of NaN are undefined)")
+
     def refresh(self) -> None:
         """Forget every basis and stack computed from the weights (after edits through ``.data``)."""
+        self._check_finite()
         self.__dict__.pop("_weight_cache", None)
         self.w = tl_plugins.weights(self.model)
         self._weights_seen = self._weights_key()
@@ -224,7 +236,7 @@ class EmbeddingSpace:
         """A token id from an id or a string that is exactly one token (visible spaces allowed)."""
         if isinstance(token, torch.Tensor) and token.numel() == 1:
             token = int(token)
-        if isinstance(token, int) and not isinstance(token, bool):
+        if isinstance(token, numbers.Integral) and not isinstance(token, bool):
             if not 0 <= token < self.d_vocab:
                 raise IndexError(f"{arg}: id {token} is not in the vocabulary; accepted: ids in [0, {self.d_vocab - 1}]")
             return token

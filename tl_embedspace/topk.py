@@ -20,6 +20,8 @@ pruning skip an entry that a dense product would have ranked.
 
 from __future__ import annotations
 
+import numbers
+
 import bisect
 import math
 from collections.abc import Sequence
@@ -68,9 +70,9 @@ def _check_mode(mode: str) -> None:
 
 
 def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
         raise ValueError(f"k: got {k!r}; accepted: a positive int")
-    return k
+    return int(k)
 
 
 def _check_factors(A: torch.Tensor, B: torch.Tensor) -> None:

@@ -17,6 +17,8 @@ change the model.
 
 from __future__ import annotations
 
+import numbers
+
 import weakref
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -156,7 +158,7 @@ class WeightView:
         return None if t is None else t.detach().clone()
 
     def _check_layer(self, layer: Any) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
+        if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
             raise IndexError(f"layer: got {layer!r}; accepted: an int in [0, {self.n_layers - 1}]")
         return layer
 

@@ -42,3 +42,18 @@ def test_refresh_covers_edits_through_data():
     target.data[:] = torch.randn_like(target)  # .data bypasses the version counter
     space.refresh()
     _same(space.embedding(5), EmbeddingSpace(model).embedding(5))
+
+
+def test_non_finite_weights_are_refused_at_construction_and_after_an_edit():
+    import numpy as np
+    import pytest
+
+    model = tl_plugins.models.load("tiny-llama")
+    space = EmbeddingSpace(model)
+    assert space.ff_value(np.int64(1), np.int64(3), k=np.int64(4)).top_ids.shape == (4,)  # numpy ints work
+    with torch.no_grad():
+        model.W_U[0, 5] = float("nan")
+    with pytest.raises(ValueError, match="model: parameter .* holds NaN or infinite values"):
+        space.ff_value(1, 3)
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        EmbeddingSpace(model)

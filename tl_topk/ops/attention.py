@@ -94,7 +94,7 @@ def _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal=True, window
             raise ValueError(f"{name}: contains NaN or infinite values; accepted: finite tensors (top-k "
                              "selection is undefined on NaN scores)")
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"window: got {window!r}; accepted: an int >= 1 (sliding-window size) or None")
         if not causal:
             raise ValueError(f"window: got {window!r} with causal=False; a sliding window is causal: "
