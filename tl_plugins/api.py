@@ -11,7 +11,7 @@ from tl_plugins import backends as _backends
 from tl_plugins.errors import NotEnabledError, PluginBlockedError, UnknownPluginError
 from tl_plugins.plugins import PluginInfo, entry_points, get_plugin_manager, registry
 from tl_plugins.seams import SEAM_OWNER_ATTN, SEAM_OWNER_MLP, install_attention_seam, install_mlp_seam
-from tl_plugins.state import drop_state_if_empty, get_state, restore_owner
+from tl_plugins.state import check_not_busy_elsewhere, drop_state_if_empty, get_state, restore_owner
 
 
 def _info(name: Any) -> PluginInfo:
@@ -77,7 +77,10 @@ def enable(model: Any, name: str, **config: Any) -> Any:
     left exactly as it was.
     """
     info = _info(name)
-    return _enable_instance(model, name, info, _make_config(info, config), _backends.detect(model))
+    cfg = _make_config(info, config)
+    backend = _backends.detect(model)
+    check_not_busy_elsewhere(model, f"enable({name!r})")
+    return _enable_instance(model, name, info, cfg, backend)
 
 
 def _enable_instance(model: Any, name: str, info: PluginInfo, cfg: Any, backend: Any) -> Any:
@@ -126,6 +129,7 @@ def disable(model: Any, name: Optional[str] = None) -> None:
     were before ``enable``. Raises ``NotEnabledError`` if ``name`` is not enabled on ``model``.
     """
     backend = _backends.detect(model)
+    check_not_busy_elsewhere(model, "disable()" if name is None else f"disable({name!r})")
     state = get_state(model)
     if name is None:
         errors = []

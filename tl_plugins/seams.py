@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_plugins.plugins import get_plugin_manager
-from tl_plugins.state import ModelState, get_state
+from tl_plugins.state import ModelState, get_state, running
 
 SEAM_OWNER_ATTN = "__attention_seam__"
 SEAM_OWNER_MLP = "__mlp_seam__"
@@ -151,7 +151,8 @@ def _has_hooks(hook_point: Any) -> bool:
 
 def ask_attention(call: AttentionCall) -> torch.Tensor:
     """The ``tl_plugins_attention`` hook's z for ``call`` (the built-in dense one if all pass)."""
-    return get_plugin_manager().hook.tl_plugins_attention(call=call)
+    with running(call.state):
+        return get_plugin_manager().hook.tl_plugins_attention(call=call)
 
 
 @dataclass
@@ -179,7 +180,8 @@ class SeamActFn:
 
     def __call__(self, pre: torch.Tensor) -> torch.Tensor:
         call = MLPActivationCall(self.mlp, self.layer, pre, self.original, self.state)
-        out = get_plugin_manager().hook.tl_plugins_mlp_activation(call=call)
+        with running(self.state):
+            out = get_plugin_manager().hook.tl_plugins_mlp_activation(call=call)
         return self.original(pre) if out is None else out
 
 

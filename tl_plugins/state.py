@@ -7,8 +7,10 @@ It is a plain object, so ``copy.deepcopy(model)`` copies it along with the seams
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 STATE_ATTR = "_tl_plugins_state"
 
@@ -42,10 +44,55 @@ class ModelState:
     overrides: dict[str, list[Override]] = field(default_factory=dict)
     attention_seam_users: set[str] = field(default_factory=set)
     mlp_seam_users: set[str] = field(default_factory=set)
+    # thread id -> attention calls of that thread running through the seam now (see busy_elsewhere)
+    in_flight: dict[int, int] = field(default_factory=dict)
 
     def config(self, name: str) -> Any:
         """The config of plugin ``name`` on this model, or None if it is not enabled."""
         return self.active.get(name)
+
+
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def running(state: Optional[ModelState]):
+    """Mark one seam call of the current thread as in flight on the model of ``state``."""
+    if state is None:
+        yield
+        return
+    tid = threading.get_ident()
+    with _LOCK:
+        state.in_flight[tid] = state.in_flight.get(tid, 0) + 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            left = state.in_flight.get(tid, 1) - 1
+            if left:
+                state.in_flight[tid] = left
+            else:
+                state.in_flight.pop(tid, None)
+
+
+def check_not_busy_elsewhere(model: Any, action: str) -> None:
+    """Refuse to change a model's plugins while another thread is running it through a seam.
+
+    Configuration is per model, not per thread: two threads that need different configurations
+    need two models (``copy.deepcopy(model)``). Changing it mid-forward would mix two
+    configurations within one forward pass, silently.
+    """
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        return
+    me = threading.get_ident()
+    with _LOCK:
+        others = [t for t, n in state.in_flight.items() if n and t != me]
+    if others:
+        raise RuntimeError(
+            f"{action}: another thread (id {others[0]}) is running this model through a plugin seam right "
+            "now; plugin configuration is per model, not per thread, so changing it now would mix "
+            "configurations within that forward pass. Give each thread its own model (copy.deepcopy).")
 
 
 def get_state(model: Any, create: bool = False) -> ModelState | None:
