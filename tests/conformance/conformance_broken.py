@@ -1,8 +1,8 @@
 """A deliberately wrong plugin: attention that ignores the padding mask.
 
 The negative control of the conformance suite: run under TransformerLens's tests it must produce
-failures (padding and batched KV-cache tests), which shows the harness can catch a plugin bug of
-a realistic kind, not only crashes.
+failures (padding and batched KV-cache tests, on HookedTransformer and on TransformerBridge),
+which shows the harness can catch a plugin bug of a realistic kind, not only crashes.
 """
 
 from __future__ import annotations
@@ -30,4 +30,9 @@ def tl_plugins_register(register):
 def tl_plugins_attention(call):
     if call.config(NAME) is None:
         return None
-    return dataclasses.replace(call, attention_mask=None).dense()
+    changes = {"attention_mask": None}
+    if any(f.name == "raw_mask" for f in dataclasses.fields(call)):
+        # TransformerBridge: its dense route applies the mask the library was given (raw_mask);
+        # without it the library applies the causal mask alone, so padding is ignored there too
+        changes["raw_mask"] = None
+    return dataclasses.replace(call, **changes).dense()

@@ -6,7 +6,9 @@ the ``tests/`` folder is unpacked: the tests import the *installed* ``transforme
 
 ``run_suite`` runs the selected files in a pytest subprocess with ``tl_conformance_inject`` loaded
 (see that module: it enables the plugin on every model built and writes a JSON report), and
-``compare`` lines a plugin run up against the baseline run, test id by test id.
+``compare`` lines a plugin run up against the baseline run, test id by test id. Two suites:
+``hooked`` (``SELECTED``: HookedTransformer, transformer-lens 3.x) and ``bridge``
+(``BRIDGE_SELECTED``: TransformerBridge, 3.x and 4.x).
 """
 
 from __future__ import annotations
@@ -67,6 +69,61 @@ DESELECTED: dict[str, str] = {
         "needs jaxtyping/beartype runtime checks (TL's --jaxtyping-packages addopt, not installed here)",
 }
 
+SUITES = ("hooked", "bridge")
+
+# TransformerLens's TransformerBridge tests (in the 4.x sdist, most also in 3.9's), run with the
+# plugin enabled on every bridge they build and on every bare attention bridge they wire by hand.
+# Hub names they boot ("gpt2", "distilgpt2") boot an offline random GPT-2 of the same
+# architecture and depth (tl_conformance_inject.OFFLINE_BRIDGE_MODELS): these tests check the
+# bridge against itself (cache vs full forward, padded vs unpadded, split vs fused), not against
+# the real checkpoint's numbers.
+BRIDGE_SELECTED = {
+    "tests/unit/model_bridge/test_component_hooks_fire.py":
+        "hook_q/k/v/z fire on every PositionEmbeddingsAttentionBridge adapter (bare, wired by hand)",
+    "tests/unit/model_bridge/generalized_components/test_kv_cache.py":
+        "KV cache: rectangular causal mask, _update_kv_cache, _reconstruct_attention with q < kv",
+    "tests/unit/model_bridge/generalized_components/test_joint_qkv_attention.py":
+        "joint-QKV attention: split QKV, hooks, reconstruction (bare JointQKVAttentionBridge)",
+    "tests/unit/model_bridge/generalized_components/test_attention_helpers.py":
+        "attention helpers (_get_n_heads, weight reshaping); builds no attention to enable",
+    "tests/unit/model_bridge/test_per_head_hooks_component.py":
+        "per-head hooks: hook_result sums to hook_out, split q/k/v inputs, attn_in, MHA and GQA",
+    "tests/unit/model_bridge/test_loss_attention_mask.py":
+        "padding-aware loss, 2D/4D/bool masks, on local GPT-2, Llama and MPT bridges",
+    "tests/unit/model_bridge/compatibility/test_split_qkv.py":
+        "use_split_qkv_input / use_attn_in leave the logits unchanged (gpt2 stand-in)",
+    "tests/unit/model_bridge/compatibility/test_use_attn_result.py":
+        "use_attn_result: hook_result fires and sums to the output (gpt2 stand-in)",
+    "tests/unit/model_bridge/test_bridge_generate_kv_cache.py":
+        "generate with the KV cache == without, single and batched (distilgpt2 stand-in)",
+    "tests/unit/model_bridge/test_batched_string_padding.py":
+        "batched string input: padding side, masks, per-row logits (distilgpt2 stand-in)",
+    "tests/integration/model_bridge/test_bridge_manual_kv_cache.py":
+        "forward(past_key_values=...) token by token / chunked == full forward (distilgpt2)",
+    "tests/integration/model_bridge/test_left_padding_positions.py":
+        "left/right padding: logits at real positions do not depend on padding (distilgpt2)",
+    "tests/integration/model_bridge/test_generate_attention_mask.py":
+        "generate from a pre-padded prompt with attention_mask / padding_side (distilgpt2)",
+    "tests/integration/model_bridge/test_joint_qkv_attention_hook_compatibility.py":
+        "hooks on q/k/v/scores/pattern of the joint-QKV bridge (distilgpt2)",
+    "tests/integration/model_bridge/generalized_components/"
+    "test_joint_qkv_attention_bridge_integration.py":
+        "joint-QKV bridge against the HF attention it wraps (distilgpt2)",
+    "tests/integration/model_bridge/test_attention_score_sentinel.py":
+        "compatibility mode: masked scores are -inf, gradients through padded scores (distilgpt2)",
+}
+BRIDGE_DESELECTED: dict[str, str] = {
+    "tests/integration/model_bridge/test_left_padding_positions.py::test_self_deriving_model_is_left_alone":
+        "boots hf-internal-testing/tiny-random-OPTForCausalLM from the model hub (OPT, not GPT-2)",
+    "tests/unit/model_bridge/compatibility/test_split_qkv.py::test_block_level_hook_alias_parity":
+        "fails in the baseline: the test before it monkeypatches the module-scoped bridge's "
+        "`blocks`, and the restore leaves the bridge without `blocks` (test-order issue in TL 4.3)",
+    "tests/integration/model_bridge/test_attention_score_sentinel.py::"
+    "test_gpt2_compatibility_scores_use_negative_infinity":
+        "compares the bridge's scores with real GPT-2's: HookedTransformer.from_pretrained('gpt2') "
+        "in TL 3.9 (hub), frozen HookedTransformer goldens in TL 4.3 (not in the sdist; it skips)",
+}
+
 DENSE_K = 10**9  # larger than any sequence in the TL tests: every row keeps all its keys
 KERNEL_FRACTION = 0.9999
 
@@ -89,6 +146,23 @@ BROKEN = dict(plugin="conformance-broken-padding", config={}, plugin_module="con
               files=["tests/integration/test_left_padding.py", "tests/integration/test_kv_cache.py",
                      "tests/integration/test_attention_mask.py"])
 
+# The bridge suite's configurations (suite="bridge"): the same plugins, enabled on every
+# TransformerBridge and every bare attention bridge the TL bridge tests build
+BRIDGE_CONFIGS = {
+    "bridge-passthrough": dict(plugin="conformance-passthrough", config={},
+                               plugin_module="conformance_passthrough", suite="bridge"),
+    "bridge-topk-dense": dict(plugin="topk", config={"k": DENSE_K}, suite="bridge"),
+    "bridge-topk-cycled": dict(plugin="topk", config={"k": 2, "ff_k": 2}, cycle=True,
+                               suite="bridge"),
+}
+# the bridge suite's negative control: the same broken plugin, on the padding / mask files
+BRIDGE_BROKEN = dict(BROKEN, suite="bridge", files=[
+    "tests/integration/model_bridge/test_left_padding_positions.py",
+    "tests/integration/model_bridge/test_generate_attention_mask.py",
+    "tests/unit/model_bridge/test_batched_string_padding.py",
+    "tests/unit/model_bridge/generalized_components/test_joint_qkv_attention.py",
+])
+
 PER_TEST_TIMEOUT_S = 180
 SUITE_TIMEOUT_S = 480
 
@@ -99,6 +173,15 @@ class FetchError(RuntimeError):
 
 def tl_version() -> str:
     return metadata.version("transformer-lens")
+
+
+def hooked_available() -> bool:
+    """False on transformer-lens 4.x, which removed HookedTransformer (the hooked suite skips)."""
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _cache_root() -> Path:
@@ -172,6 +255,8 @@ class SuiteResult:
     attention_calls: int = 0
     mlp_activation_calls: int = 0
     cycle_leftovers: list = field(default_factory=list)
+    attention_calls_per_test: dict = field(default_factory=dict)
+    bare_unsupported: dict = field(default_factory=dict)
 
     def count(self, outcome: str) -> int:
         return sum(1 for o in self.outcomes.values() if o == outcome)
@@ -191,17 +276,23 @@ class SuiteResult:
         return f"<b>{self.label}</b> {self.counts()}<br>" + self.to_frame()._repr_html_()
 
 
-def selected_files(root: Path) -> list[str]:
-    """The selected files present in this source distribution."""
-    return [f for f in SELECTED if (root / f).exists()]
+def selected_files(root: Path, suite: str = "hooked") -> list[str]:
+    """The selected files of ``suite`` present in this source distribution."""
+    return [f for f in (SELECTED if suite == "hooked" else BRIDGE_SELECTED) if (root / f).exists()]
 
 
 def run_suite(root: Path, label: str, plugin: str = "", config: dict | None = None,
               plugin_module: str = "", files: list[str] | None = None,
-              workdir: Path | None = None, cycle: bool = False) -> SuiteResult:
-    """Run the selected TL tests in a pytest subprocess with ``plugin`` enabled on every model."""
+              workdir: Path | None = None, cycle: bool = False,
+              suite: str = "hooked") -> SuiteResult:
+    """Run the selected TL tests in a pytest subprocess with ``plugin`` enabled on every model.
+
+    ``suite``: "hooked" (HookedTransformer tests, ``SELECTED``) or "bridge" (TransformerBridge
+    tests, ``BRIDGE_SELECTED``; the plugin is enabled on every bridge)."""
+    if suite not in SUITES:
+        raise ValueError(f"suite: got {suite!r}; accepted: {', '.join(SUITES)}")
     config = dict(config or {})
-    files = files if files is not None else selected_files(root)
+    files = files if files is not None else selected_files(root, suite)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="tl-conformance-"))
     workdir.mkdir(parents=True, exist_ok=True)
     report = workdir / f"{label}.json"
@@ -212,6 +303,7 @@ def run_suite(root: Path, label: str, plugin: str = "", config: dict | None = No
         TL_CONFORMANCE_CONFIG=json.dumps(config),
         TL_CONFORMANCE_PLUGIN_MODULE=plugin_module,
         TL_CONFORMANCE_CYCLE="1" if cycle else "",
+        TL_CONFORMANCE_SUITE=suite,
         TL_CONFORMANCE_REPORT=str(report),
         TL_CONFORMANCE_TOKENIZER_DIR=str(root.parent / "tokenizers"),
         HF_HUB_OFFLINE="1",
@@ -230,7 +322,7 @@ def run_suite(root: Path, label: str, plugin: str = "", config: dict | None = No
         "--rootdir", str(root), "-p", "tl_conformance_inject", "-p", "no:cacheprovider",
         "-q", "-rN", "--no-header", f"--timeout={PER_TEST_TIMEOUT_S}",
     ]
-    for prefix in DESELECTED:
+    for prefix in (DESELECTED if suite == "hooked" else BRIDGE_DESELECTED):
         cmd += ["--deselect", prefix]
     cmd += files
     start = time.time()
@@ -260,6 +352,8 @@ def run_suite(root: Path, label: str, plugin: str = "", config: dict | None = No
         attention_calls=data.get("attention_calls", 0),
         mlp_activation_calls=data.get("mlp_activation_calls", 0),
         cycle_leftovers=data.get("cycle_leftovers", []),
+        attention_calls_per_test=data.get("attention_calls_per_test", {}),
+        bare_unsupported=data.get("bare_unsupported", {}),
     )
 
 
@@ -300,40 +394,56 @@ def compare(baseline: SuiteResult, run: SuiteResult) -> Comparison:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python tests/conformance/harness.py [LABEL ...]``: run configurations, print a summary."""
+    """``python tests/conformance/harness.py [LABEL ...]``: run configurations, print a summary.
+
+    Labels starting with ``bridge-`` run the TransformerBridge suite (its baseline,
+    ``bridge-baseline``, is run with them); the others the HookedTransformer suite."""
     import argparse
 
-    choices = ["baseline", *CONFIGS, "broken-padding"]
+    specs = {"baseline": {}, **CONFIGS, "broken-padding": BROKEN,
+             "bridge-baseline": {"suite": "bridge"}, **BRIDGE_CONFIGS,
+             "bridge-broken-padding": BRIDGE_BROKEN}
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("labels", nargs="*", default=["baseline", "passthrough"], choices=choices)
+    parser.add_argument("labels", nargs="*", default=["baseline", "passthrough"], choices=list(specs))
     parser.add_argument("--workdir", default=None, help="where the JSON reports go")
     args = parser.parse_args(argv)
     root = fetch_tl_tests()
-    specs = {"baseline": {}, **CONFIGS, "broken-padding": BROKEN}
-    labels = args.labels if "baseline" in args.labels else ["baseline", *args.labels]
+
+    def suite_of(label: str) -> str:
+        return specs[label].get("suite", "hooked")
+
+    labels: list[str] = []
+    for label in args.labels:
+        base_label = "bridge-baseline" if suite_of(label) == "bridge" else "baseline"
+        for wanted in (base_label, label):
+            if wanted not in labels:
+                labels.append(wanted)
     results = {label: run_suite(root, label, workdir=args.workdir, **specs[label]) for label in labels}
-    base = results["baseline"]
 
     def baseline_for(label: str) -> SuiteResult:
+        base = results["bridge-baseline" if suite_of(label) == "bridge" else "baseline"]
         files = tuple(specs[label].get("files") or ())
         if not files:
             return base
         return dataclasses.replace(
             base, outcomes={t: o for t, o in base.outcomes.items() if t.startswith(files)})
 
-    print(f"TransformerLens {tl_version()} tests, {len(selected_files(root))} files")
-    print(f"{'config':<16}{'passed':>7}{'failed':>7}{'error':>6}{'skipped':>8}{'enables':>9}"
+    for suite in SUITES:
+        if any(suite_of(label) == suite for label in labels):
+            print(f"TransformerLens {tl_version()} {suite} tests, "
+                  f"{len(selected_files(root, suite))} files")
+    print(f"{'config':<22}{'passed':>7}{'failed':>7}{'error':>6}{'skipped':>8}{'enables':>9}"
           f"{'refused':>8}{'attn calls':>11}{'mlp calls':>10}{'regressions':>12}{'seconds':>8}")
     for label, res in results.items():
         c = res.counts()
-        reg = len(compare(baseline_for(label), res).regressions) if label != "baseline" else 0
-        print(f"{label:<16}{c['passed']:>7}{c['failed']:>7}{c['error']:>6}{c['skipped']:>8}"
+        reg = 0 if label.endswith("baseline") else len(compare(baseline_for(label), res).regressions)
+        print(f"{label:<22}{c['passed']:>7}{c['failed']:>7}{c['error']:>6}{c['skipped']:>8}"
               f"{res.model_enables + res.module_enables:>9}{len(res.refused):>8}"
               f"{res.attention_calls:>11}{res.mlp_activation_calls:>10}{reg:>12}"
               f"{res.seconds:>8}")
     for label, res in results.items():
         cmp = compare(baseline_for(label), res)
-        if label != "baseline" and (cmp.regressions or cmp.missing):
+        if not label.endswith("baseline") and (cmp.regressions or cmp.missing):
             print(cmp.message())
     return 0
 

@@ -19,7 +19,16 @@ TransformerLens source distribution. It does four things:
 4. Writes a JSON report (every test's outcome, failure text, enables and refusals per test, seam
    calls) to ``$TL_CONFORMANCE_REPORT`` at the end of the session.
 
+With ``TL_CONFORMANCE_SUITE=bridge`` it does the same for TransformerBridge instead (the TL
+4.x / 3.x bridge tests): ``TransformerBridge.__init__`` and ``boot_transformers`` are wrapped so
+every bridge gets the plugin once it is built; a bare attention bridge a test wires by hand
+(``set_original_component`` / ``add_module("_original_component", ...)`` outside any bridge
+construction) gets it through a one-block TransformerBridge shell; and
+``boot_transformers("gpt2" | "distilgpt2" | ...)`` boots an offline random GPT-2 of the same
+architecture and depth (see ``OFFLINE_BRIDGE_MODELS``).
+
 Environment:
+    TL_CONFORMANCE_SUITE           "hooked" (default) or "bridge": which model class gets the plugin
     TL_CONFORMANCE_PLUGIN          plugin name to enable ("" or unset: baseline, enable nothing)
     TL_CONFORMANCE_CONFIG          JSON object of enable() keyword options; the string "$d_mlp"
                                    as a value is replaced by the model's cfg.d_mlp
@@ -48,6 +57,7 @@ import pytest
 import torch
 
 _PLUGIN = os.environ.get("TL_CONFORMANCE_PLUGIN", "").strip()
+_SUITE = os.environ.get("TL_CONFORMANCE_SUITE", "").strip() or "hooked"
 # "1": disable right after enabling (the TL tests then check that nothing was left behind)
 _CYCLE = os.environ.get("TL_CONFORMANCE_CYCLE", "") == "1"
 _CONFIG = json.loads(os.environ.get("TL_CONFORMANCE_CONFIG", "") or "{}")
@@ -62,8 +72,12 @@ _record: dict = {
     "refused": [],
     "enables_per_test": {},
     "attention_calls": 0,  # calls that went through the attention seam (any plugin)
+    "attention_calls_per_test": {},
     "mlp_activation_calls": 0,
     "cycle_leftovers": [],
+    "suite": _SUITE,
+    # bridge suite: bare attention bridges left alone because the seam has no family for them
+    "bare_unsupported": {},
     "outcomes": {},
     "longrepr": {},
     "durations": {},
@@ -100,11 +114,18 @@ def _modules_of(model) -> list:
     return list(model.named_modules())
 
 
+# instance slots the seams take over: HookedTransformer (forward, act_fn) and TransformerBridge
+# (forward or _reconstruct_attention as catch point, _update_kv_cache as throw point, the wrapped
+# Hugging Face module's activation)
+_SLOT_KEYS = ("forward", "act_fn", "_reconstruct_attention", "_update_kv_cache", "act",
+              "activation_fn", "activation")
+
+
 def _slots(model) -> dict:
     """The instance slots a seam takes over (``forward``, ``act_fn``) and what fills them."""
     out = {}
     for name, module in _modules_of(model):
-        for key in ("forward", "act_fn"):
+        for key in _SLOT_KEYS:
             if key in module.__dict__:
                 value = module.__dict__[key]
                 out[f"{name}.{key}"] = (type(value).__name__, id(getattr(value, "__func__", value)))
@@ -154,6 +175,8 @@ class _SeamCounter:
         @hookimpl(wrapper=True)
         def tl_plugins_attention(call):
             _record["attention_calls"] += 1
+            per = _record["attention_calls_per_test"]
+            per[_current_test] = per.get(_current_test, 0) + 1
             return (yield)
 
         @hookimpl(wrapper=True)
@@ -347,6 +370,261 @@ def _shim_auto_tokenizer() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# TransformerBridge: enabling on every bridge, bare attention bridges, offline hub names
+# ------------------------------------------------------------------------------------------------
+
+# hub name -> (layers, heads) of the offline GPT-2 stand-in: the architecture (GPT2LMHeadModel,
+# joint QKV attention, learned positions, LayerNorm, GELU) and the depth/head count of the real
+# model, but narrow (d_head 8) and random; the tokenizer is the one trained on the test files
+OFFLINE_BRIDGE_MODELS = {
+    "gpt2": (12, 12),
+    "openai-community/gpt2": (12, 12),
+    "distilgpt2": (6, 12),
+    "distilbert/distilgpt2": (6, 12),
+}
+_BRIDGE_INIT_RANGE = 0.2
+_bridge_local = threading.local()
+
+
+def _bridge_depth() -> int:
+    return getattr(_bridge_local, "depth", 0)
+
+
+def _enable_bridge(bridge) -> None:
+    from tl_plugins.state import get_state
+
+    state = get_state(bridge)
+    if state is not None and _PLUGIN in state.active:
+        return  # already enabled (a boot wrapper and the constructor both saw it)
+    _enable(bridge, "model_enables")
+
+
+def _wrap_boot(owner, attr: str) -> None:
+    """Wrap a static boot function so that the bridge it returns gets the plugin when the
+    outermost boot returns (boot functions post-process the bridge after constructing it)."""
+    original = owner.__dict__[attr]
+    func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+    if getattr(func, "_tl_conformance", False):
+        return
+
+    @functools.wraps(func)
+    def boot(*args, **kwargs):
+        _bridge_local.depth = _bridge_depth() + 1
+        try:
+            bridge = func(*args, **kwargs)
+        finally:
+            _bridge_local.depth -= 1
+        if _bridge_depth() == 0 and _depth() == 0 and _PLUGIN:
+            from tl_plugins.backends.bridge import is_bridge
+
+            if is_bridge(bridge):
+                _enable_bridge(bridge)
+        return bridge
+
+    boot._tl_conformance = True
+    setattr(owner, attr, staticmethod(boot) if isinstance(original, staticmethod) else
+            classmethod(boot) if isinstance(original, classmethod) else boot)
+
+
+def _wrap_bridge_init(cls) -> None:
+    original = cls.__init__
+    if getattr(original, "_tl_conformance", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        _bridge_local.depth = _bridge_depth() + 1
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            _bridge_local.depth -= 1
+        if _bridge_depth() == 0 and _depth() == 0 and _PLUGIN:
+            _enable_bridge(self)
+
+    __init__._tl_conformance = True
+    cls.__init__ = __init__
+
+
+class _ShellCfg:
+    """The config of a one-block shell: the attention bridge's own config, seen live, with one
+    layer (the shell's) and CPU/float32 where the tests' stub configs say nothing."""
+
+    _DEFAULTS = {"device": "cpu", "dtype": torch.float32}
+
+    def __init__(self, attn):
+        object.__setattr__(self, "_attn", attn)
+
+    def __getattr__(self, name):
+        if name == "n_layers":
+            return 1
+        cfg = getattr(self._attn, "config", None)
+        if cfg is not None and hasattr(cfg, name):
+            return getattr(cfg, name)
+        if name in self._DEFAULTS:
+            return self._DEFAULTS[name]
+        raise AttributeError(name)
+
+
+def _bridge_shell_for(attn):
+    """A TransformerBridge instance whose only block holds the attention bridge ``attn``."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    shell = TransformerBridge.__new__(TransformerBridge)
+    torch.nn.Module.__init__(shell)
+    object.__setattr__(shell, "cfg", _ShellCfg(attn))
+    object.__setattr__(shell, "blocks", [types.SimpleNamespace(attn=attn, _modules={})])
+    return shell
+
+
+_wiring: set = set()  # ids of attention bridges inside set_original_component right now
+
+
+def _enable_bare_bridge_attention(attn) -> None:
+    from tl_plugins.backends.bridge import attention_family
+
+    if "_tl_conformance_shell" in attn.__dict__ or "_tl_plugins_seam" in attn.__dict__:
+        return  # wired again (or wired by a shell already): enabled once is enough
+    family, _ = attention_family(attn)
+    if family is None:  # no seam family (Bloom, ALiBi, MLA, plain AttentionBridge): left alone
+        per = _record["bare_unsupported"]
+        per[type(attn).__name__] = per.get(type(attn).__name__, 0) + 1
+        return
+    shell = _bridge_shell_for(attn)
+    object.__setattr__(attn, "_tl_conformance_shell", shell)
+    before = len(_record["refused"])
+    _enable(shell, "module_enables")
+    if len(_record["refused"]) > before:
+        attn.__dict__.pop("_tl_conformance_shell", None)
+
+
+def _after_wiring(attn) -> None:
+    if _PLUGIN and _bridge_depth() == 0 and _depth() == 0 and id(attn) not in _wiring:
+        _enable_bare_bridge_attention(attn)
+
+
+def _wrap_wiring(cls) -> None:
+    """Wrap ``cls.set_original_component`` (outermost call per instance enables afterwards)."""
+    original = cls.__dict__["set_original_component"]
+    if getattr(original, "_tl_conformance", False):
+        return
+
+    @functools.wraps(original)
+    def set_original_component(self, *args, **kwargs):
+        key = id(self)
+        if key in _wiring:
+            return original(self, *args, **kwargs)
+        _wiring.add(key)
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            _wiring.discard(key)
+        _after_wiring(self)
+        return result
+
+    set_original_component._tl_conformance = True
+    cls.set_original_component = set_original_component
+
+
+def _wrap_attention_add_module(attention_cls) -> None:
+    """Tests also wire a mock HF module with ``add_module("_original_component", m)``."""
+    original = attention_cls.add_module
+    if getattr(original, "_tl_conformance", False):
+        return
+
+    @functools.wraps(original)
+    def add_module(self, name, module):
+        original(self, name, module)
+        if name == "_original_component":
+            _after_wiring(self)
+
+    add_module._tl_conformance = True
+    attention_cls.add_module = add_module
+
+
+def _subclasses(cls) -> list:
+    out, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(c.__subclasses__())
+    return out
+
+
+def _offline_bridge_model(name: str):
+    """(folder, HF model, tokenizer) of the offline stand-in for hub name ``name``."""
+    from tl_plugins.models.tiny import hf_model
+
+    n_layers, n_heads = OFFLINE_BRIDGE_MODELS[name]
+    tok = word_tokenizer()
+    d_head = 8
+    hf = hf_model("gpt2", seed=0, d_vocab=len(tok), n_layers=n_layers, n_heads=n_heads,
+                  d_model=n_heads * d_head, d_mlp=4 * n_heads * d_head, n_ctx=1024)
+    # GPT-2's initializer_range (0.02) on a model this narrow gives near-uniform logits and
+    # a constant greedy continuation, which some tests read as "nothing changed": re-initialise
+    # with TransformerLens's own stand-in scale (seeded, the global RNG untouched)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        hf.config.initializer_range = _BRIDGE_INIT_RANGE
+        hf.apply(hf._init_weights)
+    special = tok.bos_token_id  # BOS = EOS = PAD, as GPT-2's <|endoftext|>
+    for config in (hf.config, hf.generation_config):
+        config.bos_token_id = config.eos_token_id = special
+        config.pad_token_id = special
+    root = Path(os.environ.get("TL_CONFORMANCE_TOKENIZER_DIR") or "/tmp/tl-conformance-tokenizer")
+    folder = root / "bridge-models" / name.replace("/", "--")
+    if not (folder / "config.json").exists():
+        tmp = folder.parent / f"{folder.name}.tmp{os.getpid()}"
+        hf.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process saved it first
+            pass
+    return str(folder), hf, tok
+
+
+def _shim_boot_transformers(bridge_cls) -> None:
+    """``boot_transformers(<hub name>)`` for the names in OFFLINE_BRIDGE_MODELS boots the offline
+    stand-in (with TransformerLens's own boot, every other argument passed through)."""
+    original = bridge_cls.__dict__["boot_transformers"]
+    func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+
+    @functools.wraps(func)
+    def boot_transformers(model_name, *args, **kwargs):
+        if isinstance(model_name, str) and model_name in OFFLINE_BRIDGE_MODELS and kwargs.get(
+                "hf_model") is None and not args:
+            folder, hf, tok = _offline_bridge_model(model_name)
+            kwargs.update(hf_model=hf, tokenizer=kwargs.get("tokenizer") or tok)
+            dtype = kwargs.get("dtype")
+            if dtype is not None:
+                hf.to(dtype)
+            bridge = func(folder, **kwargs)
+            bridge.cfg.model_name = model_name
+            return bridge
+        return func(model_name, *args, **kwargs)
+
+    bridge_cls.boot_transformers = staticmethod(boot_transformers)
+
+
+def _configure_bridge() -> None:
+    import transformer_lens.model_bridge.generalized_components as gc
+    import transformer_lens.model_bridge.supported_architectures  # noqa: F401 - their bridges
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    del gc
+    _shim_boot_transformers(TransformerBridge)
+    _wrap_boot(TransformerBridge, "boot_transformers")
+    if "boot_native" in TransformerBridge.__dict__:
+        _wrap_boot(TransformerBridge, "boot_native")
+    _wrap_bridge_init(TransformerBridge)
+    for cls in _subclasses(AttentionBridge):
+        if "set_original_component" in cls.__dict__:
+            _wrap_wiring(cls)
+    _wrap_attention_add_module(AttentionBridge)
+
+
+# ------------------------------------------------------------------------------------------------
 # pytest hooks
 # ------------------------------------------------------------------------------------------------
 
@@ -368,6 +646,15 @@ def pytest_configure(config):
             tl_plugins.register_plugin(importlib.import_module(module), name=module)
         tl_plugins.register_plugin(_SeamCounter(), name="tl-conformance-seam-counter")
 
+    if _SUITE == "bridge":
+        _configure_bridge()
+    else:
+        _configure_hooked()
+    _shim_auto_tokenizer()
+    _record["started"] = time.time()
+
+
+def _configure_hooked() -> None:
     from transformer_lens import HookedTransformer
     from transformer_lens.components import Attention, GroupedQueryAttention
 
@@ -378,8 +665,6 @@ def pytest_configure(config):
     _wrap_init(GroupedQueryAttention, _enable_bare_attention, nest=False)
     HookedTransformer.from_pretrained = classmethod(_offline_loader(processing=True))
     HookedTransformer.from_pretrained_no_processing = classmethod(_offline_loader(processing=False))
-    _shim_auto_tokenizer()
-    _record["started"] = time.time()
 
 
 def pytest_plugin_registered(plugin, manager):
