@@ -20,7 +20,7 @@ EXTRAS_TL4 := gguf,dev
 PYTEST_ARGS ?=
 PYTEST := python -m pytest -q -p no:cacheprovider
 
-.PHONY: install install-tl4 demo test test-tl39 test-tl4 test-fast bench docs lint clean
+.PHONY: browsers install install-tl4 demo test test-tl39 test-tl4 test-fast bench docs lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,13 @@ $(STAMP_TL4): $(BIN_TL4)/python pyproject.toml constraints-tl4.txt
 	$(BIN_TL4)/pip install -q -c constraints-tl4.txt triton || echo "triton not installable here: Triton tests will skip"
 	touch $(STAMP_TL4)
 
+# Headless Chromium for the browser tests (report, debugger app): the Debian package, where this
+# machine can install it; the tests skip, saying why, where it cannot.
+browsers:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 && echo "installed chromium") || \
+	  echo "chromium not installable here: browser tests will skip"
+
 install: $(STAMP)
 
 install-tl4: $(STAMP_TL4)
@@ -61,12 +68,12 @@ test:
 	done; \
 	printf "make test:\n$$summary  total: %s s\n" "$$(( $$(date +%s) - start ))"; exit $$rc
 
-test-tl39: $(STAMP)
+test-tl39: $(STAMP) browsers
 	@start=$$(date +%s); \
 	TL_PLUGINS_TEST_LEG=tl39 $(BIN)/$(PYTEST) $(PYTEST_ARGS); rc=$$?; \
 	echo "make test-tl39: tests $$(( $$(date +%s) - start )) s (rc $$rc)"; exit $$rc
 
-test-tl4: $(STAMP_TL4)
+test-tl4: $(STAMP_TL4) browsers
 	@start=$$(date +%s); \
 	TL_PLUGINS_TEST_LEG=tl4 $(BIN_TL4)/$(PYTEST) $(PYTEST_ARGS); rc=$$?; \
 	echo "make test-tl4: tests $$(( $$(date +%s) - start )) s (rc $$rc)"; exit $$rc
