@@ -27,6 +27,31 @@ class _Missing:
 _MISSING = _Missing()
 
 
+class BoundMethod:
+    """A module-level function bound to a module instance, for per-instance method seams.
+
+    ``types.MethodType`` pickles as ``getattr(module, function name)``, which fails on load (the
+    instance has no attribute by the function's name), so a saved model with a plugin enabled could
+    never be loaded. This pickles by the function's qualified name and the module itself, and
+    deep-copies with the module like a bound method.
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func: Any, obj: Any):
+        self.__func__ = func
+        self.__self__ = obj
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return (BoundMethod, (self.__func__, self.__self__))
+
+    def __repr__(self) -> str:
+        return f"<seam {self.__func__.__qualname__} of {type(self.__self__).__name__}>"
+
+
 @dataclass
 class Override:
     """One per-instance attribute set on a module; ``previous`` is _MISSING if there was none."""
