@@ -6,6 +6,9 @@
                            methods=("gd", "lcgd"), baselines=("untrained",))
     res.table()                                               # mean ± std over seeds
 
+Models are reached only through their backend (``tl_plugins.backends.detect``), so a HookedTransformer
+and a TransformerBridge (transformer-lens 3.x and 4.x) both work.
+
 Layout: ``metrics`` (pure tensor functions), ``tasks`` (tasks and token ids), ``capture`` (hooks),
 ``gd`` (vanilla and layer-causal SGD), ``baselines`` (untrained models), ``compare`` (the pipeline),
 ``plugin`` (tl_plugins hooks: registration, CLI, benchmark, report section), ``threads`` (a torch

@@ -1,18 +1,23 @@
 """Capture the few activations the ICL/GD metrics need, through temporary hooks, batched.
 
-Per query and layer only: the attention output at the recorded position (``blocks.{l}.hook_attn_out``),
-the pre-softmax scores of that position over the query's own tokens, per head
-(``blocks.{l}.attn.hook_attn_scores``, checked against ``hook_pattern``: softmax(scores) == pattern),
-the logits at the position that predicts the label, and on request the attention pattern over the
-demonstration tokens and the attention layer's input at the recorded position (for Kendall tau).
-No full ActivationCache is ever kept.
+Per query and layer only: the attention output at the recorded position (hook kind ``attn_out``),
+the pre-softmax scores of that position over the query's own tokens, per head (kind ``attn_scores``,
+checked against ``pattern``: softmax(scores) == pattern), the logits at the position that predicts
+the label, and on request the attention pattern over the demonstration tokens and the attention
+layer's input at the recorded position (for Kendall tau). No full activation cache is ever kept.
 
-A shared context (BOS, or BOS plus the demonstrations for ICL) is run once into a TransformerLens
-key-value cache; every batch of queries then reuses it (frozen, expanded to the batch). Queries are
-grouped by length, so no padding is needed and positions stay exact.
+Where the scores hook does not hold the pre-softmax scores (some bridge attention classes fire it on
+the post-softmax pattern), ``scores_from="auto"`` rebuilds them from the query/key hook points (after
+rotary) with the backend's own scale and soft-cap, and checks them against the pattern instead.
 
-``params`` (a name -> tensor dict) evaluates the model with replaced parameters through
-``torch.func.functional_call``: the user's model is never modified.
+A shared context (BOS, or BOS plus the demonstrations for ICL) is run once into the backend's
+key-value cache (TransformerLens's for HookedTransformer, a transformers cache for the bridge);
+every batch of queries then reuses it (frozen, expanded to the batch). Queries are grouped by length,
+so no padding is needed and positions stay exact.
+
+The model is reached only through its backend (``tl_plugins.backends.detect``): hook names, the
+attention input, the readout, the cache and ``functional_call`` for replaced parameters (``params``,
+a name -> tensor dict): the user's model is never modified.
 """
 
 from __future__ import annotations
@@ -23,26 +28,19 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+SCORES_FROM = ("auto", "hook", "qk")
 
-def _kv_cache_classes():
-    try:
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as Cache
-        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry as Entry
-    except ImportError:  # transformer-lens 2.x names
-        from transformer_lens.past_key_value_caching import (  # type: ignore
-            HookedTransformerKeyValueCache as Cache,
-        )
-        from transformer_lens.past_key_value_caching import (
-            HookedTransformerKeyValueCacheEntry as Entry,
-        )
-    return Cache, Entry
+
+def backend_of(model: Any):
+    """The model's :class:`tl_plugins.backends.Backend` (a backend passed in is returned as is)."""
+    from tl_plugins.backends import Backend, detect
+
+    return model if isinstance(model, Backend) else detect(model)
 
 
 def call_with_params(model: Any, params: Optional[dict[str, torch.Tensor]], *args: Any, **kwargs: Any) -> Any:
-    """``model(*args, **kwargs)`` with the named parameters replaced (functional_call), or plain if None."""
-    if not params:
-        return model(*args, **kwargs)
-    return torch.func.functional_call(model, params, args, kwargs, strict=False)
+    """``model(*args, **kwargs)`` with the named parameters replaced (the backend's functional_call)."""
+    return backend_of(model).functional_call(params, *args, **kwargs)
 
 
 @dataclass
@@ -76,65 +74,55 @@ class Capture:
 
 
 def prefix_cache(model: Any, context: Sequence[int], params: Optional[dict[str, torch.Tensor]] = None):
-    """Run ``context`` [P] once and return a frozen TransformerLens key-value cache of batch 1."""
-    Cache, _ = _kv_cache_classes()
-    device = model.cfg.device
-    cache = Cache.init_cache(model.cfg, device, 1)
-    toks = torch.tensor([list(context)], dtype=torch.long, device=device)
-    with torch.no_grad():
-        call_with_params(model, params, toks, past_kv_cache=cache, attention_mask=torch.ones_like(toks))
-    cache.freeze()
-    return cache
+    """Run ``context`` [P] once and return the backend's frozen key-value cache of batch 1."""
+    return backend_of(model).prefix_cache(list(context), params)
 
 
-def expand_cache(cache: Any, batch: int):
+def expand_cache(model: Any, cache: Any, batch: int):
     """A frozen view of a batch-1 cache repeated ``batch`` times (no copy)."""
-    Cache, Entry = _kv_cache_classes()
-    entries = [Entry(e.past_keys.expand(batch, -1, -1, -1), e.past_values.expand(batch, -1, -1, -1), frozen=True)
-               for e in cache.entries]
-    return Cache(entries, cache.previous_attention_mask.expand(batch, -1), frozen=True)
+    return backend_of(model).expand_cache(cache, batch)
 
 
-def _attn_input(model: Any, layer: int, normalized: torch.Tensor) -> torch.Tensor:
-    ln = model.blocks[layer].ln1
-    out = normalized
-    w = getattr(ln, "w", None)
-    if w is not None:
-        out = out * w
-    b = getattr(ln, "b", None)
-    if b is not None:
-        out = out + b
-    return out.detach()
+def _conditional_softmax_error(scores: torch.Tensor, pattern: torch.Tensor) -> float:
+    """Max |softmax(scores) - pattern renormalised over the same keys| [..., K], rows with no mass skipped.
 
-
-def _unembed(model: Any, resid: torch.Tensor) -> torch.Tensor:
-    """Logits of residual vectors [..., d_model] through the (untrained) final norm and unembedding."""
-    x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    logits = model.unembed(x)
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
+    The softmax over a subset of keys is the full pattern restricted to them and renormalised, so
+    scores over only some keys (the query's own, here) can still be checked against the pattern.
+    """
+    p = pattern.double()
+    mass = p.sum(-1, keepdim=True)
+    ok = mass[..., 0] > 1e-20
+    if not bool(ok.any()):
+        return 0.0
+    err = (torch.softmax(scores.double(), dim=-1) - p / mass.clamp_min(1e-300)).abs().amax(-1)
+    return float(err[ok].max())
 
 
 def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]], *,
             predict_offset: int = -1, params: Optional[dict[str, torch.Tensor]] = None,
             use_prefix_cache: bool = True, batch_size: int = 64, demo_start: Optional[int] = None,
-            want_attn_in: bool = False, check_pattern: bool = True, atol: float = 1e-4) -> Capture:
+            want_attn_in: bool = False, check_pattern: bool = True, atol: float = 1e-4,
+            scores_from: str = "auto") -> Capture:
     """Run ``context + query`` for every query and keep only the slices listed in :class:`Capture`.
 
     context: token ids shared by every query (may be empty). queries: their own token ids; the
     recorded position is each query's last token, the prediction is read at ``predict_offset``.
     demo_start: if not None, also keep the pattern over context positions ``[demo_start, P)``.
     use_prefix_cache=False runs the full sequences instead (the oracle for the cache).
+    scores_from: "hook" reads the scores hook and raises when softmax(scores) != pattern; "qk"
+    always rebuilds the scores from the query/key hooks (checked against the pattern); "auto" reads
+    the hook and rebuilds from q/k only where the hook fails the check.
     """
     if len(queries) == 0:
         raise ValueError("queries: got an empty list; accepted: at least one query")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: got {batch_size!r}; accepted: a positive int")
+    if scores_from not in SCORES_FROM:
+        raise ValueError(f"scores_from: got {scores_from!r}; accepted: {', '.join(SCORES_FROM)}")
+    be = backend_of(model)
     context = list(context)
     P = len(context)
-    n_ctx = model.cfg.n_ctx
+    n_ctx = be.n_ctx
     longest = P + max(len(q) for q in queries)
     if longest > n_ctx:
         raise ValueError(f"queries: context ({P} tokens) plus the longest query is {longest} tokens, longer than "
@@ -142,20 +130,27 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
     for i, q in enumerate(queries):
         if len(q) < -predict_offset:
             raise ValueError(f"queries[{i}]: {len(q)} tokens; at least {-predict_offset} needed")
-    L = model.cfg.n_layers
-    device = model.cfg.device
-    cache = prefix_cache(model, context, params) if (use_prefix_cache and P > 0) else None
+    L = be.n_layers
+    device = be.device
+    cache = be.prefix_cache(context, params) if (use_prefix_cache and P > 0) else None
+
+    # hook names and functions, asked of the backend once
+    attn_out_name = [be.hook_name("attn_out", layer) for layer in range(L)]
+    scores_name = [be.hook_name("attn_scores", layer) for layer in range(L)]
+    pattern_name = [be.hook_name("pattern", layer) for layer in range(L)]
+    attn_in_hook = [be.attention_input_hook(layer) for layer in range(L)] if want_attn_in else None
+    qk_hook = [be.attention_scores_from_qk(layer) for layer in range(L)] if scores_from != "hook" else None
 
     groups: dict[int, list[int]] = defaultdict(list)
     for i, q in enumerate(queries):
         groups[len(q)].append(i)
 
     N = len(queries)
-    attn_out = torch.empty(N, L, model.cfg.d_model)
+    attn_out = torch.empty(N, L, be.d_model)
     logits_out: Optional[torch.Tensor] = None
     scores_out: list[Optional[torch.Tensor]] = [None] * N
     pattern_out = torch.empty(N, L, P - demo_start) if demo_start is not None else None
-    attn_in = torch.empty(N, L, model.cfg.d_model) if want_attn_in else None
+    attn_in = torch.empty(N, L, be.d_model) if want_attn_in else None
 
     for n_q, idx_all in sorted(groups.items()):
         for s in range(0, len(idx_all), batch_size):
@@ -163,60 +158,98 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
             B = len(idx)
             q_toks = torch.tensor([list(queries[i]) for i in idx], dtype=torch.long, device=device)
             if cache is not None:
-                toks, offset = q_toks, 0
-                kw = dict(past_kv_cache=expand_cache(cache, B), attention_mask=torch.ones_like(q_toks))
+                toks, offset, kv = q_toks, 0, be.expand_cache(cache, B)
             else:
                 ctx = torch.tensor([context] * B, dtype=torch.long, device=device).reshape(B, P)
-                toks, offset = torch.cat([ctx, q_toks], dim=1), P
-                kw = {}
+                toks, offset, kv = torch.cat([ctx, q_toks], dim=1), P, None
             rec = offset + n_q - 1  # recorded position, in the positions of this forward
             store: dict[str, torch.Tensor] = {}
 
-            def keep_pos(x, hook, store=store, rec=rec):  # [B, T, d] -> [B, d]
-                store[hook.name] = x[:, rec].detach()
+            # keyed by our own names: the bridge reports an aliased hook point's canonical name
+            def keep_pos(key, rec=rec, store=store):  # [B, T, d] -> [B, d]
+                def fn(x, hook):
+                    store[key] = x[:, rec].detach()
+                return fn
 
-            def keep_query_row(x, hook, store=store, rec=rec):  # [B, H, T, K] -> [B, H, K]
-                store[hook.name] = x[:, :, rec].detach()
+            def keep_query_row(key, rec=rec, store=store):  # [B, H, T, K] -> [B, H, K]
+                def fn(x, hook):
+                    store[key] = x[:, :, rec].detach()
+                return fn
+
+            def keep_last(key, n, store=store):  # [B, T, h, d] -> [B, n, h, d]: the query's tokens
+                def fn(x, hook):
+                    store[key] = x[:, -n:].detach()
+                return fn
 
             fwd = []
             for layer in range(L):
-                fwd.append((f"blocks.{layer}.hook_attn_out", keep_pos))
-                fwd.append((f"blocks.{layer}.attn.hook_attn_scores", keep_query_row))
-                fwd.append((f"blocks.{layer}.attn.hook_pattern", keep_query_row))
-                if want_attn_in:
-                    fwd.append((f"blocks.{layer}.ln1.hook_normalized", keep_pos))
-            with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+                fwd.append((attn_out_name[layer], keep_pos(f"out{layer}")))
+                fwd.append((scores_name[layer], keep_query_row(f"scores{layer}")))
+                fwd.append((pattern_name[layer], keep_query_row(f"pattern{layer}")))
+                if attn_in_hook is not None:
+                    fwd.append((attn_in_hook[layer][0], keep_pos(f"in{layer}")))
+                if qk_hook is not None:
+                    fwd.append((qk_hook[layer][0], keep_last(f"q{layer}", 1)))   # the recorded position
+                    fwd.append((qk_hook[layer][1], keep_last(f"k{layer}", n_q)))  # the query's keys
+            with torch.no_grad(), be.hooks(fwd):
                 # stop before the final norm: unembedding every position would cost as much as a block
-                resid = call_with_params(model, params, toks, stop_at_layer=L, **kw)
-                pred = _unembed(model, resid[:, predict_offset]).float()
+                resid = be.run(toks, params=params, stop_at_layer=L, kv_cache=kv)
+                pred = be.readout(resid[:, predict_offset]).float()
             if logits_out is None:
                 logits_out = torch.empty(N, pred.shape[-1])
             idx_t = torch.tensor(idx)
             logits_out[idx_t] = pred.cpu()
             for layer in range(L):
-                attn_out[idx_t, layer] = store[f"blocks.{layer}.hook_attn_out"].float().cpu()
-                sc = store[f"blocks.{layer}.attn.hook_attn_scores"].float()
-                pat = store[f"blocks.{layer}.attn.hook_pattern"].float()
-                if check_pattern:
-                    ref = torch.softmax(sc, dim=-1)
-                    err = (ref - pat).abs().max().item()
-                    if not err <= atol:
-                        raise RuntimeError(
-                            f"layer {layer}: softmax(hook_attn_scores) differs from hook_pattern by {err:.3g}; "
-                            "the scores hook does not hold the pre-softmax scores (is a plugin changing "
-                            "attention, e.g. top-k?). Disable it or pass check_pattern=False.")
-                q_scores = sc[:, :, -n_q:].cpu()  # keys of the query tokens are the last n_q
+                attn_out[idx_t, layer] = store[f"out{layer}"].float().cpu()
+                sc = store[f"scores{layer}"].float()
+                pat = store[f"pattern{layer}"].float()
+                q_scores = _query_scores(be, layer, store, qk_hook, sc, pat, n_q, scores_from,
+                                         check_pattern, atol).cpu()
                 for j, i in enumerate(idx):
                     if scores_out[i] is None:
-                        scores_out[i] = torch.empty(L, sc.shape[1], n_q)
+                        scores_out[i] = torch.empty(L, q_scores.shape[1], n_q)
                     scores_out[i][layer] = q_scores[j]  # type: ignore[index]
                 if pattern_out is not None:
                     pattern_out[idx_t, layer] = pat[:, :, demo_start:P].mean(1).cpu()
                 if attn_in is not None:
-                    attn_in[idx_t, layer] = _attn_input(
-                        model, layer, store[f"blocks.{layer}.ln1.hook_normalized"]).float().cpu()
+                    to_input = attn_in_hook[layer][1]  # type: ignore[index]
+                    attn_in[idx_t, layer] = to_input(store[f"in{layer}"]).detach().float().cpu()
     assert logits_out is not None
     return Capture(attn_out, [s for s in scores_out], logits_out, pattern_out, attn_in)  # type: ignore[misc]
+
+
+def _query_scores(be: Any, layer: int, store: dict, qk_hook: Optional[list], sc: torch.Tensor, pat: torch.Tensor,
+                  n_q: int, scores_from: str, check_pattern: bool, atol: float) -> torch.Tensor:
+    """[B, H, n_q] pre-softmax scores of the recorded position over the query's own keys (the last n_q)."""
+    hook_err = None
+    if scores_from != "qk":
+        hook_err = (torch.softmax(sc, dim=-1) - pat).abs().max().item()
+        if not check_pattern or hook_err <= atol:
+            return sc[:, :, -n_q:]
+        if scores_from == "hook":
+            _pattern_error(layer, hook_err, None)
+    assert qk_hook is not None
+    q, k = store[f"q{layer}"].float(), store[f"k{layer}"].float()
+    rebuilt = qk_hook[layer][2](q, k)[:, :, 0]  # [B, H, n_q]
+    if check_pattern:
+        # the pattern must be a distribution over all keys, and the rebuilt scores must reproduce it
+        # over the query's keys (renormalised: the context keys' scores are not rebuilt)
+        qk_err = max(_conditional_softmax_error(rebuilt, pat[:, :, -n_q:]),
+                     float((pat.double().sum(-1) - 1).abs().max()))
+        if not qk_err <= atol:
+            _pattern_error(layer, hook_err, qk_err)
+    return rebuilt
+
+
+def _pattern_error(layer: int, hook_err: Optional[float], qk_err: Optional[float]) -> None:
+    parts = []
+    if hook_err is not None:
+        parts.append(f"softmax(hook_attn_scores) differs from hook_pattern by {hook_err:.3g}")
+    if qk_err is not None:
+        parts.append(f"scores rebuilt from the query/key hooks differ from it by {qk_err:.3g}")
+    raise RuntimeError(
+        f"layer {layer}: " + "; ".join(parts) + "; the pre-softmax scores cannot be read (is a plugin "
+        "changing attention, e.g. top-k?). Disable it or pass check_pattern=False.")
 
 
 def stack_scores(scores: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -226,4 +259,5 @@ def stack_scores(scores: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     return None
 
 
-__all__ = ["Capture", "capture", "prefix_cache", "expand_cache", "call_with_params", "stack_scores"]
+__all__ = ["Capture", "capture", "prefix_cache", "expand_cache", "call_with_params", "stack_scores",
+           "backend_of", "SCORES_FROM"]

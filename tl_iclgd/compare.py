@@ -34,7 +34,7 @@ import torch
 
 from tl_iclgd import metrics as M
 from tl_iclgd.baselines import untrained_like
-from tl_iclgd.capture import Capture, capture
+from tl_iclgd.capture import Capture, backend_of, capture
 from tl_iclgd.gd import GDConfig, _finetune, check_unprocessed
 from tl_iclgd.tasks import Task, TokenizedTask, _draw, get_task, tokenize_task
 from tl_iclgd.threads import torch_threads
@@ -138,7 +138,7 @@ def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, 
     if isinstance(task, str):
         task = get_task(task)
     if isinstance(task, Task):
-        return tokenize_task(task.sample(n_demos, n_queries, seed), model, position=position,
+        return tokenize_task(task.sample(n_demos, n_queries, seed), backend_of(model).tokenizer, position=position,
                              prepend_bos=prepend_bos, single_token_labels=single_token_labels)
     if isinstance(task, TokenizedTask):
         import random
@@ -152,7 +152,7 @@ def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, 
 
 def _default_prepend_bos(model: Any, task: Union[str, Task, TokenizedTask]) -> bool:
     """prepend_bos=None: the model's default for tasks tokenised here; a TokenizedTask keeps its own BOS."""
-    return bool(getattr(model.cfg, "default_prepend_bos", False)) and isinstance(task, (str, Task))
+    return backend_of(model).default_prepend_bos and isinstance(task, (str, Task))
 
 
 def _task_name(task: Union[str, Task, TokenizedTask]) -> str:
@@ -211,7 +211,7 @@ def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *
     The caller checks the weights are unprocessed (:func:`~tl_iclgd.gd.check_unprocessed`), as :func:`compare`
     does once for every variant, seed and method.
     """
-    k = ttask.icl_budget(model.cfg.n_ctx, context_budget)
+    k = ttask.icl_budget(backend_of(model).n_ctx, context_budget)
     bos = ttask.bos_tokens()
     queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
     off = ttask.predict_offset()
@@ -329,7 +329,7 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
                 "methods": list(methods), "baselines": list(baselines), "lr": gd.lr, "params": gd.params,
                 "loss": gd.loss, "order": gd.order, "readout": gd.readout, "epochs": gd.epochs,
                 "prepend_bos": prepend_bos, "context_budget": context_budget,
-                "n_layers": model.cfg.n_layers, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2)}
+                "n_layers": backend_of(model).n_layers, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2)}
     return Comparison(pd.DataFrame(layer_rows), pd.DataFrame(run_rows), settings)
 
 

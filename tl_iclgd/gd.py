@@ -10,8 +10,9 @@ block's output ("resid_post") or its attention sub-layer's output ("resid_mid") 
 the frozen final norm and unembedding (logit lens); the per-layer losses are summed and one SGD step
 updates every layer. So layer l's update depends only on layers <= l, as in ICL.
 
-The trainable tensors are copies evaluated through ``torch.func.functional_call``; the user's model
-is never modified, even if an error is raised half-way.
+The trainable tensors are copies evaluated through the backend's ``functional_call``; the user's model
+is never modified, even if an error is raised half-way. The model is reached only through its
+backend (``tl_plugins.backends.detect``): parameters by (layer, projection), hook names, the readout.
 
 SGD on processed weights (fold_ln, centering) is a different experiment (same function, different
 parameterisation), so :func:`finetune` refuses them unless ``GDConfig(allow_processed=True)``.
@@ -20,14 +21,13 @@ parameterisation), so :func:`finetune` refuses them unless ``GDConfig(allow_proc
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from tl_iclgd.capture import _attn_input, _unembed, call_with_params
+from tl_iclgd.capture import backend_of
 from tl_iclgd.tasks import TokenizedTask
 
 LOSSES = ("all_tokens", "label_only")
@@ -99,43 +99,44 @@ def select_params(model: Any, params: Union[str, Sequence[str]] = "kv",
                   layers: Optional[Sequence[int]] = None) -> dict[str, torch.nn.Parameter]:
     """Name -> parameter of the chosen selector (see :class:`GDConfig`), in layer order.
 
-    Grouped-query attention keeps K/V at the kv-head count as ``_W_K``/``_W_V``/``_b_K``/``_b_V``;
-    those are the trainable tensors then.
+    Letters ask the backend for each layer's projection (``attention_parameters(layer, letter)``):
+    on a HookedTransformer with grouped-query attention K/V live at the kv-head count as
+    ``_W_K``/``_W_V``/``_b_K``/``_b_V``; on a TransformerBridge they are the wrapped Hugging Face
+    projections (GPT-2's q/k/v are separate tensors split off the fused ``c_attn`` at boot, and the
+    forward uses those). Names are the model's ``named_parameters`` names.
     """
-    named = dict(model.named_parameters())
-    L = model.cfg.n_layers
+    return _select(backend_of(model), params, layers)[0]
+
+
+def _select(be: Any, params: Union[str, Sequence[str]], layers: Optional[Sequence[int]]
+            ) -> tuple[dict[str, torch.nn.Parameter], dict[str, Optional[int]]]:
+    """:func:`select_params` plus the layer of every selected name."""
+    L = be.n_layers
     if isinstance(params, str):
         if layers is None:
             layers = range(L)
         for x in layers:
-            if not 0 <= x < L:
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < L:
                 raise ValueError(f"layers: got {list(layers)!r}; accepted: ints in [0, {L - 1}]")
         out: dict[str, torch.nn.Parameter] = {}
+        where: dict[str, Optional[int]] = {}
         for layer in layers:
             for c in params:
-                found = False
-                for kind in ("W", "b"):
-                    for prefix in ("", "_"):
-                        name = f"blocks.{layer}.attn.{prefix}{kind}_{c.upper()}"
-                        if name in named:
-                            out[name] = named[name]
-                            found = found or kind == "W"
-                if not found:
+                got = be.attention_parameters(layer, c)
+                if not got:
                     raise ValueError(f"params: {c!r} selects no weight in layer {layer} of this model")
-        return out
+                out.update(got)
+                where.update({n: layer for n in got})
+        return out, where
+    named = be.named_parameters()
     unknown = [n for n in params if n not in named]
     if unknown:
-        sample = [n for n in named if re.search(r"attn\.", n)][:6]
+        sample = [n for c in "kv" for n in be.attention_parameters(0, c)][:4]
         raise ValueError(f"params: unknown parameter names {unknown}; accepted: names from "
                          f"model.named_parameters(), e.g. {sample}")
     if layers is not None:
         raise ValueError("layers: only applies to letter selectors like 'kv'; got explicit parameter names")
-    return {n: named[n] for n in params}
-
-
-def _layer_of(name: str) -> Optional[int]:
-    m = re.match(r"blocks\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
+    return {n: named[n] for n in params}, {n: be.layer_of(n) for n in params}
 
 
 def check_unprocessed(model: Any, allow_processed: bool = False) -> None:
@@ -186,7 +187,7 @@ class FinetuneResult:
 
     params: name -> trained tensor (same shapes as the model's). deltas: name -> trained - original.
     attn_inputs: per step, the attention inputs [T, L, d_model] of the trained sequence (for the FT
-    side of Kendall tau), or None.
+    side of Kendall tau), or None. layers: name -> layer (None outside the blocks).
     """
 
     params: dict[str, torch.Tensor]
@@ -195,12 +196,13 @@ class FinetuneResult:
     config: GDConfig
     n_demos: int
     attn_inputs: Optional[list[torch.Tensor]] = None
+    layers: dict[str, Optional[int]] = field(default_factory=dict)  # name -> layer (the backend's layer_of)
 
     def delta_norms(self, n_layers: int) -> torch.Tensor:
         """[n_layers] L2 norm of each layer's total update."""
         out = torch.zeros(n_layers, dtype=torch.float64)
         for name, d in self.deltas.items():
-            layer = _layer_of(name)
+            layer = self.layers.get(name)
             if layer is not None:
                 out[layer] += d.double().pow(2).sum()
         return out.sqrt()
@@ -256,8 +258,9 @@ def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_in
 def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) -> FinetuneResult:
     """:func:`finetune` once the caller has checked ``config`` and the model's weights (compare does so
     once per run, not per variant, seed and method)."""
+    be = backend_of(model)
     seqs = _sequences(demos, config.loss)
-    n_ctx = model.cfg.n_ctx
+    n_ctx = be.n_ctx
     for i, (s, _) in enumerate(seqs):
         if len(s) > n_ctx:
             raise ValueError(f"demos[{i}]: {len(s)} tokens, longer than the model's context n_ctx={n_ctx}")
@@ -266,11 +269,11 @@ def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) 
             if not any(m[1:]):  # type: ignore[index]
                 raise ValueError(f"demos[{i}]: no label token after the first position; label_only has nothing "
                                  "to predict")
-    selected = select_params(model, config.params, config.layers)
-    L = model.cfg.n_layers
-    device = model.cfg.device
+    selected, where = _select(be, config.params, config.layers)
+    L = be.n_layers
+    device = be.device
     P = {n: p.detach().clone().requires_grad_(True) for n, p in selected.items()}
-    layer_idx = [_layer_of(n) for n in P]
+    layer_idx = [where[n] for n in P]
     order = list(range(len(seqs)))
     if config.order == "reverse":
         order = order[::-1]
@@ -278,8 +281,11 @@ def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) 
 
     losses, gnorms, layer_losses, inputs = [], [], [], []
     readout = config.readout
-    if readout == "resid_mid" and getattr(model.cfg, "attn_only", False):
+    if readout == "resid_mid" and be.attn_only:
         readout = "resid_post"  # attention-only blocks have no mid point: the block output is it
+    in_hooks = [be.attention_input_hook(layer) for layer in range(L)] if record_inputs else None
+    resid_pre = [be.hook_name("resid_pre", layer) for layer in range(L)]
+    readout_at = [be.hook_name(readout, layer) for layer in range(L)]
     for j in order:
         s, m = seqs[j]
         toks = torch.tensor([s], dtype=torch.long, device=device)
@@ -288,28 +294,32 @@ def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) 
             mask = torch.tensor(m[1:], dtype=torch.float32, device=device)  # type: ignore[index]
         store: dict[str, torch.Tensor] = {}
         fwd = []
-        if record_inputs:
-            def keep_norm(x, hook, store=store):
-                store[hook.name] = x.detach()
-            fwd += [(f"blocks.{layer}.ln1.hook_normalized", keep_norm) for layer in range(L)]
+        if in_hooks is not None:
+            def keep_in(layer, store=store):  # keyed by layer: the bridge renames aliased hook points
+                def fn(x, hook):
+                    store[f"in{layer}"] = x.detach()
+                return fn
+            fwd += [(in_hooks[layer][0], keep_in(layer)) for layer in range(L)]
         with torch.enable_grad():
             if not config.layer_causal:
-                with model.hooks(fwd_hooks=fwd):
-                    logits = call_with_params(model, P, toks, return_type="logits")
+                with be.hooks(fwd):
+                    logits = be.run(toks, params=P)
                 loss = _ce(logits[0], toks[0], mask)
                 per_layer = None
             else:
                 def cut(x, hook):
                     return x.detach()
 
-                def keep_readout(x, hook, store=store):
-                    store["readout." + hook.name.split(".")[1]] = x
-                fwd_lc = fwd + [(f"blocks.{layer}.hook_resid_pre", cut) for layer in range(L)]
-                fwd_lc += [(f"blocks.{layer}.hook_{readout}", keep_readout) for layer in range(L)]
-                with model.hooks(fwd_hooks=fwd_lc):
-                    call_with_params(model, P, toks, stop_at_layer=L)
-                resid = torch.cat([store[f"readout.{layer}"] for layer in range(L)], dim=0)  # [L, T, d]
-                per_layer = _ce(_unembed(model, resid), toks[0], mask)  # [L] (logit lens)
+                def keep_readout(layer, store=store):
+                    def fn(x, hook):
+                        store[f"readout{layer}"] = x
+                    return fn
+                fwd_lc = fwd + [(resid_pre[layer], cut) for layer in range(L)]
+                fwd_lc += [(readout_at[layer], keep_readout(layer)) for layer in range(L)]
+                with be.hooks(fwd_lc):
+                    be.run(toks, params=P, stop_at_layer=L)
+                resid = torch.cat([store[f"readout{layer}"] for layer in range(L)], dim=0)  # [L, T, d]
+                per_layer = _ce(be.readout(resid), toks[0], mask)  # [L] (logit lens)
                 loss = per_layer.sum()
             grads = torch.autograd.grad(loss, list(P.values()), allow_unused=True)
         sq = [torch.zeros((), dtype=torch.float32) for _ in range(L)]
@@ -327,14 +337,15 @@ def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) 
         gnorms.append(gn.sqrt())
         if per_layer is not None:
             layer_losses.append(per_layer.detach().double().cpu())
-        if record_inputs:
-            inputs.append(torch.stack([_attn_input(model, layer, store[f"blocks.{layer}.ln1.hook_normalized"])[0]
-                                       for layer in range(L)], dim=1).detach().float().cpu())  # [T, L, d]
+        if in_hooks is not None:
+            inputs.append(torch.stack([in_hooks[layer][1](store[f"in{layer}"])[0] for layer in range(L)],
+                                      dim=1).detach().float().cpu())  # [T, L, d]
     final = {n: p.detach() for n, p in P.items()}
     deltas = {n: final[n] - selected[n].detach() for n in final}
     trace = Trace(order, torch.tensor(losses, dtype=torch.float64), torch.stack(gnorms),
                   torch.stack(layer_losses) if layer_losses else None)
-    return FinetuneResult(final, deltas, trace, config, len(seqs), inputs if record_inputs else None)
+    return FinetuneResult(final, deltas, trace, config, len(seqs), inputs if record_inputs else None,
+                          dict(where))
 
 
 __all__ = ["GDConfig", "FinetuneResult", "Trace", "finetune", "select_params", "check_unprocessed",

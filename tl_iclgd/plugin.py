@@ -81,6 +81,7 @@ def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, basel
     """Run ZSL, ICL and fine-tuning on a task; print the table (mean ± std over seeds) and write JSON."""
     import pandas as pd
 
+    from tl_iclgd.capture import backend_of
     from tl_iclgd.compare import compare
     from tl_iclgd.gd import GDConfig
     from tl_plugins import models
@@ -93,7 +94,7 @@ def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, basel
     if threads < 1:
         raise click.BadParameter(f"got {threads}; accepted: an int >= 1", param_hint="--threads")
     model = models.load(model_name)
-    if getattr(model, "tokenizer", None) is None:
+    if backend_of(model).tokenizer is None:
         raise click.BadParameter(f"model {model_name!r} has no tokenizer, so built-in tasks cannot be tokenised; "
                                  "use the Python API with a TokenizedTask", param_hint="--model")
     res = compare(model, task_name, gd, methods=[m.strip() for m in methods.split(",") if m.strip()],
@@ -148,7 +149,7 @@ def _bench(*, quick: bool, model: str, device: str):
     import pandas as pd
     import torch
 
-    from tl_iclgd.capture import capture
+    from tl_iclgd.capture import backend_of, capture
     from tl_iclgd.compare import compare
     from tl_iclgd.gd import GDConfig, finetune
     from tl_iclgd.tasks import get_task, tokenize_task
@@ -158,8 +159,9 @@ def _bench(*, quick: bool, model: str, device: str):
 
     n_demos, n_queries = (4, 8) if quick else (16, 50)
     m = models.load(model, device=device)
-    has_tok = getattr(m, "tokenizer", None) is not None
-    task = "antonyms" if has_tok else _synthetic_task(m.cfg.d_vocab, n_demos, n_queries)
+    be = backend_of(m)
+    has_tok = be.tokenizer is not None
+    task = "antonyms" if has_tok else _synthetic_task(be.d_vocab, n_demos, n_queries)
     gd = GDConfig(lr=DEFAULT_LR)
     res = BenchResult("iclgd", device=device_description(device))
     with PeakRSS() as mem:
@@ -178,7 +180,7 @@ def _bench(*, quick: bool, model: str, device: str):
             ratio_to_full=t_base / t_full, peak_rss_gb=mem_b.peak / 2**30)
 
     # the phases side by side (medians)
-    ttask = tokenize_task(get_task("antonyms").sample(n_demos, n_queries, 0), m) if has_tok else task
+    ttask = tokenize_task(get_task("antonyms").sample(n_demos, n_queries, 0), be.tokenizer) if has_tok else task
     queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
     prefix = ttask.prefix_tokens()
     rep = 1 if quick else 3
@@ -211,7 +213,7 @@ def _bench(*, quick: bool, model: str, device: str):
               t1 < times["ICL capture, full forward per query"])
     with pd.option_context("display.width", 250, "display.max_columns", 40):
         res.notes.append(f"model {model}, task {getattr(ttask, 'name', task)}, {n_demos} demos, {n_queries} "
-                         f"queries, {m.cfg.n_layers} layers, lr {gd.lr}, K/V of every layer, seed 0, "
+                         f"queries, {be.n_layers} layers, lr {gd.lr}, K/V of every layer, seed 0, "
                          f"{nthreads} torch thread(s); RSS before the run {mem.start / 2**30:.2f} GB"
                          + ("" if quick else f"; {nthreads}-thread/{default_threads}-thread ICL capture time "
                             f"ratio {t1 / t2:.2f}"))
@@ -246,6 +248,7 @@ def _layer_figure(layer_df, metric: str, title: str):
 def tl_plugins_report_sections(report):
     import plotly.graph_objects as go
 
+    from tl_iclgd.capture import backend_of
     from tl_iclgd.compare import compare, icl_accuracy_curve
     from tl_iclgd.gd import GDConfig, check_unprocessed
     from tl_iclgd.threads import torch_threads
@@ -256,10 +259,11 @@ def tl_plugins_report_sections(report):
     except ValueError as exc:
         report.add_section("ICL vs GD", html=f"<p>Skipped: {exc}</p>", order=60)
         return
-    has_tok = getattr(model, "tokenizer", None) is not None
+    be = backend_of(model)
+    has_tok = be.tokenizer is not None
     quick = report.quick
     n_demos, n_queries = (4, 8) if quick else (16, 50)
-    task = "antonyms" if has_tok else _synthetic_task(model.cfg.d_vocab, n_demos, n_queries)
+    task = "antonyms" if has_tok else _synthetic_task(be.d_vocab, n_demos, n_queries)
     res = None
     for _ in report.progress([0], desc="iclgd compare"):
         res = compare(model, task, GDConfig(lr=DEFAULT_LR), methods=("gd", "lcgd"), n_demos=n_demos,

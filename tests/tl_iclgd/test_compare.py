@@ -55,7 +55,9 @@ def test_simam_before_matches_run_with_cache(llama3, make_task):
             q = ex.prompt
             a, b = scores(demo + q, len(q), layer), scores(q, len(q), layer)
             per_query.append(((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean().item())
-        assert lay[layer] == pytest.approx(sum(per_query) / len(per_query), abs=1e-5), layer
+        # nan_ok: on the bridge leg token 3 (Hugging Face's pad id, a zero embedding) ends every query,
+        # so layer 0's scores there are exactly 0 and their cosine is NaN on both sides
+        assert lay[layer] == pytest.approx(sum(per_query) / len(per_query), abs=1e-5, nan_ok=True), layer
 
 
 def test_zero_updates_are_counted_not_hidden(llama3, make_task):

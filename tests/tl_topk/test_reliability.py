@@ -71,7 +71,12 @@ def test_empty_batch_and_sequence_give_empty_output(backend, shape):
 def test_empty_batch_through_the_model_works_as_without_the_plugin(name):
     model = tl_plugins.models.load(name)
     tokens = torch.zeros(0, 6, dtype=torch.long)
-    ref = model(tokens)
+    try:
+        ref = model(tokens)
+    except Exception as exc:  # transformer-lens 4.3's bridge itself fails on an empty batch
+        with tl_plugins.enabled(model, "topk", k=2, backend="chunked"), pytest.raises(type(exc)):
+            model(tokens)
+        return
     with tl_plugins.enabled(model, "topk", k=2, backend="chunked"):
         out = model(tokens)
     assert out.shape == ref.shape == (0, 6, model.cfg.d_vocab)

@@ -13,8 +13,12 @@ What a backend provides:
 * the seams: ``attention_modules()`` / ``mlp_modules()`` and ``install_attention_seam`` /
   ``install_mlp_seam``, which set per-instance attributes through ``tl_plugins.state`` (so the
   host removes them on disable) and build :class:`tl_plugins.seams.AttentionCall` objects;
-* hook names: ``hook_name(kind, layer)`` for the kinds in :data:`HOOK_KINDS`;
+* hook names: ``hook_name(kind, layer)`` for the kinds in :data:`HOOK_KINDS`; ``has_hook(name)`` and
+  ``hooks(fwd_hooks)``, a context manager that adds forward hooks by name for one block (an unknown
+  name is an error on every backend);
 * readouts: ``final_norm(resid)``, ``unembed(x)`` and ``readout(resid)`` (logits of residual vectors);
+  ``attention_input_hook(layer)`` and ``attention_scores_from_qk(layer)`` (pre-softmax scores rebuilt
+  from the query/key hook points);
 * weights: ``weight(name, layer)`` in TransformerLens layout, grouped K/V expanded, absent biases as
   zeros (``tl_plugins.weights`` builds its read-only view on it) and ``processing()``;
 * training: ``attention_parameters(layer, letter)`` (name -> trainable tensor) and
@@ -27,7 +31,8 @@ What a backend provides:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 
@@ -198,6 +203,25 @@ class Backend(ABC):
             return template.format(l=layer)
         return template
 
+    def has_hook(self, name: str) -> bool:
+        """True when ``name`` is a hook point of this model (aliases included)."""
+        return name in self.model.hook_dict
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+        """Add forward hooks ``(hook name, fn(tensor, hook) -> tensor or None)`` for the block; they are
+        removed on exit, even on error. An unknown name raises ``KeyError`` naming it (TransformerLens
+        3.x's bridge would silently skip it). Hook functions should not rely on ``hook.name``: the
+        bridge reports the canonical name of an aliased hook point."""
+        fwd_hooks = list(fwd_hooks)
+        known = self.model.hook_dict
+        for name, _ in fwd_hooks:
+            if name not in known:
+                raise KeyError(f"hook name: got {name!r}, which is not a hook point of this "
+                               f"{type(self.model).__name__}")
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            yield
+
     def check_layer(self, layer: Any, arg: str = "layer") -> int:
         """``layer`` as an int in [0, n_layers), or ``IndexError`` naming ``arg``."""
         import numbers
@@ -227,6 +251,16 @@ class Backend(ABC):
     def attention_input_hook(self, layer: int) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
         """(hook name, function): the function maps what that hook point carries [..., d_model] to the
         input of ``layer``'s attention (after ``ln1``, its learned scale included)."""
+
+    def attention_scores_from_qk(self, layer: int) -> tuple[
+            str, str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """(query hook name, key hook name, function): the function maps what those hook points carry,
+        q [batch, q_pos, n_heads, d_head] and k [batch, k_pos, n_kv_heads, d_head] (after rotary when
+        the model has it), to ``layer``'s attention scores [batch, n_heads, q_pos, k_pos] as the model
+        forms them before the mask and the softmax (scale and soft-cap included, grouped K expanded).
+        For checking or replacing ``hook_attn_scores`` where it does not hold pre-softmax scores."""
+        raise UnsupportedModelError(
+            f"model: the {self.name} backend cannot rebuild attention scores from its query/key hooks")
 
     # -- weights ---------------------------------------------------------------------------------
     @abstractmethod

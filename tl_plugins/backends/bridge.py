@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import sys
 import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -108,13 +110,18 @@ def _refusal(module: Any, config: Any) -> Optional[str]:
     return None
 
 
-class _ZReady(Exception):
-    """Carries z from the throw point to the catch point of the same call."""
+_HOOK_LEVELS = itertools.count(1_000_000)  # context levels of BridgeBackend.hooks, apart from the library's
 
-    def __init__(self, token: object, z: torch.Tensor):
+
+class _ZReady(Exception):
+    """Carries z (and the pattern, when the dense route made z) from the throw point to the catch
+    point of the same call."""
+
+    def __init__(self, token: object, z: torch.Tensor, pattern: Optional[torch.Tensor] = None):
         super().__init__("tl_plugins attention seam (internal)")
         self.token = token
         self.z = z
+        self.pattern = pattern
 
 
 @dataclass
@@ -123,6 +130,9 @@ class _BridgeSeam:
     state: ModelState
     family: _Family
     token: Optional[object] = field(default=None)
+    # (z, pattern) of the last dense() of this module's current call: the catch point returns the
+    # pattern, as the library does, when the plugins' z is that z
+    dense_out: Optional[tuple] = field(default=None)
 
 
 def _seam_of(module: Any) -> _BridgeSeam:
@@ -140,7 +150,7 @@ def _catch(self, *args: Any, **kwargs: Any) -> Any:
     except _ZReady as ready:
         if ready.token is not token:
             raise
-        return _finish(self, seam.family, ready.z)
+        return _finish(self, seam.family, ready.z, ready.pattern)
     finally:
         seam.token = outer
 
@@ -166,10 +176,16 @@ def _throw(self, k: torch.Tensor, v: torch.Tensor, **kwargs: Any):
     if mask is None and isinstance(local.get("kwargs"), dict):
         mask = local["kwargs"].get("attention_mask")
     call = BridgeAttentionCall.build(self, seam, q, k, v, mask)
-    raise _ZReady(seam.token, ask_attention(call))
+    seam.dense_out = None
+    z = ask_attention(call)
+    dense_out, seam.dense_out = seam.dense_out, None
+    # the library's catch point returns (output, pattern); a plugin that computed z itself (no
+    # [q_pos, k_pos] pattern formed) returns None there
+    pattern = dense_out[1] if dense_out is not None and dense_out[0] is z else None
+    raise _ZReady(seam.token, z, pattern)
 
 
-def _finish(self, family: _Family, z: torch.Tensor) -> Any:
+def _finish(self, family: _Family, z: torch.Tensor, pattern: Optional[torch.Tensor] = None) -> Any:
     """The library's steps after the attention mix: projection, hooks, return value."""
     b, q_len, n_heads, d_head = z.shape
     attn_output = z.contiguous().reshape(b, q_len, n_heads * d_head)
@@ -193,7 +209,7 @@ def _finish(self, family: _Family, z: torch.Tensor) -> Any:
         attn_output = self.o(attn_output)
     if not family.joint:
         attn_output = self.hook_out(attn_output)  # the joint family's forward fires it itself
-    return attn_output, None
+    return attn_output, pattern
 
 
 @dataclass
@@ -353,7 +369,11 @@ class BridgeAttentionCall(AttentionCall):
             if m.training and rate > 0.0:
                 pattern = torch.nn.functional.dropout(pattern, p=rate, training=True)
             pattern = m.hook_pattern(pattern)
-        return torch.matmul(pattern, v).transpose(1, 2)
+        z = torch.matmul(pattern, v).transpose(1, 2)
+        seam = m.__dict__.get("_tl_plugins_seam")
+        if seam is not None:
+            seam.dense_out = (z, pattern)
+        return z
 
     def dense_z(self, pattern: torch.Tensor) -> torch.Tensor:
         _, _, v = self._library_layout()
@@ -441,9 +461,32 @@ class BridgeBackend(Backend):
 
     @property
     def layer_norm_folded(self) -> bool:
-        """True when compatibility mode folded the norms' scales into the next weights."""
-        return bool(getattr(self.cfg, "layer_norm_folding", False)) or str(
-            getattr(self.cfg, "normalization_type", "") or "").endswith("Pre")
+        """True when compatibility mode folded the norms' scales into the next weights.
+
+        TransformerLens (3.9, 4.3) sets no config flag when a bridge's weights are processed in place
+        (``enable_compatibility_mode`` / ``process_weights``); it records only that they were, and
+        folding leaves every norm an identity scale (weight 1, or 0 with Gemma's 1 + weight; bias 0).
+        """
+        if bool(getattr(self.cfg, "layer_norm_folding", False)) or str(
+                getattr(self.cfg, "normalization_type", "") or "").endswith("Pre"):
+            return True
+        if not getattr(self.model, "_weights_processed", False):
+            return False
+        identity = 0.0 if getattr(self.cfg, "rmsnorm_uses_offset", False) else 1.0
+        norms = [blk._modules.get(n) for blk in self.model.blocks for n in ("ln1", "ln2")]
+        norms.append(self.model._modules.get("ln_final"))
+        scales = 0
+        for norm in norms:
+            hf = norm._modules.get("_original_component") if norm is not None else None
+            w = getattr(hf, "weight", None) if hf is not None else None
+            b = getattr(hf, "bias", None) if hf is not None else None
+            if isinstance(w, torch.Tensor):
+                scales += 1
+                if not bool((w == identity).all()):
+                    return False
+            if isinstance(b, torch.Tensor) and not bool((b == 0).all()):
+                return False
+        return scales > 0
 
     # -- modules and seams -----------------------------------------------------------------------
     def attention_modules(self) -> list[tuple[int, Any]]:
@@ -510,6 +553,84 @@ class BridgeBackend(Backend):
 
     def attention_input_hook(self, layer: int) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
         return f"blocks.{self.check_layer(layer)}.attn.hook_in", lambda x: x
+
+    def _hook_point(self, name: str, hook_dict: list) -> Any:
+        """The HookPoint named ``name`` (canonical names by module path, aliases through ``hook_dict``,
+        which is computed at most once per caller: on 3.x the bridge rebuilds it on every access)."""
+        try:
+            mod = self.model.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if mod is not None and getattr(mod, "name", None) == name and hasattr(mod, "add_hook"):
+            return mod
+        if not hook_dict:
+            hook_dict.append(self.model.hook_dict)
+        return hook_dict[0].get(name)
+
+    def has_hook(self, name: str) -> bool:
+        return self._hook_point(name, []) is not None
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+        # The library's own ``hooks()`` on 3.x rebuilds ``hook_dict`` (every alias of every hook point)
+        # once per hook it adds, seconds for a few hundred hooks on a 30-layer model; so the hook points
+        # are resolved once here and the hooks added and removed with HookPoint's own API, at a context
+        # level of their own (the caller's hooks at other levels are left alone).
+        fwd_hooks = list(fwd_hooks)
+        cache: list = []
+        points = []
+        gated = getattr(self.model, "_gated_hook_reason", None)
+        for name, fn in fwd_hooks:
+            hp = self._hook_point(name, cache)
+            if hp is None:
+                raise KeyError(f"hook name: got {name!r}, which is not a hook point of this "
+                               f"{type(self.model).__name__}")
+            reason = gated(hp.name or name) if gated is not None else None
+            if reason is not None:
+                raise ValueError(f"hook name: {name!r} never fires unless {reason} is set "
+                                 f"(model.set_{reason}(True))")
+            points.append((hp, fn))
+        level = next(_HOOK_LEVELS)
+        try:
+            for hp, fn in points:
+                hp.add_hook(fn, dir="fwd", level=level)
+            yield
+        finally:
+            for hp in {id(hp): hp for hp, _ in points}.values():
+                hp.remove_hooks(dir="fwd", level=level)
+
+    def attention_scores_from_qk(self, layer: int):
+        layer = self.check_layer(layer)
+        attn = self.model.blocks[layer].attn
+        fam, reason = attention_family(attn)
+        if fam is None:
+            raise UnsupportedModelError(f"model: blocks.{layer}.attn: cannot rebuild attention scores: {reason}")
+        q_name, k_name = self.hook_name("rot_q", layer), self.hook_name("rot_k", layer)
+        if not (self.has_hook(q_name) and self.has_hook(k_name)):  # no rotary: q and k as projected
+            q_name, k_name = self.hook_name("q", layer), self.hook_name("k", layer)
+        hf = attn.original_component
+        cap = None if fam.joint else getattr(hf, "attn_logit_softcapping", None)
+
+        def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            # the library's rules, as in BridgeAttentionCall.scale / dense_scores
+            d_head = q.shape[-1]
+            if fam.joint:
+                scale = d_head ** -0.5
+                if (fam.base == "JointQKVAttentionBridge"
+                        and getattr(attn.config, "scale_attn_by_inverse_layer_idx", False)
+                        and getattr(attn, "_layer_idx", None) is not None):
+                    scale /= float(attn._layer_idx + 1)
+            else:
+                scale = float(getattr(hf, "scaling", d_head ** -0.5))
+            rep = q.shape[2] // k.shape[2]
+            if rep > 1:
+                k = torch.repeat_interleave(k, rep, dim=2)
+            out = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+            if cap is not None and cap > 0:
+                out = torch.tanh(out / cap) * cap
+            return out
+
+        return q_name, k_name, scores
 
     # -- weights ---------------------------------------------------------------------------------
     def _expand_kv(self, w: torch.Tensor) -> torch.Tensor:
@@ -596,8 +717,11 @@ class BridgeBackend(Backend):
         return dict(sorted(named.items(), key=lambda kv: not kv[0].endswith("weight")))
 
     def layer_of(self, parameter_name: str) -> Optional[int]:
-        for layer, block in enumerate(self.model.blocks):
-            if parameter_name in self._names_of(block):
+        p = self.named_parameters().get(parameter_name)
+        if p is None:
+            return None
+        for layer, block in enumerate(self.model.blocks):  # by identity: one parameter walk, not one per block
+            if any(q is p for q in block.parameters()):
                 return layer
         return None
 
@@ -608,7 +732,12 @@ class BridgeBackend(Backend):
             warnings.simplefilter("ignore")
             torch.manual_seed(seed)
             new_hf = type(hf)(copy.deepcopy(hf.config)).to(dtype=self.dtype).eval()
-        bridge = boot(new_hf, src.tokenizer, device=str(self.device))
+            # booting splits fused QKV weights into freshly built nn.Linear modules, whose default
+            # initialisation draws from the global RNG: keep it inside the fork
+            bridge = boot(new_hf, src.tokenizer, device=str(self.device))
+        for fact in ("n_ctx", "default_prepend_bos"):  # what the loader set on the source's cfg
+            if hasattr(src.cfg, fact):
+                setattr(bridge.cfg, fact, getattr(src.cfg, fact))
         if keep_embeddings:
             keep = (*[m for m in (src._modules.get(n) for n in ("embed", "pos_embed", "ln_final", "unembed"))
                       if m is not None],
@@ -629,11 +758,44 @@ class BridgeBackend(Backend):
     def run(self, tokens: torch.Tensor, *, params: Optional[dict[str, torch.Tensor]] = None,
             stop_at_layer: Optional[int] = None, kv_cache: Any = None) -> torch.Tensor:
         kw: dict[str, Any] = {}
-        if stop_at_layer is not None:
-            kw["stop_at_layer"] = stop_at_layer
         if kv_cache is not None:
             kw["past_key_values"] = kv_cache.for_call()
+        if stop_at_layer is not None and stop_at_layer == self.n_layers:
+            # The bridge stops only *before* a block, so stop_at_layer=n_layers would return logits.
+            # The library's own early exit (StopAtLayerException, caught by its forward) raised from
+            # the final norm's input returns the residual stream after the last block instead,
+            # without unembedding every position.
+            from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+            def stop(x: torch.Tensor, hook: Any) -> None:
+                raise StopAtLayerException(x)
+            name = "ln_final.hook_in" if self.has_hook("ln_final.hook_in") else self.hook_name(
+                "resid_post", self.n_layers - 1)
+            with self.hooks([(name, stop)]):  # added last: runs after the caller's hooks
+                return self.functional_call(params, tokens, **kw)
+        if stop_at_layer is not None:
+            kw["stop_at_layer"] = stop_at_layer
         return self.functional_call(params, tokens, **kw)
+
+    def functional_call(self, params: Optional[dict[str, torch.Tensor]], *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` with the named parameters replaced; the model is never modified.
+
+        A bridge reaches a module by several paths (``transformer.h.0.attn`` and
+        ``transformer.h.0._original_component.attn`` are one module): ``torch.func.functional_call``
+        with ``tie_weights=True`` swaps such a tensor once per path and puts the *replacement* back on
+        exit. So each (module, attribute) slot is swapped once here, the slots of a tied tensor
+        (GPT-2's embedding and unembedding) all of them. Tensors the library's forward leaves on its
+        modules (JointQKV attention keeps its last pattern in ``_pattern``) are put back as they were,
+        so a run with gradients leaves no autograd graph on the model.
+        """
+        saved = _tensor_attrs(self.model)
+        try:
+            if not params:
+                return self.model(*args, **kwargs)
+            return torch.func.functional_call(self.model, _one_name_per_slot(self.model, params), args,
+                                              kwargs, strict=False, tie_weights=False)
+        finally:
+            _restore_tensor_attrs(saved)
 
     def prefix_cache(self, tokens: Sequence[int], params: Optional[dict[str, torch.Tensor]] = None) -> Any:
         from transformers import DynamicCache
@@ -656,6 +818,46 @@ class BridgeBackend(Backend):
     @property
     def default_prepend_bos(self) -> bool:
         return bool(getattr(self.cfg, "default_prepend_bos", True))
+
+
+def _one_name_per_slot(model: Any, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` keyed by one name per (module, attribute) slot, extended to every slot that holds
+    the same tensor (tied weights); names that are not parameters or buffers pass through."""
+    slots: dict[int, list[str]] = {}
+    current: dict[str, torch.Tensor] = {}
+    for mod_name, mod in model.named_modules():  # each module once, under its first path
+        for attr, t in (*mod._parameters.items(), *mod._buffers.items()):
+            if t is not None:
+                full = f"{mod_name}.{attr}" if mod_name else attr
+                slots.setdefault(id(t), []).append(full)
+                current[full] = t
+    every = dict(model.named_parameters(remove_duplicate=False))
+    every.update(dict(model.named_buffers(remove_duplicate=False)))
+    out: dict[str, torch.Tensor] = {}
+    for name, value in params.items():
+        t = every.get(name)
+        if t is None:
+            out[name] = value
+            continue
+        for slot in slots.get(id(t), [name]):
+            out[slot] = value
+    return out
+
+
+def _tensor_attrs(model: Any) -> list[tuple[Any, dict[str, torch.Tensor]]]:
+    """Every module with the plain tensor attributes it holds now (not parameters or buffers)."""
+    return [(mod, {k: v for k, v in vars(mod).items() if isinstance(v, torch.Tensor)})
+            for mod in model.modules()]
+
+
+def _restore_tensor_attrs(saved: list[tuple[Any, dict[str, torch.Tensor]]]) -> None:
+    for mod, before in saved:
+        d = vars(mod)
+        for k in [k for k, v in d.items() if isinstance(v, torch.Tensor) and k not in before]:
+            del d[k]
+        for k, v in before.items():
+            if d.get(k) is not v:
+                d[k] = v
 
 
 def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -238,6 +238,15 @@ class HookedBackend(Backend):
             out = out + b
         return out
 
+    def attention_scores_from_qk(self, layer: int):
+        layer = self.check_layer(layer)
+        attn = self.model.blocks[layer].attn
+        rotary = self.cfg.positional_embedding_type == "rotary"
+        q_kind, k_kind = ("rot_q", "rot_k") if rotary else ("q", "k")
+        # TransformerLens's own step: q.k / attn_scale, soft-cap, grouped K expanded (GQA)
+        return (self.hook_name(q_kind, layer), self.hook_name(k_kind, layer),
+                lambda q, k: attn.calculate_attention_scores(q, k))
+
     # -- weights ---------------------------------------------------------------------------------
     def weight(self, name: str, layer: Optional[int] = None) -> Optional[torch.Tensor]:
         m = self.model
