@@ -33,7 +33,6 @@ import copy
 import inspect
 import itertools
 import sys
-import types
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ import torch
 from tl_plugins.backends.base import Backend
 from tl_plugins.errors import UnsupportedModelError
 from tl_plugins.seams import SEAM_OWNER_ATTN, SEAM_OWNER_MLP, AttentionCall, SeamActFn, ask_attention
-from tl_plugins.state import ModelState, set_instance_attr
+from tl_plugins.state import BoundMethod, ModelState, set_instance_attr
 
 
 def is_bridge(model: Any) -> bool:
@@ -163,6 +162,8 @@ def _throw(self, k: torch.Tensor, v: torch.Tensor, **kwargs: Any):
         return k, v
     frame = inspect.currentframe()
     caller = frame.f_back if frame is not None else None
+    while caller is not None and caller.f_code is BoundMethod.__call__.__code__:
+        caller = caller.f_back  # the seam's own binding, not the library's frame
     local = caller.f_locals if caller is not None else {}
     del frame, caller
     q = local.get(seam.family.query_local)
@@ -515,8 +516,8 @@ class BridgeBackend(Backend):
             assert fam is not None  # check_attention_supported ran first
             set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, "_tl_plugins_seam",
                               _BridgeSeam(layer, model_state, fam))
-            set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, fam.catch, types.MethodType(_catch, attn))
-            set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, _THROW, types.MethodType(_throw, attn))
+            set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, fam.catch, BoundMethod(_catch, attn))
+            set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, _THROW, BoundMethod(_throw, attn))
 
     def install_mlp_seam(self, model_state: ModelState) -> None:
         for layer, mlp in self.mlp_modules():
@@ -524,7 +525,7 @@ class BridgeBackend(Backend):
                 act = SeamActFn(mlp, layer, _library_activation(mlp), model_state)
                 set_instance_attr(self.model, SEAM_OWNER_MLP, mlp, "_tl_plugins_act", act)
                 set_instance_attr(self.model, SEAM_OWNER_MLP, mlp, "forward",
-                                  types.MethodType(_processed_gated_forward, mlp))
+                                  BoundMethod(_processed_gated_forward, mlp))
                 continue
             hf, attr = _hf_activation(mlp)
             if attr is None or getattr(mlp, "_use_processed_weights", False):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import types
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tl_plugins.backends.base import Backend
 from tl_plugins.errors import UnsupportedModelError
 from tl_plugins.seams import SEAM_OWNER_ATTN, SEAM_OWNER_MLP, AttentionCall, SeamActFn, ask_attention
-from tl_plugins.state import ModelState, set_instance_attr
+from tl_plugins.state import BoundMethod, ModelState, set_instance_attr
 
 
 def _hooked_transformer_class():
@@ -201,7 +200,7 @@ class HookedBackend(Backend):
     def install_attention_seam(self, model_state: ModelState) -> None:
         for layer, attn in self.attention_modules():
             set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, "_tl_plugins_seam", _Seam(layer, model_state))
-            set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, "forward", types.MethodType(_seam_forward, attn))
+            set_instance_attr(self.model, SEAM_OWNER_ATTN, attn, "forward", BoundMethod(_seam_forward, attn))
 
     def install_mlp_seam(self, model_state: ModelState) -> None:
         for layer, mlp in self.mlp_modules():
