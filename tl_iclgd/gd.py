@@ -332,6 +332,10 @@ def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) 
                     sq[layer] = sq[layer] + torch.linalg.vector_norm(g.float()) ** 2
                 new[name] = (p.detach() - config.lr * g).requires_grad_(True)
         gn = torch.stack(sq).double()
+        if not (math.isfinite(float(loss.detach())) and all(bool(torch.isfinite(t).all()) for t in new.values())):
+            raise FloatingPointError(
+                f"lr: fine-tuning diverged at step {len(losses) + 1} of {len(order)} (loss {float(loss):.4g}, "
+                f"parameters no longer finite) with lr={config.lr}; accepted: a smaller learning rate")
         P = new
         losses.append(float(loss.detach()))
         gnorms.append(gn.sqrt())

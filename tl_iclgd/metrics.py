@@ -161,6 +161,10 @@ def kendall_tau(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     hundred demonstration tokens of a prompt.
     """
     _same_shape(x=x, y=y)
+    for name, t in (("x", x), ("y", y)):
+        if t.is_floating_point() and bool(torch.isnan(t).any()):
+            raise ValueError(f"{name}: contains NaN; accepted: values without NaN (a NaN has no rank: it is "
+                             "neither a tie nor an order)")
     x = x.double()
     y = y.double()
     n = x.shape[-1]

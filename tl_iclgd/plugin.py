@@ -8,11 +8,10 @@ stores default fine-tuning settings: ``tl_plugins.enable(model, "iclgd", lr=1e-3
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import click
 
-from tl_plugins import hookimpl
+from tl_plugins import cli_checks, hookimpl
 
 DEFAULT_LR = 0.1
 
@@ -55,7 +54,8 @@ def tasks_cmd():
 
 
 @iclgd_group.command("compare")
-@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help="Model name (tl-plugins models).")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, callback=cli_checks.model_name,
+              help="Model name (tl-plugins models).")
 @click.option("--task", "task_name", default="antonyms", show_default=True, help="Built-in task (tl-plugins iclgd tasks).")
 @click.option("--lr", type=float, default=DEFAULT_LR, show_default=True, help="SGD learning rate.")
 @click.option("--params", default="kv", show_default=True, help="Trained attention projections: letters of 'qkvo'.")
@@ -74,10 +74,12 @@ def tasks_cmd():
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch threads; 1 is several times faster than 2 on a CPU shared with other work.")
 @click.option("--per-layer", is_flag=True, help="Also print the per-layer table.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default="iclgd_compare.json", show_default=True,
-              help="Write the full result (settings, aggregate, per layer, runs) here.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the full result (settings, aggregate, per layer, runs) to this file.")
+@click.option("--force", is_flag=True, help="Overwrite the --json file if it exists.")
+@cli_checks.argument_errors_as_usage
 def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, baselines, n_demos, n_queries, seeds,
-                position, context_budget, no_kendall, threads, per_layer, json_out):
+                position, context_budget, no_kendall, threads, per_layer, json_out, force):
     """Run ZSL, ICL and fine-tuning on a task; print the table (mean ± std over seeds) and write JSON."""
     import pandas as pd
 
@@ -93,6 +95,9 @@ def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, basel
         raise click.BadParameter(str(exc)) from exc
     if threads < 1:
         raise click.BadParameter(f"got {threads}; accepted: an int >= 1", param_hint="--threads")
+    json_file = cli_checks.output_file(json_out, "--json")
+    if json_file is not None and json_file.exists() and not force:
+        raise click.BadParameter(f"{str(json_file)!r} exists; pass --force to overwrite it", param_hint="--json")
     model = models.load(model_name)
     if backend_of(model).tokenizer is None:
         raise click.BadParameter(f"model {model_name!r} has no tokenizer, so built-in tasks cannot be tokenised; "
@@ -105,9 +110,9 @@ def compare_cmd(model_name, task_name, lr, params, loss, readout, methods, basel
         click.echo(res.table().to_string(index=False))
         if per_layer:
             click.echo(res.to_frame("layer").to_string(index=False))
-    if json_out:
-        Path(json_out).write_text(res.to_json())
-        click.echo(f"written {json_out} ({res.settings['seconds']:.1f} s)")
+    if json_file is not None:
+        json_file.write_text(res.to_json())
+        click.echo(f"written {json_file} ({res.settings['seconds']:.1f} s)")
 
 
 @hookimpl
