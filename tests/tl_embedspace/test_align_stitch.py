@@ -10,6 +10,7 @@ import torch
 from tl_embedspace import EmbeddingSpace
 from tl_embedspace.align import align, embedding_correlation, gram_matrices
 from tl_embedspace.stitch import collect_hidden, stitched_forward, translator
+from tl_plugins.backends.bridge import is_bridge
 from tl_plugins.models import tiny
 
 
@@ -34,12 +35,34 @@ def rotate(model, Q):
     return m
 
 
+def rotate_bridge(m, Q):
+    """The same rotation on a TransformerBridge ``m`` (in place), through its Hugging Face Llama's
+    weights ([out, in] layout): what reads the residual stream gets ``weight @ Q``, what writes it
+    ``Q^T @ weight``. The bridge's W_E/W_U/W_Q/... are read off these modules."""
+    hf = m.original_model
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(hf.model.embed_tokens.weight @ Q)
+        hf.lm_head.weight.copy_(hf.lm_head.weight @ Q)
+        for layer in hf.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, mlp.gate_proj, mlp.up_proj):
+                lin.weight.copy_(lin.weight @ Q)
+            for lin in (a.o_proj, mlp.down_proj):
+                lin.weight.copy_(Q.T @ lin.weight)
+                assert lin.bias is None
+            assert torch.all(layer.input_layernorm.weight == 1) and torch.all(layer.post_attention_layernorm.weight == 1)
+        assert torch.all(hf.model.norm.weight == 1)
+    return m
+
+
 @pytest.fixture(scope="module")
 def pair():
     a = tiny.build(tiny.TINY_LLAMA, n_layers=5, seed=7)
     g = torch.Generator().manual_seed(0)
     Q, _ = torch.linalg.qr(torch.randn(a.cfg.d_model, a.cfg.d_model, generator=g, dtype=torch.float64))
     Q = Q.float()
+    if is_bridge(a):  # a second bridge of the same seed, not a deep copy (which shares capture hooks)
+        return a, rotate_bridge(tiny.build(tiny.TINY_LLAMA, n_layers=5, seed=7), Q), Q
     return a, rotate(a, Q), Q
 
 

@@ -11,9 +11,20 @@ import torch
 
 import tl_plugins
 from tl_embedspace import EmbeddingSpace, ProcessedWeightsWarning
+from tl_plugins.backends.bridge import is_bridge
 from tl_plugins.errors import UnsupportedModelError
 from tl_plugins.models import tiny
 from tl_plugins.weights import record_processing
+
+
+def kv_weight(model, layer, letter, h):
+    """W_K or W_V (``letter`` "K"/"V") of query head ``h``, from the model's own un-expanded K/V
+    weights: HookedTransformer's ``_W_K`` (grouped attention) or ``W_K``, a bridge's ``W_K``
+    (kept at the kv-head count)."""
+    attn = model.blocks[layer].attn
+    raw = getattr(attn, f"_W_{letter}") if (not is_bridge(model) and hasattr(attn, f"_W_{letter}")) else \
+        getattr(attn, f"W_{letter}")
+    return raw.detach()[h // (model.cfg.n_heads // raw.shape[0])]
 
 
 def dense_topk(M, k, mode="largest"):
@@ -70,7 +81,7 @@ def test_bases_full_circuit_and_pinv(llama):
     assert sp.read_basis == "full-circuit"
     W_E, W_U = llama.W_E.detach(), llama.W_U.detach()
     l, h = 1, 3
-    OV = W_E @ llama.blocks[l].attn.W_V.detach()[h] @ llama.blocks[l].attn.W_O.detach()[h] @ W_U
+    OV = W_E @ kv_weight(llama, l, "V", h) @ llama.blocks[l].attn.W_O.detach()[h] @ W_U
     assert set(sp.ov(l, h).topk_pairs(15).pairs()) == dense_topk(OV, 15)
     sp2 = EmbeddingSpace(llama, read_basis="pinv", write_basis="pinv")
     torch.testing.assert_close(sp2.R, torch.linalg.pinv(W_U), rtol=1e-3, atol=1e-4)
@@ -128,10 +139,10 @@ def test_gqa_and_gated_mlp(llama):
     sp = EmbeddingSpace(llama)
     W_E, W_U = llama.W_E.detach(), llama.W_U.detach()
     attn = llama.blocks[1].attn
-    group = llama.cfg.n_heads // llama.cfg.n_key_value_heads
+    assert llama.cfg.n_key_value_heads < llama.cfg.n_heads
     for h in range(llama.cfg.n_heads):
-        WV = attn._W_V.detach()[h // group]
-        WK = attn._W_K.detach()[h // group]
+        WV = kv_weight(llama, 1, "V", h)
+        WK = kv_weight(llama, 1, "K", h)
         OV = W_E @ WV @ attn.W_O.detach()[h] @ W_U
         QK = W_E @ attn.W_Q.detach()[h] @ WK.T @ W_E.T
         torch.testing.assert_close(sp.ov(1, h).factored.AB, OV, rtol=1e-4, atol=1e-5)
@@ -149,7 +160,7 @@ def test_gqa_and_gated_mlp(llama):
     # find_heads: OV entry (src, dst) of every head in one product
     s, d = 3, 8
     dense = torch.stack([torch.stack([
-        (W_E @ llama.blocks[l].attn.W_V.detach()[h] @ llama.blocks[l].attn.W_O.detach()[h] @ W_U)[s, d]
+        (W_E @ kv_weight(llama, l, "V", h) @ llama.blocks[l].attn.W_O.detach()[h] @ W_U)[s, d]
         for h in range(4)]) for l in range(2)])
     heads = sp.find_heads(s, d, k=8)
     torch.testing.assert_close(heads.values, dense.flatten().sort(descending=True).values)
@@ -242,8 +253,13 @@ def test_results_frames_and_html(gpt2_tied):
 
 # -- bad input ---------------------------------------------------------------------------------------
 
-def test_bad_input(gpt2_tied, llama):
+def test_bad_input(gpt2_tied, llama, monkeypatch):
     sp = EmbeddingSpace(gpt2_tied)
+    if sp.tokenizer is not None:  # a bridge comes with a (word-level) tokenizer: strings work ...
+        assert sp.find_neurons("w5", k=3).units.tolist() == sp.find_neurons(5, k=3).units.tolist()
+        monkeypatch.setattr(gpt2_tied, "tokenizer", None)  # ... and the refusals below need none
+        sp = EmbeddingSpace(gpt2_tied)
+        assert sp.tokenizer is None
     with pytest.raises(IndexError, match="layer: got 3"):
         sp.ov(3, 0)
     with pytest.raises(IndexError, match="head: got 4"):

@@ -154,13 +154,10 @@ def test_hf_folder_round_trip(tmp_path, smol):
 
 def test_an_import_error_is_reported_with_its_own_message(monkeypatch):
     """A broken transformer-lens install (here: the module cannot be imported at all) surfaces as
-    the ImportError it is, not as a guess that 4.x removed HookedTransformer."""
+    the ImportError it is, not as a guess that 4.x removed HookedTransformer (on 4.x the zoo's
+    "auto" goes to the bridge, whose import fails the same way)."""
     import sys
 
-    from tl_plugins.models import tiny
-
-    if not tiny.hooked_available():
-        pytest.skip("needs transformer-lens 3.x")
     for name in [m for m in sys.modules if m == "transformer_lens" or m.startswith("transformer_lens.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "transformer_lens", None)
@@ -182,3 +179,38 @@ def test_backend_option_of_the_zoo():
     if not tiny.hooked_available():
         with pytest.raises(ImportError, match="no HookedTransformer"):
             tl_plugins.models.load("tiny-llama", backend="hooked")
+
+
+def test_build_translates_config_fields_to_a_bridge_and_refuses_the_rest():
+    """``tiny.build`` on transformer-lens 4.x builds the bridge equivalent to the TL config: the fields
+    with a Hugging Face equivalent are honoured, every other field is refused by name."""
+    from tl_plugins.errors import UnsupportedModelError
+
+    kind, hf = tiny.bridge_fields(tiny.TINY_LLAMA, n_layers=3, n_key_value_heads=1, d_mlp=96, d_vocab=50)
+    assert kind == "llama" and (hf["n_layers"], hf["n_key_value_heads"], hf["d_mlp"], hf["d_vocab"]) == (3, 1, 96, 50)
+    assert tiny.bridge_fields(tiny.TINY_GPT2)[0] == "gpt2"
+    for base, field, value in [(tiny.TINY_GPT2, "attn_only", True),
+                               (tiny.TINY_GPT2, "positional_embedding_type", "alibi"),
+                               (tiny.TINY_GPT2, "act_fn", "solu_ln"),
+                               (tiny.TINY_GPT2, "use_local_attn", True),
+                               (tiny.TINY_GPT2, "d_head", 8),  # GPT-2: d_head * n_heads must be d_model
+                               (tiny.TINY_GPT2, "n_key_value_heads", 2),
+                               (tiny.TINY_LLAMA, "d_head", 32),  # rotary_dim 16 would be partial rotary
+                               (tiny.TINY_LLAMA, "normalization_type", "LN")]:
+        with pytest.raises(UnsupportedModelError, match=rf"^{'rotary_dim' if base is tiny.TINY_LLAMA and field == 'd_head' else field}: got"):
+            tiny.bridge_fields(base, **{field: value})
+    if tiny.hooked_available():
+        return
+    with pytest.raises(UnsupportedModelError, match="^attn_only: got True"):
+        tiny.build(tiny.TINY_GPT2, attn_only=True)
+    model = tiny.build(tiny.TINY_LLAMA, n_layers=3, n_key_value_heads=1, d_mlp=96, d_vocab=50, n_ctx=64, seed=5)
+    assert type(model).__name__ == "TransformerBridge"
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab, cfg.n_ctx) == (
+        3, 4, 1, 16, 96, 50, 64)
+    same = tiny.tiny_bridge("llama", n_layers=3, n_key_value_heads=1, d_mlp=96, d_vocab=50, n_ctx=64, seed=5)
+    assert torch.equal(model.W_Q, same.W_Q)
+    gpt2 = tiny.build(tiny.TINY_GPT2, n_heads=2, d_head=32, act_fn="relu", dtype=torch.float64)
+    assert (gpt2.cfg.n_heads, gpt2.cfg.d_head, gpt2.W_Q.dtype) == (2, 32, torch.float64)
+    assert gpt2.original_model.config.activation_function == "relu"
+    assert not tl_plugins.weights(gpt2).tied  # like HookedTransformer's init, unlike GPT2LMHeadModel's

@@ -74,7 +74,10 @@ def test_perplexity_sweep_leaves_model_untouched_and_dense_k_is_exact():
 
 
 def test_ff_rule_magnitude_keeps_largest_outputs(llama):
-    tokens = torch.randint(0, 90, (1, 12))
+    # seeded, and no special ids 0-3: a bridge's (Hugging Face) embedding row of the pad id 3 is zero, so
+    # with it first the layer-0 MLP input is zero there, every unit ties at 0 and "the 5 largest" is
+    # undefined (unseeded, that made this test fail about once in a hundred runs on transformer-lens 4.x)
+    tokens = torch.randint(4, 90, (1, 12), generator=torch.Generator().manual_seed(0))
     with tl_plugins.enabled(llama, "topk", ff_k=5, ff_rule="magnitude"):
         _, cache = llama.run_with_cache(tokens, names_filter=lambda n: "blocks.0.mlp" in n)
     pre = cache["blocks.0.mlp.hook_pre"]

@@ -8,8 +8,33 @@ import pytest
 import torch
 
 import tl_plugins
+from tl_plugins.backends.bridge import attention_family, is_bridge
 from tl_plugins.models import tiny
 from tl_topk.ops.dense import dense_topk_attention
+
+
+def _seam_methods(model):
+    """The methods the attention seam overrides per instance on every attention module."""
+    if is_bridge(model):
+        family, _ = attention_family(model.blocks[0].attn)
+        return (family.catch, "_update_kv_cache")  # catch point, throw point
+    return ("forward",)
+
+
+def _act_fn(model, layer):
+    """The MLP activation of ``layer`` as the model applies it to hook_pre (a bridge's is its Hugging
+    Face module's: ``act_fn`` for Llama, ``act`` for GPT-2)."""
+    mlp = model.blocks[layer].mlp
+    if not is_bridge(model):
+        return mlp.act_fn
+    hf = mlp.original_component
+    return getattr(hf, "act_fn", None) or hf.act
+
+
+def _attn_scale(model, layer):
+    """The factor the model multiplies q.k by."""
+    attn = model.blocks[layer].attn
+    return attn.original_component.scaling if is_bridge(model) else attn.attn_scale ** -1
 
 
 def test_k_covering_all_keys_is_bit_exact(model, tokens):
@@ -83,6 +108,8 @@ def test_ff_topk_equals_plain_transformerlens_hooks(model, tokens):
     assert (out - model(tokens)).abs().max() > 1e-3
 
 
+@pytest.mark.hooked(reason="local attention through HookedTransformerConfig(use_local_attn=True, attn_types=...); "
+                           "the bridge version is test_local_attention_layers_of_a_bridge_take_the_fast_route_and_match_oracles")
 def test_local_attention_layers_take_the_fast_route_and_match_oracles(tokens):
     """A GPT-Neo-like model (global, then local attention with a window of 5): the chunked route
     equals the hooked route and a plain hook on hook_attn_scores (which already carries the window)."""
@@ -105,6 +132,32 @@ def test_local_attention_layers_take_the_fast_route_and_match_oracles(tokens):
     assert int((cache["pattern", 1] > 0).sum(-1).max()) <= 3
     assert (window_covered - ref).abs().max() > 1e-4  # 5 keys in the window, 4 kept: it changes
     with tl_plugins.enabled(model, "topk", k=5, layers=[1], backend="chunked"):
+        torch.testing.assert_close(model(tokens), ref, atol=1e-5, rtol=0)  # k = window: dense again
+
+
+def test_local_attention_layers_of_a_bridge_take_the_fast_route_and_match_oracles(tokens):
+    """The same on a bridge: Gemma 2 (layer 0 sliding window of 4, layer 1 global; attention soft-cap)."""
+    pytest.importorskip("transformer_lens.model_bridge")
+    model = tiny.tiny_bridge("gemma2", seed=3)
+    assert model.original_model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert model.original_model.config.sliding_window == 4
+    ref = model(tokens)
+
+    def keep_top3(scores, hook):
+        return scores.masked_fill(scores < scores.topk(3, dim=-1).values[..., -1:], float("-inf"))
+
+    with torch.no_grad():
+        oracle = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_attn_scores"), keep_top3)])
+        with tl_plugins.enabled(model, "topk", k=3, backend="chunked"):
+            fast = model(tokens)
+            hooked, cache = model.run_with_cache(tokens)
+        with tl_plugins.enabled(model, "topk", k=3, layers=[0], backend="chunked"):
+            window_covered = model(tokens)  # k = 3 < n, but the window keeps at most 4 keys per row
+    torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast, oracle, atol=1e-5, rtol=0)
+    assert int((cache["pattern", 0] > 0).sum(-1).max()) <= 3
+    assert (window_covered - ref).abs().max() > 1e-4  # 4 keys in the window, 3 kept: it changes
+    with tl_plugins.enabled(model, "topk", k=4, layers=[0], backend="chunked"):
         torch.testing.assert_close(model(tokens), ref, atol=1e-5, rtol=0)  # k = window: dense again
 
 
@@ -134,7 +187,7 @@ def test_model_attention_matches_functional_oracle(llama, tokens):
     with tl_plugins.enabled(llama, "topk", k=4):
         _, cache = llama.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn.hook_"))
     q, k, v = cache["blocks.0.attn.hook_rot_q"], cache["blocks.0.attn.hook_rot_k"], cache["blocks.0.attn.hook_v"]
-    z = dense_topk_attention(q, k, v, (4,) * 4, causal=True, scale=llama.blocks[0].attn.attn_scale ** -1)
+    z = dense_topk_attention(q, k, v, (4,) * 4, causal=True, scale=_attn_scale(llama, 0))
     torch.testing.assert_close(cache["blocks.0.attn.hook_z"], z, atol=1e-5, rtol=0)
 
 
@@ -181,19 +234,29 @@ def test_disable_restores_bit_exactly(model, tokens):
     assert torch.equal(model(tokens), ref)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "_tl_plugins_state" not in model.__dict__
-    assert all("forward" not in b.attn.__dict__ for b in model.blocks)
+    assert all(m not in b.attn.__dict__ for b in model.blocks for m in _seam_methods(model))
 
 
 def test_kv_cache_decode_equals_full_forward(llama, tokens):
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     ones = lambda n: torch.ones(tokens.shape[0], n, dtype=torch.long)  # noqa: E731
     with tl_plugins.enabled(llama, "topk", k=3, backend="chunked"):
         full = llama(tokens, attention_mask=ones(tokens.shape[1]))
-        cache = TransformerLensKeyValueCache.init_cache(llama.cfg, llama.cfg.device, tokens.shape[0])
-        outs = [llama(tokens[:, :10], past_kv_cache=cache, attention_mask=ones(10))]
-        for i in range(10, tokens.shape[1]):
-            outs.append(llama(tokens[:, i:i + 1], past_kv_cache=cache, attention_mask=ones(1)))
+        if is_bridge(llama):
+            # the bridge hands Hugging Face its own cache; the mask spans the cached prefix too
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            outs = [llama(tokens[:, :10], past_key_values=cache, attention_mask=ones(10))]
+            for i in range(10, tokens.shape[1]):
+                outs.append(llama(tokens[:, i:i + 1], past_key_values=cache, attention_mask=ones(i + 1)))
+            assert cache.get_seq_length() == tokens.shape[1]
+        else:
+            from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+            cache = TransformerLensKeyValueCache.init_cache(llama.cfg, llama.cfg.device, tokens.shape[0])
+            outs = [llama(tokens[:, :10], past_kv_cache=cache, attention_mask=ones(10))]
+            for i in range(10, tokens.shape[1]):
+                outs.append(llama(tokens[:, i:i + 1], past_kv_cache=cache, attention_mask=ones(1)))
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
 
 
@@ -257,7 +320,7 @@ def test_ff_topk_identity_at_d_mlp_and_sparsity_below(model, tokens):
     act = (post / cache["blocks.0.mlp.hook_pre_linear"]) if gated else post
     assert ((post != 0).sum(-1) <= 7).all()
     kept = pre.topk(7, dim=-1).indices
-    expect = model.blocks[0].mlp.act_fn(pre).gather(-1, kept)
+    expect = _act_fn(model, 0)(pre).gather(-1, kept)
     torch.testing.assert_close(act.gather(-1, kept), expect, atol=1e-4, rtol=1e-4)
 
 
@@ -334,6 +397,9 @@ def test_bad_options_leave_model_untouched(gpt2, tokens, options, exc, match):
     assert torch.equal(gpt2(tokens), ref)
 
 
+@pytest.mark.hooked(reason="ALiBi and SoLU exist only as HookedTransformerConfig options (tiny.build refuses them "
+                           "on 4.x: tests/tl_plugins/test_models.py); a bridge's unsupported attention is refused in "
+                           "tests/tl_topk/test_bridge.py::test_unsupported_attention_is_refused_naming_class_and_plugin")
 def test_unsupported_models_refused():
     alibi = tiny.build(tiny.TINY_GPT2, positional_embedding_type="alibi")
     with pytest.raises(tl_plugins.UnsupportedModelError, match="alibi"):

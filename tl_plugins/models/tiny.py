@@ -8,6 +8,8 @@ tokenizer); ``backend="bridge"`` builds the equivalent Hugging Face model (rando
 word-level tokenizer ("w4 w5 ...", ids 0-3 special) and boots a TransformerBridge on it, offline;
 ``"auto"`` is hooked where HookedTransformer exists (transformer-lens 3.x), bridge on 4.x.
 :func:`hf_pair` gives a HookedTransformer and a bridge on the *same* weights, for parity checks.
+:func:`build` on a transformer-lens without HookedTransformer builds the equivalent bridge for the
+config fields that have a Hugging Face equivalent and refuses the others naming the field.
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ TINY_LLAMA = dict(
 
 def build(base: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
           **overrides: Any):
-    """Build a random HookedTransformer from ``base`` config fields updated with ``overrides``."""
+    """Build a random HookedTransformer from ``base`` config fields updated with ``overrides``.
+
+    On a transformer-lens without HookedTransformer (4.x) this builds the equivalent
+    TransformerBridge instead (random Hugging Face init, see :func:`bridge_fields`): the fields with a
+    Hugging Face equivalent are translated, any other field raises ``UnsupportedModelError`` naming it.
+    """
+    if not hooked_available():
+        kind, hf_overrides = bridge_fields(base, **overrides)
+        return tiny_bridge(kind, seed=seed, dtype=dtype, device=device, **hf_overrides)
     HookedTransformer, HookedTransformerConfig = _hooked_transformer()
     fields = {**base, **overrides}
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -56,6 +66,72 @@ def build(base: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32, devi
     record_processing(model, fold_ln=False, center_writing_weights=False, center_unembed=False,
                       fold_value_biases=False)
     return model
+
+
+#: TransformerLens config fields that :func:`build` translates to a Hugging Face config.
+HF_EQUIVALENT_FIELDS = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp",
+                        "d_vocab", "n_ctx", "act_fn")
+_KINDS_BY_ARCH = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+# TL act_fn names that mean the same function in transformers' ACT2FN
+_HF_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
+
+
+def bridge_fields(base: dict, **overrides: Any) -> tuple[str, dict[str, Any]]:
+    """(kind, overrides for :func:`hf_model`) of the bridge equivalent to ``build(base, **overrides)``.
+
+    ``base`` must be :data:`TINY_GPT2` or :data:`TINY_LLAMA` (or agree with one on every field that is
+    not in :data:`HF_EQUIVALENT_FIELDS`); those fields may be changed, ``rotary_base`` too for Llama.
+    Anything else (``attn_only``, ALiBi or other positions, SoLU, local attention, ...) has no
+    Hugging Face equivalent here and raises ``UnsupportedModelError`` naming the field.
+    """
+    from tl_plugins.errors import UnsupportedModelError
+
+    arch = base.get("original_architecture", overrides.get("original_architecture"))
+    kind = _KINDS_BY_ARCH.get(arch)
+    if kind is None:
+        raise UnsupportedModelError(
+            f"original_architecture: got {arch!r}; a tiny bridge is built for "
+            f"{', '.join(sorted(_KINDS_BY_ARCH))} (use tiny_bridge(kind) for gemma2, gemma3, qwen2)")
+    canonical = TINY_GPT2 if kind == "gpt2" else TINY_LLAMA
+    fields = {**base, **overrides}
+    translatable = set(HF_EQUIVALENT_FIELDS) | ({"rotary_base", "rotary_dim"} if kind == "llama" else set())
+
+    def refuse(key: str, why: str) -> None:
+        raise UnsupportedModelError(
+            f"{key}: got {fields[key]!r}; {why} (transformer-lens {_tl_version()} has no HookedTransformer, "
+            f"so tiny.build makes the equivalent TransformerBridge, which translates only "
+            f"{', '.join(sorted(translatable))})")
+
+    for key in fields:
+        if key in translatable:
+            continue
+        if key in canonical and fields[key] == canonical[key]:
+            continue  # a fact of the architecture the Hugging Face model has anyway
+        refuse(key, "this config field has no Hugging Face equivalent for a tiny "
+                    f"{'GPT-2' if kind == 'gpt2' else 'Llama'} bridge")
+    act = fields.get("act_fn")
+    if act not in _HF_ACTS:
+        refuse("act_fn", f"accepted for a bridge: {', '.join(_HF_ACTS)}")
+    if kind == "gpt2":
+        kv = fields.get("n_key_value_heads")
+        if kv is not None and kv != fields["n_heads"]:
+            refuse("n_key_value_heads", "GPT-2 has no grouped K/V heads (accepted: None or n_heads)")
+        if fields["d_head"] * fields["n_heads"] != fields["d_model"]:
+            refuse("d_head", f"GPT-2 needs d_head * n_heads == d_model ({fields['d_model']})")
+        out = {k: fields[k] for k in HF_EQUIVALENT_FIELDS if k in fields and k != "n_key_value_heads"}
+        # HookedTransformer's random init has its own W_U; GPT2LMHeadModel would tie it to W_E
+        out["tie_word_embeddings"] = False
+        return kind, out
+    if fields.get("rotary_dim", fields["d_head"]) != fields["d_head"]:
+        refuse("rotary_dim", f"Hugging Face Llama rotates the whole head (d_head {fields['d_head']}); "
+                             "pass rotary_dim equal to d_head")
+    return kind, {k: fields[k] for k in (*HF_EQUIVALENT_FIELDS, "rotary_base") if k in fields}
+
+
+def _tl_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("transformer-lens")
 
 
 def tiny_gpt2(*, backend: str = "auto", **options: Any):
@@ -116,7 +192,7 @@ def hf_model(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **
                           num_hidden_layers=b["n_layers"], num_attention_heads=b["n_heads"],
                           num_key_value_heads=b.get("n_key_value_heads") or b["n_heads"],
                           head_dim=b["d_head"], max_position_embeddings=b["n_ctx"], rms_norm_eps=1e-5,
-                          rope_theta=float(b["rotary_base"]), tie_word_embeddings=False,
+                          rope_theta=float(b["rotary_base"]), hidden_act=b["act_fn"], tie_word_embeddings=False,
                           bos_token_id=1, eos_token_id=2, pad_token_id=3)
         cls = LlamaForCausalLM
     elif kind == "gpt2":
@@ -124,6 +200,7 @@ def hf_model(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **
         cfg = GPT2Config(vocab_size=b["d_vocab"], n_embd=b["d_model"], n_layer=b["n_layers"],
                          n_head=b["n_heads"], n_inner=b["d_mlp"], n_positions=b["n_ctx"],
                          activation_function=b["act_fn"], layer_norm_epsilon=1e-5,
+                         tie_word_embeddings=bool(b.get("tie_word_embeddings", True)),
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
         cls = GPT2LMHeadModel
     elif kind in _OTHER_KINDS:
@@ -212,8 +289,12 @@ def tiny_bridge(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
     from tl_plugins.models.local import hf_to_bridge
 
     hf = hf_model(kind, seed=seed, dtype=dtype, **overrides)
-    bridge = hf_to_bridge(hf, word_tokenizer(hf.config.vocab_size), processed=compatibility_mode,
-                          device=device)
+    tok = word_tokenizer(hf.config.vocab_size)
+    # booting splits GPT-2's fused QKV into freshly built nn.Linear modules, whose default
+    # initialisation draws from the global RNG: keep it inside a seeded fork
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bridge = hf_to_bridge(hf, tok, processed=compatibility_mode, device=device)
     if kind == "llama":
         bridge.cfg.default_prepend_bos = False  # as the hooked tiny-llama
     return bridge
@@ -227,8 +308,10 @@ def hf_pair(kind: str, *, seed: int = 0, **overrides: Any):
 
     hf = hf_model(kind, seed=seed, **overrides)
     tok = word_tokenizer(hf.config.vocab_size)
-    hooked = hf_to_hooked(hf, tok)
-    bridge = hf_to_bridge(copy.deepcopy(hf), tok)
+    with torch.random.fork_rng(devices=[]):  # as in tiny_bridge: booting may draw from the RNG
+        torch.manual_seed(seed)
+        hooked = hf_to_hooked(hf, tok)
+        bridge = hf_to_bridge(copy.deepcopy(hf), tok)
     if kind == "llama":
         bridge.cfg.default_prepend_bos = False
     return hooked, bridge
