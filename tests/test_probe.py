@@ -179,6 +179,12 @@ for bad in (0, -2, 1.5, True):
                       "k:"))
 CASES += [
     Case("topk_pairs(mode)", lambda c: c.space.ov(0, 0).topk_pairs(3, "x"), (ValueError,), "mode:"),
+    Case("topk_pairs(exclude_diagonal='yes')", lambda c: c.space.ov(0, 0).topk_pairs(3, exclude_diagonal="yes"),
+         (TypeError,), "exclude_diagonal:"),
+    Case("topk_per_row(exclude_diagonal=1)", lambda c: c.space.ov(0, 0).topk_per_row(3, exclude_diagonal=1),
+         (TypeError,), "exclude_diagonal:"),
+    Case("sweep(heads='no')", lambda c: __import__("tl_embedspace.sweep", fromlist=["sweep"]).sweep(
+        c.space, "out", heads="no", progress=False), (TypeError,), "heads:"),
     Case("topk_pairs(k > vocab^2)", lambda c: c.space.ov(0, 0).topk_pairs(10**6),
          check=lambda c, r: len(r.values) == c.space.d_vocab ** 2 or pytest.fail(str(len(r.values)))),
     Case("find_neurons(kind)", lambda c: c.space.find_neurons(5, kind="x"), (ValueError, TLPluginsError), "kind:"),

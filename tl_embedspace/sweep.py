@@ -156,6 +156,8 @@ def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, 
         raise ValueError(f"fmt: got {fmt!r}; accepted: {', '.join(FORMATS)}")
     _topk._check_k(k)
     _topk._check_k(k_neurons)
+    for arg, value in (("heads", heads), ("neurons", neurons), ("progress", progress)):
+        _topk.check_flag(value, arg)
     items = sweep_items(space, layers=layers, heads=heads, neurons=neurons)  # validates layers first
     if not items:
         raise ValueError("heads, neurons: nothing to sweep (heads=False and the model has no MLPs, or "

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
+import numpy as np
 import torch
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
@@ -181,9 +182,17 @@ class _small_ops:
         torch.set_num_threads(self._n)
 
 
-def _prepare(A, B, k, mode, rows, cols, budget_bytes):
+def check_flag(value, arg: str) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``arg`` ("yes", 1, None are not flags)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{arg}: got {value!r}; accepted: True or False")
+    return bool(value)
+
+
+def _prepare(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal=False):
     """Validate the arguments shared by the top-k scans; return the factors sliced to the selected
     rows/columns and the selected ids ``(A[rows], B[:, cols], row_ids, col_ids)`` (all ids if None)."""
+    check_flag(exclude_diagonal, "exclude_diagonal")
     _check_mode(mode)
     _check_k(k)
     _check_factors(A, B)
@@ -222,7 +231,7 @@ def topk_product(
     (row id, column id) ascending.
     """
     A_in, B_in = A, B
-    A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes)
+    A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal)
     r, m = A.shape[1], B_in.shape[1]
     if balance and min(A.shape[0], B.shape[1]) > r:
         A, B = balance_factors(A, B)
@@ -384,7 +393,7 @@ def topk_per_row(
     When k' exceeds a row's candidates (the excluded diagonal), the padding entries come last with
     value -inf (+inf in ``mode="smallest"``).
     """
-    A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes)
+    A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal)
     n = A.shape[0]
     kk = min(k, col_ids.numel())
     chunk = chunk_rows_for(col_ids.numel(), A.element_size(), budget_bytes)
