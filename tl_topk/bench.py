@@ -104,6 +104,11 @@ def peak_extra(fn: Callable, q, k, v, device: str) -> int:
     run = _fwd_bwd(fn, q, k, v)
     if device.startswith("cuda"):
         return peak_cuda_extra(run, device)
+    return peak_cpu_extra(run)
+
+
+def peak_cpu_extra(run: Callable[[], None]) -> int:
+    """Peak resident-set growth of ``run()``: the kernel's high-water mark, else a sampler."""
     gc.collect()
     exact = _kernel_peak_rss(run)
     if exact is not None:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from tl_plugins.bench import BenchResult, PeakRSS, device_description
+from tl_plugins.bench import BenchResult, device_description
 
 K_TOP = 32
 
@@ -70,21 +70,9 @@ def _loss_run(model: Any, tokens: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _peak(run: Callable[[], None]) -> int:
-    from tl_topk.bench import _kernel_peak_rss
-
-    gc.collect()
-    exact = _kernel_peak_rss(run)
-    if exact is not None:
-        return exact
-    with PeakRSS(interval=0.001) as rss:
-        run()
-    return rss.peak_extra
-
-
 def _memory_in_fresh_process(ns: list[int]) -> list[dict]:
     import tl_plugins
-    from tl_topk.bench import _fixed_mmap_threshold
+    from tl_topk.bench import _fixed_mmap_threshold, peak_cpu_extra
 
     _fixed_mmap_threshold()
     bridge, _ = _models(max(ns), with_hooked=False)
@@ -95,9 +83,9 @@ def _memory_in_fresh_process(ns: list[int]) -> list[dict]:
         _loss_run(bridge, warm)()
     for n in ns:
         tokens = torch.randint(4, 2048, (1, n), generator=torch.Generator().manual_seed(n))
-        dense = _peak(_loss_run(bridge, tokens))
+        dense = peak_cpu_extra(_loss_run(bridge, tokens))
         with tl_plugins.enabled(bridge, "topk", k=K_TOP, backend="chunked"):
-            top = _peak(_loss_run(bridge, tokens))
+            top = peak_cpu_extra(_loss_run(bridge, tokens))
         rows.append(dict(part="bridge memory", n=n, k=K_TOP, method="bridge topk-chunked",
                          extra_MiB=top / 2**20, baseline="bridge eager (no plugin)",
                          baseline_MiB=dense / 2**20, ratio_to_baseline=top / dense if dense else float("nan")))
