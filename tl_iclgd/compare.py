@@ -258,7 +258,8 @@ def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDCo
             n_queries: Optional[int] = 50, seeds: Sequence[int] = (0,), position: str = "prompt_end",
             prepend_bos: Optional[bool] = None, context_budget: Optional[int] = None,
             single_token_labels: bool = True, batch_size: int = 64, kendall: bool = True,
-            progress: bool = False, num_threads: Optional[int] = None) -> Comparison:
+            progress: bool = False, num_threads: Optional[int] = None,
+            lrs: Optional[dict] = None) -> Comparison:
     """Run ZSL, ICL and FT (each method) on ``task`` and compute every metric (see the module doc).
 
     gd: the shared fine-tuning settings; ``methods`` picks vanilla GD ("gd") and/or layer-causal GD
@@ -268,6 +269,8 @@ def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDCo
     on all of them; the counts are reported as n_demos_icl / n_demos_gd. gd=None takes the settings
     given to ``tl_plugins.enable(model, "iclgd", ...)`` if any, else ``GDConfig()``.
     num_threads: torch threads for the run (restored after); 1 is much faster on an oversubscribed CPU.
+    lrs: per-method learning rates overriding ``gd.lr`` (e.g. ``{"gd": 1e-3, "lcgd": 3e-4}`` from
+    :func:`tl_iclgd.lr_select.select_lr`); baselines use the same rate as the model for each method.
     """
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                     or num_threads < 1):
@@ -276,13 +279,14 @@ def compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDCo
         return _compare(model, task, gd, methods=methods, baselines=baselines, n_demos=n_demos,
                         n_queries=n_queries, seeds=seeds, position=position, prepend_bos=prepend_bos,
                         context_budget=context_budget, single_token_labels=single_token_labels,
-                        batch_size=batch_size, kendall=kendall, progress=progress)
+                        batch_size=batch_size, kendall=kendall, progress=progress, lrs=lrs)
 
 
 def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDConfig], *,
              methods: Sequence[str], baselines: Sequence[str], n_demos: Optional[int], n_queries: Optional[int],
              seeds: Sequence[int], position: str, prepend_bos: Optional[bool], context_budget: Optional[int],
-             single_token_labels: bool, batch_size: int, kendall: bool, progress: bool) -> Comparison:
+             single_token_labels: bool, batch_size: int, kendall: bool, progress: bool,
+             lrs: Optional[dict] = None) -> Comparison:
     """:func:`compare` with the torch thread count already set."""
     from dataclasses import replace
 
@@ -305,7 +309,10 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
     check_unprocessed(model, gd.allow_processed)
     if prepend_bos is None:
         prepend_bos = _default_prepend_bos(model, task)
-    configs = [replace(gd, layer_causal=(m == "lcgd")) for m in methods]
+    lrs = dict(lrs or {})
+    if any(m not in methods for m in lrs):
+        raise ValueError(f"lrs: got keys {sorted(lrs)}; accepted: methods of this run {methods}")
+    configs = [replace(gd, layer_causal=(m == "lcgd"), lr=lrs.get(m, gd.lr)) for m in methods]
     layer_rows: list = []
     run_rows: list = []
     t0 = time.perf_counter()
@@ -326,7 +333,8 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
             gc.collect()  # free the baseline model before the next one is built (peak memory)
     settings = {"task": _task_name(task),
                 "n_demos": n_demos, "n_queries": n_queries, "seeds": list(seeds), "position": position,
-                "methods": list(methods), "baselines": list(baselines), "lr": gd.lr, "params": gd.params,
+                "methods": list(methods), "baselines": list(baselines),
+                "lr": gd.lr if not lrs else {c.method: c.lr for c in configs}, "params": gd.params,
                 "loss": gd.loss, "order": gd.order, "readout": gd.readout, "epochs": gd.epochs,
                 "prepend_bos": prepend_bos, "context_budget": context_budget,
                 "n_layers": backend_of(model).n_layers, "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 2)}
