@@ -62,7 +62,7 @@ def test_never_reads_the_queries(llama3):
     # queries made of ids outside the vocabulary: any forward over them would raise
     poisoned = parity_task(query_token=10**6)
     clean = parity_task()
-    with pytest.raises(Exception):
+    with pytest.raises(IndexError):
         capture(llama3, (), [poisoned.query_tokens(0)])
     a = select_lr(llama3, poisoned, GRID[:2], n_demos=8, n_heldout=8)
     b = select_lr(llama3, clean, GRID[:2], n_demos=8, n_heldout=8)
