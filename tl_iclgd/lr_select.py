@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +91,14 @@ def split_demo_pool(n_pool: int, n_demos: int, n_heldout: int, seed: int) -> tup
 
 def select_lr(model: Any, task: Union[str, Task, TokenizedTask], grid: Sequence[float] = DEFAULT_GRID, *,
               method: str = "gd", gd: Optional[GDConfig] = None, n_demos: int = 32, n_heldout: int = 32,
-              seed: int = 0, prepend_bos: Optional[bool] = None, batch_size: int = 64) -> LRSelection:
+              seed: int = 0, prepend_bos: Optional[bool] = None, batch_size: int = 64,
+              log: Optional[Callable[[dict], Any]] = None) -> LRSelection:
     """Fine-tune on ``n_demos`` demonstrations at every rate of ``grid``; pick the best on ``n_heldout``
     other demonstrations of the same pool (see the module doc). Only ``task.demos`` is read.
 
     method: "gd" or "lcgd" (sets ``layer_causal``). gd: the other fine-tuning settings (its lr is
-    ignored); default ``GDConfig()``. Returns an :class:`LRSelection`.
+    ignored); default ``GDConfig()``. log: called with each row as it is computed (progress).
+    Returns an :class:`LRSelection`.
     """
     if method not in ("gd", "lcgd"):
         raise ValueError(f"method: got {method!r}; accepted: 'gd', 'lcgd'")
@@ -134,17 +136,19 @@ def select_lr(model: Any, task: Union[str, Task, TokenizedTask], grid: Sequence[
     rows = []
     for lr in grid:
         cfg = replace(gd, lr=float(lr), layer_causal=(method == "lcgd"))
+        row = {"lr": float(lr), "heldout_acc": math.nan, "heldout_loss": math.nan, "diverged": True}
         try:
             ft = _finetune(model, ttask, cfg, record_inputs=False)
         except FloatingPointError:
-            rows.append({"lr": float(lr), "heldout_acc": math.nan, "heldout_loss": math.nan, "diverged": True})
-            continue
-        cap = capture(model, bos, queries, params=ft.params, predict_offset=off, batch_size=batch_size)
-        acc, loss = _label_scores(cap, gold, ttask.label_ids)
-        if not math.isfinite(loss):
-            rows.append({"lr": float(lr), "heldout_acc": math.nan, "heldout_loss": math.nan, "diverged": True})
-            continue
-        rows.append({"lr": float(lr), "heldout_acc": acc, "heldout_loss": loss, "diverged": False})
+            ft = None
+        if ft is not None:
+            cap = capture(model, bos, queries, params=ft.params, predict_offset=off, batch_size=batch_size)
+            acc, loss = _label_scores(cap, gold, ttask.label_ids)
+            if math.isfinite(loss):
+                row = {"lr": float(lr), "heldout_acc": acc, "heldout_loss": loss, "diverged": False}
+        rows.append(row)
+        if log is not None:
+            log(dict(row))
     ok = [r for r in rows if not r["diverged"]]
     if not ok:
         raise FloatingPointError(f"grid: every learning rate in {list(grid)} diverged; accepted: smaller rates")

@@ -8,7 +8,9 @@ exactly the tokens of the zero-shot run, whatever the tokenizer would do to a jo
 Users with no tokenizer (tiny random models) build a :class:`TokenizedTask` from ids directly.
 
 Built-in tasks (single-token labels on SmolLM2's tokenizer): ``antonyms``, ``country_capital``,
-``past_tense``, ``plural`` and ``sentiment``. See :data:`BUILTIN_TASKS`.
+``past_tense``, ``plural`` and ``sentiment``; ``reviews`` (320 balanced review sentences from
+:mod:`tl_iclgd.data.reviews`, single-token labels on Gemma 3's and SmolLM2's tokenizers). See
+:data:`BUILTIN_TASKS`.
 """
 
 from __future__ import annotations
@@ -396,12 +398,42 @@ def sentiment() -> Task:
     return _split("sentiment", pairs, labels=("positive", "negative"))
 
 
+REVIEWS_TEMPLATE = "{input} -> {label}\n"  # no "Sentiment:" cue: Gemma 3 got 0.98 zero-shot with one
+REVIEWS_DEMO_POOL = 60  # per class; the other 100 per class form the query pool
+
+
+def reviews() -> Task:
+    """Short review -> " positive" / " negative" (closed label set); 320 sentences, balanced.
+
+    The sentences are written in :mod:`tl_iclgd.data.reviews` (48 handwritten and 112 compositional
+    per class). Split per class with a fixed seed: 60 + 60 demonstrations, 100 + 100 queries, so both
+    pools are balanced. Template ``"{input} -> {label}\n"``: on Gemma 3's tokenizer a
+    demonstration is at most 14 tokens, so 32 of them and a query stay under its 512-token window.
+    """
+    from tl_iclgd.data.reviews import sentences
+
+    pos, neg = sentences()
+    rng = random.Random(4321)
+    demos: list[tuple[str, str]] = []
+    queries: list[tuple[str, str]] = []
+    for label, pool in (("positive", pos), ("negative", neg)):
+        pool = list(pool)
+        rng.shuffle(pool)
+        demos += [(s, label) for s in pool[:REVIEWS_DEMO_POOL]]
+        queries += [(s, label) for s in pool[REVIEWS_DEMO_POOL:]]
+    rng.shuffle(demos)
+    rng.shuffle(queries)
+    return Task(demos=demos, queries=queries, template=REVIEWS_TEMPLATE, labels=("positive", "negative"),
+                name="reviews")
+
+
 BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
     "antonyms": antonyms,
     "country_capital": country_capital,
     "past_tense": past_tense,
     "plural": plural,
     "sentiment": sentiment,
+    "reviews": reviews,
 }
 
 
@@ -413,4 +445,4 @@ def get_task(name: str) -> Task:
 
 
 __all__ = ["Task", "Example", "TokenizedTask", "tokenize_task", "POSITIONS", "BUILTIN_TASKS", "get_task",
-           "antonyms", "country_capital", "past_tense", "plural", "sentiment"]
+           "antonyms", "country_capital", "past_tense", "plural", "sentiment", "reviews"]
