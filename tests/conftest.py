@@ -12,6 +12,7 @@ marked: they run on TransformerBridges there.
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,3 +38,23 @@ def pytest_collection_modifyitems(config, items):
         why = mark.kwargs.get("reason") or (mark.args[0] if mark.args else "")
         item.add_marker(pytest.mark.skip(
             reason=f"needs HookedTransformer (transformer-lens {version} has none)" + (f": {why}" if why else "")))
+
+
+def _torchrun(nproc, args, env=None, timeout=900):
+    """``tl-plugins ARGS`` under ``torchrun --standalone --nproc-per-node NPROC`` (gloo on the CPU,
+    one torch thread per rank, as torchrun sets it), through tests/dist_driver.py; a CompletedProcess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    driver = Path(__file__).with_name("dist_driver.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(driver), *[str(a) for a in args]]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def torchrun():
+    """Run ``tl-plugins ARGS`` as NPROC torchrun ranks: ``torchrun(2, ["embedspace", ...], env={...})``."""
+    return _torchrun

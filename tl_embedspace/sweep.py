@@ -9,6 +9,13 @@ file's contents (bases, layer-norm mode, filters, k, k_neurons, format, the mode
 checksum of its weights); a folder holding another sweep's settings, or result files without
 settings, is refused before anything is computed. Every file a resumed run would skip is read back
 and checked (readable, expected columns and rows); a truncated or damaged one is recomputed.
+
+Under ``torchrun`` (see :mod:`tl_plugins.distributed` and docs/scale.md) each rank sweeps a contiguous
+share of the items, balanced by :func:`item_cost`, and writes their files; the item files are the
+shards (one file per unit, so a killed rank's rerun skips what it finished). Ranks must agree on the
+settings and items; rank 0 writes ``settings.json`` before any item and ``summary.json`` (with
+``world_size``) after every rank has finished, so the folder holds the same files as a one-process
+sweep's.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 
 from tl_embedspace import topk as _topk
 from tl_embedspace.projections import visible
+from tl_plugins import distributed
 
 FORMATS = ("parquet", "json")
 
@@ -55,6 +63,15 @@ def item_path(out: Path, item: tuple, fmt: str) -> Path:
     kind, l, h = item
     return out / ("heads" if h is not None else "neurons") / (
         f"{kind}_L{l}H{h}.{fmt}" if h is not None else f"{kind}_L{l}.{fmt}")
+
+
+def item_cost(space: Any, item: tuple) -> float:
+    """Relative cost of an item, for balancing ranks: a head circuit's exact top-k is about
+    d_vocab**2 * d_head multiply-adds, a layer of neuron values d_mlp * d_model * d_vocab."""
+    w = space.w
+    if item[2] is not None:
+        return float(space.d_vocab) ** 2 * w.d_head
+    return float(w.d_mlp) * w.d_model * space.d_vocab
 
 
 def layer_circuits(space: Any, layer: int, kind: str) -> list:
@@ -142,14 +159,15 @@ def _intact(path: Path, fmt: str, expected_rows: Optional[int], columns: set) ->
 
 def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, fmt: str = "parquet",
           layers: Sequence[int] | None = None, heads: bool = True, neurons: bool = True,
-          progress: bool = True) -> dict:
+          progress: bool = True, ctx: Optional[distributed.Context] = None) -> Optional[dict]:
     """Write the ranking files and ``summary.json``; return the summary (items done, skipped, seconds).
 
     Heads: exact top-``k`` (largest) token pairs of each OV and QK circuit. Neurons: the top
     ``k_neurons`` value tokens of every neuron of each layer. ``out_dir`` may start with ``~``.
-    Resuming checks settings and files (see the module docstring).
+    Resuming checks settings and files (see the module docstring). ctx: the ranks to share the work
+    with (default: :func:`tl_plugins.distributed.current`, one process unless a process group is
+    initialised); the summary is returned on rank 0, None on the other ranks.
     """
-    import pandas as pd
     from tqdm.auto import tqdm
 
     if fmt not in FORMATS:
@@ -166,52 +184,75 @@ def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, 
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir: {str(out)!r} exists and is not a folder")
     settings = sweep_settings(space, k=k, k_neurons=k_neurons, fmt=fmt)
-    _check_folder(out, settings)
-    (out / "heads").mkdir(parents=True, exist_ok=True)
-    (out / "neurons").mkdir(parents=True, exist_ok=True)
-    if not (out / SETTINGS).exists():
-        (out / SETTINGS).write_text(json.dumps(settings, indent=2))
-    done = skipped = repaired = 0
+    ctx = distributed.current() if ctx is None else ctx
+    distributed.agree({**settings, "items": [list(i) for i in items], "out": str(out)}, ctx)
+    distributed.checked(lambda: _check_folder(out, settings), ctx)  # every rank sees the folder as it was
+    if ctx.is_main:
+        (out / "heads").mkdir(parents=True, exist_ok=True)
+        (out / "neurons").mkdir(parents=True, exist_ok=True)
+        if not (out / SETTINGS).exists():
+            (out / SETTINGS).write_text(json.dumps(settings, indent=2))
+    distributed.barrier(ctx)  # settings.json is there before any rank writes an item
+    mine = distributed.split(items, ctx.rank, ctx.world_size, [item_cost(space, i) for i in items])
+    counts = {"written": 0, "skipped_existing": 0, "recomputed_damaged": 0}
     t0 = time.perf_counter()
+    desc = "embedspace sweep" + (f" [rank {ctx.rank}/{ctx.world_size}]" if ctx.distributed else "")
+
+    def work() -> None:
+        for item in tqdm(mine, desc=desc, disable=not progress, file=sys.stderr, position=ctx.local_rank):
+            _sweep_item(space, out, item, fmt, k, k_neurons, counts, built)
+            distributed.unit_done("embedspace sweep", distributed.unit_key(item), ctx)
+
     built: dict = {}  # (kind, layer) -> that layer's circuits, built once
-    for item in tqdm(items, desc="embedspace sweep", disable=not progress, file=sys.stderr):
-        path = item_path(out, item, fmt)
-        if path.exists():
-            sub = "heads" if item[2] is not None else "neurons"
-            if _intact(path, fmt, _expected_rows(space, item, k, k_neurons), _COLUMNS[sub]):
-                skipped += 1
-                continue
-            repaired += 1  # damaged or truncated: computed again below
-        kind, l, h = item
-        if h is not None:
-            if (kind, l) not in built:
-                built = {(kind, l): layer_circuits(space, l, kind)}  # keep one layer at a time
-            mat = built[(kind, l)][h]
-            r = mat.topk_pairs(k)
-            df = r.to_frame()
-            df.insert(0, "head", h)
-            df.insert(0, "layer", l)
-            df.insert(0, "circuit", kind)
-        else:
-            W_out = space.w.W_out_layer(l)  # [d_mlp, d_model]
-            ids = space.filter_ids
-            v, c = _topk.topk_per_row(W_out, space.W, k_neurons, cols=ids, budget_bytes=space.budget_bytes)
-            n = W_out.shape[0]
-            df = pd.DataFrame({
-                "layer": l, "neuron": torch.arange(n).repeat_interleave(c.shape[1]).tolist(),
-                "rank": torch.arange(1, c.shape[1] + 1).repeat(n).tolist(),
-                "token": [space.token_str(i) for i in c.flatten().tolist()],
-                "id": c.flatten().tolist(), "value": v.flatten().tolist()})
-        _write(df, path, fmt)
-        done += 1
+    distributed.checked(work, ctx)
+    gathered = distributed.all_gather(counts, ctx)  # the barrier: every item file is written after it
+    if not ctx.is_main:
+        return None
+    totals = {key: sum(c[key] for c in gathered) for key in counts}
     summary_path = out / "summary.json"
     scores = space.copying_scores() if heads else None
     summary = {
         "basis": space.basis, "k": k, "k_neurons": k_neurons, "format": fmt, "items": len(items),
-        "written": done, "skipped_existing": skipped, "recomputed_damaged": repaired,
-        "seconds": round(time.perf_counter() - t0, 2),
+        **totals, "seconds": round(time.perf_counter() - t0, 2), "world_size": ctx.world_size,
         "copying_scores": scores.tolist() if scores is not None else None,
         "token_note": "token strings show spaces as " + visible(" "),
     }
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _sweep_item(space: Any, out: Path, item: tuple, fmt: str, k: int, k_neurons: int, counts: dict,
+                built: dict) -> None:
+    """Write one item's file unless an intact one is there (counts updated in place)."""
+    import pandas as pd
+
+    path = item_path(out, item, fmt)
+    if path.exists():
+        sub = "heads" if item[2] is not None else "neurons"
+        if _intact(path, fmt, _expected_rows(space, item, k, k_neurons), _COLUMNS[sub]):
+            counts["skipped_existing"] += 1
+            return
+        counts["recomputed_damaged"] += 1  # damaged or truncated: computed again below
+    kind, l, h = item
+    if h is not None:
+        if (kind, l) not in built:
+            built.clear()  # keep one layer at a time
+            built[(kind, l)] = layer_circuits(space, l, kind)
+        mat = built[(kind, l)][h]
+        r = mat.topk_pairs(k)
+        df = r.to_frame()
+        df.insert(0, "head", h)
+        df.insert(0, "layer", l)
+        df.insert(0, "circuit", kind)
+    else:
+        W_out = space.w.W_out_layer(l)  # [d_mlp, d_model]
+        ids = space.filter_ids
+        v, c = _topk.topk_per_row(W_out, space.W, k_neurons, cols=ids, budget_bytes=space.budget_bytes)
+        n = W_out.shape[0]
+        df = pd.DataFrame({
+            "layer": l, "neuron": torch.arange(n).repeat_interleave(c.shape[1]).tolist(),
+            "rank": torch.arange(1, c.shape[1] + 1).repeat(n).tolist(),
+            "token": [space.token_str(i) for i in c.flatten().tolist()],
+            "id": c.flatten().tolist(), "value": v.flatten().tolist()})
+    _write(df, path, fmt)
+    counts["written"] += 1
