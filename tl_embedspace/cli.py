@@ -10,8 +10,10 @@ from tl_plugins.cli_checks import argument_errors_as_usage, model_name, output_d
 
 
 def _space_options(f):
-    f = click.option("--filter", "filter_", default=None,
-                     help="Token filter: ascii, alnum, alpha or words (default: none).")(f)
+    f = click.option("--filter", "filter_", default="auto", show_default=True,
+                     help="Token filter: corpus (whole words of the standard library's docs), ascii, alnum, "
+                          "alpha, words, or none (every token). auto: corpus when the model has a "
+                          "tokenizer, else none.")(f)
     f = click.option("--ln", default="raw", show_default=True, type=click.Choice(["raw", "as_loaded"]),
                      help="Layer-norm handling (raw warns on processed weights).")(f)
     f = click.option("--write-basis", default="auto", show_default=True,
@@ -23,12 +25,35 @@ def _space_options(f):
     return argument_errors_as_usage(f)
 
 
-def _space(model_name, read_basis, write_basis, ln, filter_):
-    from tl_embedspace.space import EmbeddingSpace
+def _space(model_name, read_basis, write_basis, ln, filter_, device="cpu"):
     from tl_plugins import models
 
-    model = models.load(model_name)
-    return EmbeddingSpace(model, read_basis=read_basis, write_basis=write_basis, ln=ln, filters=filter_)
+    model = models.load(model_name, **({} if device == "cpu" else {"device": device}))
+    kw = dict(read_basis=read_basis, write_basis=write_basis, ln=ln)
+    return space_with_filter(model, resolve_filter(filter_, model), auto=filter_ == "auto", **kw)
+
+
+def space_with_filter(model, filt, *, auto: bool, **kw):
+    """An EmbeddingSpace with ``filt``; under "auto" a corpus filter that keeps no token of this
+    vocabulary (a toy tokenizer) falls back to no filter instead of failing."""
+    from tl_embedspace.projections import EmptyFilterError
+    from tl_embedspace.space import EmbeddingSpace
+
+    try:
+        return EmbeddingSpace(model, filters=filt, **kw)
+    except EmptyFilterError:
+        if not auto:
+            raise
+        return EmbeddingSpace(model, filters=None, **kw)
+
+
+def resolve_filter(name, model):
+    """The CLI's and the report's default token filter: "corpus" where there are token strings."""
+    if name in (None, "none"):
+        return None
+    if name == "auto":
+        return "corpus" if getattr(model, "tokenizer", None) is not None else None
+    return name
 
 
 def _token(s: str):

@@ -10,7 +10,6 @@ gate key, a column of W_Q/W_K/W_V, an unembedding) is read as ``R @ k`` with a r
 from __future__ import annotations
 
 import numbers
-
 from collections.abc import Callable, Sequence
 from typing import Union
 
@@ -70,14 +69,23 @@ NAMED_FILTERS = {
     "alnum": lambda s: s.strip().isalnum(),
     "alpha": lambda s: s.strip().isalpha(),
     "words": lambda s: s.startswith(" ") and s[1:].isalpha(),
+    # whole words of the standard library's documentation (tl_embedspace.filters); built on first use
+    "corpus": lambda s: _corpus_predicate()(s),
 }
+
+
+def _corpus_predicate():
+    from tl_embedspace.filters import corpus_filter
+
+    return corpus_filter()
 
 
 def build_filter(spec: FilterLike, d_vocab: int, token_strings: Callable[[], list[str]] | None
                  ) -> torch.Tensor | None:
     """Turn a filter spec into sorted token ids, or None for no filter.
 
-    ``spec``: None; a name ("ascii", "alnum", "alpha", "words": a leading space then letters); ids;
+    ``spec``: None; a name ("ascii", "alnum", "alpha", "words": a leading space then letters, "corpus":
+    whole words of ``pydoc_data.topics``, see ``tl_embedspace.filters``); ids;
     a bool mask ``[d_vocab]``; a predicate on the decoded token string; or a list of these
     (intersected). String filters need token strings (a tokenizer).
     """
@@ -98,7 +106,7 @@ def build_filter(spec: FilterLike, d_vocab: int, token_strings: Callable[[], lis
             if spec not in NAMED_FILTERS:
                 raise ValueError(f"filters: unknown filter {spec!r}; accepted: {', '.join(NAMED_FILTERS)}, "
                                  "ids, a bool mask, a predicate on token strings, or a list of these")
-            pred = NAMED_FILTERS[spec]
+            pred = _corpus_predicate() if spec == "corpus" else NAMED_FILTERS[spec]
         else:
             pred = spec
         if token_strings is None:
@@ -117,8 +125,13 @@ def build_filter(spec: FilterLike, d_vocab: int, token_strings: Callable[[], lis
             if ids.numel() and (ids.min() < 0 or ids.max() >= d_vocab):
                 raise IndexError(f"filters: token ids must be in [0, {d_vocab - 1}]; got {spec!r}")
     if ids.numel() == 0:
-        raise ValueError(f"filters: {spec!r} keeps no token")
+        raise EmptyFilterError(f"filters: {spec!r} keeps no token of this vocabulary ({d_vocab} tokens); "
+                               "accepted: a filter that keeps at least one token, or None")
     return ids
+
+
+class EmptyFilterError(ValueError):
+    """A token filter that keeps no token of the vocabulary it was applied to."""
 
 
 def copying_score_from_eigenvalues(eig: torch.Tensor) -> float:

@@ -178,8 +178,11 @@ class EmbeddingSpace:
     @property
     def basis(self) -> dict:
         """What every result records: the two bases, the layer-norm mode and the weight processing."""
+        from tl_embedspace.filters import describe
+
+        n = None if self.filter_ids is None else int(self.filter_ids.numel())
         return {"read_basis": self.read_basis, "write_basis": self.write_basis, "ln": self.ln,
-                "weights": self.w.processing.describe()}
+                "weights": self.w.processing.describe(), "filter": describe(self._filter_spec, n)}
 
     @property
     def d_vocab(self) -> int:
