@@ -296,4 +296,7 @@ def tl_plugins_report_sections(report):
                           yaxis_title="accuracy", height=340, yaxis_range=[0, 1.05])
         figs.append(fig)
         tables.append(cdf)
-    report.add_section("ICL vs GD (Deutch et al. 2024)", html=html, figures=figs, tables=tables, order=60)
+    from tl_iclgd.report_summary import summary_sentences
+
+    report.add_section("ICL vs GD (Deutch et al. 2024)", html=html, figures=figs, tables=tables, order=60,
+                       summary=summary_sentences(res, tables[1] if len(tables) > 1 else None))

@@ -82,25 +82,40 @@ def bench_cmd(name, quick, model, device, json_out, backend) -> None:
         json_file.write_text(result.to_json())
 
 
+def _model_names(ctx, param, value):
+    names = tuple(model_name(ctx, param, v) for v in value) or ("smollm2-135m",)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise click.BadParameter(f"model {dup[0]!r} given twice; give each model once")
+    return names
+
+
 @cli.command("report")
-@click.option("--model", "model_name", default="smollm2-135m", show_default=True, callback=model_name,
-              help="Model name (see `tl-plugins models`).")
+@click.option("--model", "model_names", multiple=True, callback=_model_names,
+              help="Model name (see `tl-plugins models`); repeat it to compare models side by side "
+                   "on one page.  [default: smollm2-135m]")
 @click.option("--out", "out_dir", default="report", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="Smaller measurements: for tests and slow machines.")
 @click.option("--backend", type=click.Choice(["auto", "hooked", "bridge"]), default="auto", show_default=True,
               help="HookedTransformer or TransformerBridge (auto: hooked where transformer-lens has it).")
-def report_cmd(model_name, out_dir, quick, backend) -> None:
-    """Write a self-contained HTML report about one model (OUT/index.html, opens offline)."""
+def report_cmd(model_names, out_dir, quick, backend) -> None:
+    """Write a self-contained HTML report (OUT/index.html, tables as OUT/data/*.csv; opens offline).
+
+    One --model: a page about that model. Several: one page, one column per model, each model
+    loaded in turn (and released before the next)."""
     from tl_plugins import models
     from tl_plugins.report import build_report
 
     out_dir = output_dir(out_dir, "--out")
     t0 = time.perf_counter()
-    click.echo(f"loading {model_name} ...", err=True)
-    model = models.load(model_name, backend=backend)
-    load_seconds = time.perf_counter() - t0
-    path = build_report(model, model_name, out_dir,
-                        options={"quick": quick, "load_seconds": load_seconds})
+
+    def loader(name):
+        def load():
+            click.echo(f"loading {name} ...", err=True)
+            return models.load(name, backend=backend)
+        return load
+
+    path = build_report([(n, loader(n)) for n in model_names], out_dir=out_dir, options={"quick": quick})
     click.echo(f"report written to {path.resolve()} ({time.perf_counter() - t0:.0f} s)")
 
 
