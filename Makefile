@@ -20,7 +20,7 @@ EXTRAS_TL4 := gguf,dev
 PYTEST_ARGS ?=
 PYTEST := python -m pytest -q -p no:cacheprovider
 
-.PHONY: browsers install install-tl4 demo test test-tl39 test-tl4 test-fast bench docs lint clean
+.PHONY: browsers install install-tl4 demo test test-tl39 test-tl4 test-fast bench docs lint clean tutorial
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -83,6 +83,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	@for b in load topk embedspace iclgd; do $(BIN)/tl-plugins bench $$b || exit 1; done
+
+# Execute docs/tutorial.ipynb on SmolLM2-135M and keep the outputs in the file (the suite runs it on a
+# tiny model: tests/tl_plugins/test_tutorial.py).
+tutorial: $(STAMP)
+	$(BIN)/python scripts/tutorial.py --model smollm2-135m
 
 docs: $(STAMP)
 	$(BIN)/pip install -q mkdocs
