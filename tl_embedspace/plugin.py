@@ -1,4 +1,4 @@
-"""The ``embedspace`` plugin's hookimpls: registration, the ``tl-plugins embedspace`` commands, the
+"""The ``embedspace`` and ``steer`` plugins' hookimpls: registration, the ``tl-plugins embedspace`` commands, the
 ``embedspace`` benchmark and the report section. Enabling it only records a config (bases, ln,
 chunk budget) on the model; the forward pass is never changed."""
 
@@ -16,13 +16,48 @@ def tl_plugins_register(register):
         summary="every weight in vocabulary space (Dar et al. 2023), exact top-k over vocab x vocab",
         changes_forward=False,
     )
+    from tl_embedspace.debugger.steer import SteerConfig
+
+    register(
+        "steer",
+        config=SteerConfig,
+        summary="LM-Debugger interventions: set/scale/add FFN coefficients, add residual vectors",
+        changes_forward=True,
+        mlp_seam=True,
+    )
 
 
 @hookimpl
 def tl_plugins_enable(model, name, config, backend):
+    if name == "steer":
+        from tl_embedspace.debugger import steer
+
+        steer.install(model, config, backend)
+        return True
     if name != "embedspace":
         return None
     return True  # nothing to install: the config is read by tl_embedspace.config.space_for
+
+
+@hookimpl
+def tl_plugins_disable(model, name, backend):
+    if name != "steer":
+        return None
+    import tl_plugins
+    from tl_embedspace.debugger import steer
+
+    steer.uninstall(tl_plugins.active(model).get("steer"))
+    return True
+
+
+@hookimpl(wrapper=True)
+def tl_plugins_mlp_activation(call):
+    out = yield
+    if call.config("steer") is None:
+        return out
+    from tl_embedspace.debugger import steer
+
+    return steer.mlp_activation_wrapper(call, out)
 
 
 @hookimpl
@@ -30,6 +65,9 @@ def tl_plugins_register_commands(cli):
     from tl_embedspace.cli import embedspace_group
 
     cli.add_command(embedspace_group)
+    from tl_embedspace.debugger.cli import debug_group
+
+    cli.add_command(debug_group)
 
 
 @hookimpl
@@ -38,6 +76,10 @@ def tl_plugins_register_benchmarks(register):
 
     register("embedspace", bench_embedspace,
              summary="exact top-k pairs of a head, find_neurons, sweep time, speed-up over materialising")
+    from tl_embedspace.debugger.bench import bench_debugger
+
+    register("debugger", bench_debugger,
+             summary="LM-Debugger: trace vs run_with_cache, value index build, token search, web round trip")
 
 
 @hookimpl
@@ -45,3 +87,6 @@ def tl_plugins_report_sections(report):
     from tl_embedspace.report import report_section
 
     report_section(report)
+    from tl_embedspace.debugger.report import report_section as debugger_section
+
+    debugger_section(report)
