@@ -95,5 +95,5 @@ def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device
               est <= 20 * 60)
     res.notes.append(f"model {model}, basis {sp.basis}; torch threads {torch.get_num_threads()}")
     if not torch.cuda.is_available():
-        res.notes.append("no GPU was available in this session: CPU figures only")
+        res.notes.append("CPU only: no CUDA device here, so no GPU figure")
     return res

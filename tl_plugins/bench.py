@@ -43,7 +43,7 @@ class BenchResult:
         self.rows.append(row)
 
     def check(self, name: str, passed: bool) -> None:
-        """Record whether a target from the issue was met (printed as PASS/FAIL)."""
+        """Record whether a target was met (printed as PASS/FAIL)."""
         self.checks[name] = bool(passed)
 
     def to_frame(self):
