@@ -155,8 +155,11 @@ def find_neurons(model_name, read_basis, write_basis, ln, filter_, token, kind, 
 @click.option("--no-neurons", is_flag=True)
 def sweep_cmd(model_name, read_basis, write_basis, ln, filter_, out_dir, fmt, k, k_neurons, layers, no_heads,
               no_neurons):
-    """Rank every head's OV and QK and every feed-forward value into files; rerun to resume."""
+    """Rank every head's OV and QK and every feed-forward value into files; rerun to resume.
+
+    Under torchrun (--nproc-per-node N, --nnodes M) the items are split by rank; see docs/scale.md."""
     from tl_embedspace.sweep import sweep
+    from tl_plugins import distributed
 
     try:
         lay = [int(x) for x in layers.split(",")] if layers else None
@@ -164,8 +167,10 @@ def sweep_cmd(model_name, read_basis, write_basis, ln, filter_, out_dir, fmt, k,
         raise click.BadParameter(f"got {layers!r}; accepted: comma-separated layer numbers like 0,3,5",
                                  param_hint="--layers") from None
     out = output_dir(out_dir, "--out")
-    sp = _space(model_name, read_basis, write_basis, ln, filter_)
-    summary = sweep(sp, out, k=k, k_neurons=k_neurons, fmt=fmt, layers=lay, heads=not no_heads,
-                    neurons=not no_neurons)
-    click.echo(f"{summary['written']} written, {summary['skipped_existing']} already there, "
-               f"{summary['seconds']:.1f} s -> {out_dir}")
+    with distributed.session() as ctx:
+        sp = _space(model_name, read_basis, write_basis, ln, filter_, device=distributed.default_device(ctx))
+        summary = sweep(sp, out, k=k, k_neurons=k_neurons, fmt=fmt, layers=lay, heads=not no_heads,
+                        neurons=not no_neurons, ctx=ctx)
+    if ctx.is_main:
+        click.echo(f"{summary['written']} written, {summary['skipped_existing']} already there, "
+                   f"{summary['seconds']:.1f} s on {ctx.world_size} process(es) -> {out_dir}")
