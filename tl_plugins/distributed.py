@@ -225,6 +225,8 @@ def agree(settings: Mapping[str, Any], ctx: Optional[Context] = None) -> str:
     for r, (fpr, sr) in enumerate(gathered):
         if fpr != fp0:
             keys = sorted(k for k in set(s0) | set(sr) if s0.get(k) != sr.get(k))
+            if len(keys) > 1 and "_units" in keys:  # the unit list follows from the other settings
+                keys.remove("_units")
             detail = "; ".join(f"{k}={s0.get(k)!r} on rank 0, {sr.get(k)!r} on rank {r}" for k in keys)
             raise ValueError(f"settings: rank {r} of {ctx.world_size} was started with other settings than "
                              f"rank 0 ({detail}); every rank must run the same command")
