@@ -94,11 +94,40 @@ def test_quick_bench_on_tiny_model_reports_ratios():
 
     result = bench_topk(quick=True, model="tiny-llama")
     df = result.to_frame()
-    assert set(df["part"]) == {"perplexity", "memory", "time"}
+    assert set(df["part"]) == {"perplexity", "memory", "time", "time (no grad)"}
+    for part in ("time", "time (no grad)"):
+        rows = df[df["part"] == part].set_index("method")
+        # SDPA is measured in the same run and is the baseline of every time ratio; dense math is the second
+        assert {"topk-chunked", "sdpa", "dense-math"} <= set(rows.index)
+        assert (rows["baseline"] == "sdpa").all() and rows.loc["sdpa", "ratio_to_baseline"] == 1.0
+        assert rows.loc["dense-math", "ratio_to_dense_math"] == 1.0
+        t = rows["seconds"]
+        assert rows.loc["topk-chunked", "ratio_to_baseline"] == pytest.approx(t["topk-chunked"] / t["sdpa"])
+    mem = df[df["part"] == "memory"]
+    assert (mem["sdpa_MiB"] > 0).all()
+    assert mem["ratio_to_sdpa"].tolist() == pytest.approx((mem["extra_MiB"] / mem["sdpa_MiB"]).tolist())
     dense = df[(df["part"] == "perplexity") & (df["k"] == "n")]
     assert (dense["ratio_to_dense"] == 1.0).all()
     assert any("linearly" in name for name in result.checks)
     assert "CPU" in result.device
+
+
+def test_bench_sdpa_baseline_equals_dense_math_path():
+    """The SDPA baseline computes the same attention as the dense math path (an independent oracle:
+    repeated K/V, explicit scores and mask), forward and gradients, with grouped K/V heads."""
+    from tl_topk.bench import _inputs, dense_math_attention, sdpa_attention
+
+    q, k, v = _inputs(40, "cpu", n_heads=6, n_kv_heads=2, d_head=8)
+    z = sdpa_attention(q, k, v)
+    z.pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = dense_math_attention(q, k, v)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(z, ref, atol=1e-5, rtol=1e-5)
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_report_section_quick_tiny_model():
