@@ -61,33 +61,49 @@ def _parse_layers(text):
               help="Feed-forward selection: largest pre-activations (paper) or largest |act(pre)|.")
 @click.option("--layers", "layers_text", default=None,
               help="Only these layers get top-k: a range '1-29' or a list '0,3,5' (default: all).")
+@click.option("--per-layer", is_flag=True,
+              help="A grid: top-k on each layer (of --layers, default all) alone; the rows get a 'layers' column.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write a CSV.")
 @argument_errors_as_usage
-def perplexity_cmd(model_name, ks, modes, n_tokens, backend, ff_rule, layers_text, csv_path) -> None:
-    """Perplexity of MODEL on the Python docs text vs k (attention, feed-forward, both)."""
-    from tqdm.auto import tqdm
+def perplexity_cmd(model_name, ks, modes, n_tokens, backend, ff_rule, layers_text, per_layer, csv_path) -> None:
+    """Perplexity of MODEL on the Python docs text vs k (attention, feed-forward, both).
+
+    Under torchrun the (mode, k, layers) cells are split by rank, checkpointed next to --csv; see
+    docs/scale.md."""
+    import pandas as pd
 
     import tl_plugins
-    from tl_topk.analysis import docs_tokens, perplexity_sweep
+    from tl_plugins import distributed
+    from tl_topk.analysis import docs_tokens
+    from tl_topk.grid import perplexity_grid
 
     layers = _parse_layers(layers_text)
     k_values = _parse_k(ks)
     csv_file = output_file(csv_path, "--csv")
-    model = tl_plugins.models.load(model_name)
+    device = distributed.default_device(distributed.from_env())
+    model = tl_plugins.models.load(model_name, **({} if device == "cpu" else {"device": device}))
+    n_layers = tl_plugins.backends.detect(model).n_layers
     if layers is not None:
-        n_layers = tl_plugins.backends.detect(model).n_layers
         bad = [x for x in layers if not 0 <= x < n_layers]
         if bad:
             raise click.BadParameter(f"layers {bad} do not exist; {model_name} has layers 0-{n_layers - 1}",
                                      param_hint="--layers")
     tokens = docs_tokens(model, n_tokens)
-    sweep = perplexity_sweep(model, tokens, k_values, modes=modes, model_name=model_name, backend=backend,
-                             ff_rule=ff_rule, layers=layers,
-                             progress=lambda it, desc: tqdm(it, desc=desc, leave=False))
-    click.echo(f"dense perplexity {sweep.dense:.4f} ({model_name}, {n_tokens} tokens)")
-    click.echo(sweep.to_frame().to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    layer_sets = [[x] for x in (layers if layers is not None else range(n_layers))] if per_layer else [layers]
+    shard_dir = None if csv_file is None else csv_file.with_name(csv_file.name + ".shards")
+    with distributed.session() as ctx:
+        res = perplexity_grid(model, tokens, k_values, modes=modes, layer_sets=layer_sets, backend=backend,
+                              ff_rule=ff_rule, shard_dir=shard_dir, progress=True, ctx=ctx,
+                              settings={"model": model_name, "n_tokens": n_tokens})
+    if not ctx.is_main:
+        return
+    dense, rows = res
+    frame = pd.DataFrame(rows)
+    click.echo(f"dense perplexity {dense:.4f} ({model_name}, {n_tokens} tokens"
+               + (f", {ctx.world_size} processes)" if ctx.distributed else ")"))
+    click.echo(frame.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     if csv_file is not None:
-        sweep.to_frame().to_csv(csv_file, index=False)
+        frame.to_csv(csv_file, index=False)
 
 
 @topk_group.command("sparsity")
