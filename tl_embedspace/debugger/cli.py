@@ -51,15 +51,22 @@ def debug_group(ctx, model_name, host, port, no_index):
 @click.option("--rebuild", is_flag=True, help="build even if a valid index exists")
 @click.pass_obj
 def index_cmd(obj, heads, n_tokens, rebuild):
-    """Build (or verify) the value index of the model under the user's cache."""
-    from tl_embedspace.debugger.index import ValueIndex
+    """Build (or verify) the value index of the model under the user's cache.
 
-    model = _load(obj["model"])
-    if rebuild:
-        idx = ValueIndex.build(model, n_tokens=n_tokens, heads=heads)
-    else:
-        idx = ValueIndex.load(model, n_tokens=n_tokens, heads=heads)
-    click.echo(repr(idx))
+    Under torchrun the layers' blocks are split by rank, rank 0 merges; see docs/scale.md."""
+    import tl_plugins
+    from tl_embedspace.debugger.index import ValueIndex
+    from tl_plugins import distributed
+
+    with distributed.session() as ctx:
+        device = distributed.default_device(ctx)
+        model = tl_plugins.models.load(obj["model"], **({} if device == "cpu" else {"device": device}))
+        if rebuild or (ctx.distributed and not ValueIndex.path_for(model, n_tokens=n_tokens, heads=heads)[0].exists()):
+            idx = ValueIndex.build(model, n_tokens=n_tokens, heads=heads, ctx=ctx)
+        else:
+            idx = ValueIndex.load(model, n_tokens=n_tokens, heads=heads)
+    if ctx.is_main:
+        click.echo(repr(idx) + (f" ({ctx.world_size} processes)" if ctx.distributed else ""))
 
 
 @debug_group.command("trace")

@@ -7,6 +7,9 @@ computed from; plus exact token search, concept (enrichment) search and k-means 
   the final norm's weight) and, with ``heads=True``, W_O: a changed model never finds the old file,
   and a file whose stored hash, shapes or content checksum disagree is rebuilt with a warning.
 * Layers are committed to ``<file>.partial`` as they are built; an interrupted build resumes there.
+* Under ``torchrun`` (:mod:`tl_plugins.distributed`) each rank builds a contiguous share of the
+  blocks into its own ``<file>.rankRRRRR-ofWWWWW.partial``; rank 0 copies them, in the one-process
+  order, into the file a one-process build writes (same blocks, same checksum) and removes the shards.
 * Search never reads stale or truncated lists: token scores are recomputed exactly from the value
   vectors (``v . B[:, t]``, standardised by each value's mean and std over the vocabulary, which the
   index stores), so ``search`` is exact for any token, in or out of the stored top lists.
@@ -166,10 +169,19 @@ class ValueIndex:
     @classmethod
     def build(cls, model: Any, *, n_tokens: int = 30, basis: str = "readout", heads: bool = False,
               folder: Optional[Path] = None, budget_bytes: int = 128 * 2**20, progress: bool = True,
-              progress_fn=None) -> "ValueIndex":
-        """Compute and store the index (resuming a ``.partial`` file of the same weights)."""
+              progress_fn=None, ctx: Any = None) -> "ValueIndex":
+        """Compute and store the index (resuming a ``.partial`` file of the same weights).
+
+        ctx: the ranks to share the blocks with (default :func:`tl_plugins.distributed.current`: one
+        process unless a process group is initialised); every rank returns the finished index."""
+        from tl_plugins import distributed
+
         if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
             raise ValueError(f"n_tokens: got {n_tokens!r}; accepted: a positive int")
+        ctx = distributed.current() if ctx is None else ctx
+        if ctx.distributed:
+            return cls._build_sharded(model, n_tokens=n_tokens, basis=basis, heads=heads, folder=folder,
+                                      budget_bytes=budget_bytes, progress=progress, ctx=ctx)
         dw = debug_weights(model)
         path, h = cls.path_for(model, basis=basis, heads=heads, n_tokens=n_tokens, folder=folder)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,13 +226,7 @@ class ValueIndex:
             for kind, l, V in items:
                 if (kind, l) in done:
                     continue
-                tv, ti, bv, bi = core.two_sided_topk(V, B, n_tokens, budget_bytes=budget_bytes, progress=tick)
-                mean, std = core.score_moments(V, B)
-                blk = _Block(tv.numpy(), ti.numpy().astype(np.int32), bv.numpy(), bi.numpy().astype(np.int32),
-                             mean.numpy(), std.numpy(), V.norm(dim=1).numpy())
-                con.execute(f"INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, {', '.join('?' * len(_COLS))})",
-                            (kind, l, V.shape[0], *[np.ascontiguousarray(getattr(blk, c), _DTYPES[c]).tobytes()
-                                                    for c in _COLS]))
+                _insert(con, (kind, l, V.shape[0], *_block_blobs(V, B, n_tokens, budget_bytes, tick)))
                 con.commit()
         finally:
             if bar is not None:
@@ -234,6 +240,76 @@ class ValueIndex:
         index = cls(path=path, meta=meta, blocks=blocks, model=model)
         _LOADED[model] = (version_key(model), index)
         return index
+
+    @classmethod
+    def _build_sharded(cls, model: Any, *, n_tokens: int, basis: str, heads: bool, folder: Optional[Path],
+                       budget_bytes: int, progress: bool, ctx: Any) -> "ValueIndex":
+        """:meth:`build` split over ranks: shards per rank, rank 0 merges in the one-process order."""
+        from tl_plugins import distributed
+
+        dw = debug_weights(model)
+        path, h = cls.path_for(model, basis=basis, heads=heads, n_tokens=n_tokens, folder=folder)
+        partial = path.with_name(path.name + ".partial")
+        B = _basis(dw, basis)
+        meta = {"format": FORMAT, "weights_hash": h, "basis": basis, "n_tokens": n_tokens,
+                "n_layers": dw.n_layers, "d_mlp": dw.d_mlp, "d_vocab": dw.d_vocab, "heads": heads,
+                "weights": dw.processing}
+        items = _vectors(dw, heads)
+        distributed.agree({**meta, "path": str(path)}, ctx)
+        distributed.checked(lambda: path.parent.mkdir(parents=True, exist_ok=True), ctx)
+        mine = distributed.split(items, ctx.rank, ctx.world_size, [v.shape[0] for _, _, v in items])
+        shard = path.with_name(f"{path.name}.rank{ctx.rank:05d}-of{ctx.world_size:05d}.partial")
+
+        def work():
+            done = _done_blocks(path, meta)  # finished by any rank of any earlier run, or merged already
+            con = _open_partial(shard, meta)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=sum(v.shape[0] for _, _, v in mine), unit="value", leave=False,
+                           desc=f"value index [rank {ctx.rank}/{ctx.world_size}]", position=ctx.local_rank)
+            try:
+                for kind, l, V in mine:
+                    if (kind, l) not in done:
+                        _insert(con, (kind, l, V.shape[0], *_block_blobs(V, B, n_tokens, budget_bytes,
+                                                                         bar.update if bar else None)))
+                        con.commit()
+                        distributed.unit_done("value index", distributed.unit_key([kind, l]), ctx)
+                    elif bar is not None:
+                        bar.update(V.shape[0])
+            finally:
+                con.close()
+                if bar is not None:
+                    bar.close()
+
+        distributed.checked(work, ctx)
+        distributed.barrier(ctx)  # every block is in some shard after this
+
+        def merge():
+            done = _done_blocks(path, meta)
+            con = _open_partial(partial, meta)
+            have = {(k, l) for k, l in con.execute("SELECT kind, layer FROM blocks").fetchall()}
+            for kind, l, _ in items:  # the one-process order, one transaction per block
+                if (kind, l) in have:
+                    continue
+                src = sqlite3.connect(f"file:{done[(kind, l)]}?mode=ro", uri=True)
+                row = src.execute(f"SELECT kind, layer, rows, {', '.join(_COLS)} FROM blocks WHERE kind = ? "
+                                  "AND layer = ?", (kind, l)).fetchone()
+                src.close()
+                _insert(con, row)
+                con.commit()
+            blocks = _read_blocks(con, meta)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('checksum', ?)", (_checksum(blocks),))
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('complete', '1')")
+            con.commit()
+            con.close()
+            os.replace(partial, path)
+            for f in _shard_files(path):
+                f.unlink(missing_ok=True)
+
+        distributed.checked(merge if ctx.is_main else (lambda: None), ctx)
+        return cls._read(model, path, h, basis=basis, heads=heads, n_tokens=n_tokens)
 
     @classmethod
     def load(cls, model: Any, *, n_tokens: int = 30, basis: str = "readout", heads: bool = False,
@@ -407,6 +483,65 @@ class Clusters:
                                       cosine=("cosine", "mean")).reset_index()
         g["top_tokens"] = [self.top_tokens[c] for c in g.cluster]
         return g.sort_values("size", ascending=False).reset_index(drop=True)
+
+
+def _block_blobs(V: torch.Tensor, B: torch.Tensor, n_tokens: int, budget_bytes: int, tick) -> list[bytes]:
+    """The stored columns of one block of value vectors V [n, d_model] in basis B [d_model, d_vocab]."""
+    tv, ti, bv, bi = core.two_sided_topk(V, B, n_tokens, budget_bytes=budget_bytes, progress=tick)
+    mean, std = core.score_moments(V, B)
+    blk = _Block(tv.numpy(), ti.numpy().astype(np.int32), bv.numpy(), bi.numpy().astype(np.int32),
+                 mean.numpy(), std.numpy(), V.norm(dim=1).numpy())
+    return [np.ascontiguousarray(getattr(blk, c), _DTYPES[c]).tobytes() for c in _COLS]
+
+
+def _insert(con: sqlite3.Connection, row: Sequence) -> None:
+    con.execute(f"INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, {', '.join('?' * len(_COLS))})", tuple(row))
+
+
+def _open_partial(path: Path, meta: dict) -> sqlite3.Connection:
+    """A partial index file for ``meta``: reused when it holds the same meta, else started afresh."""
+    con = None
+    try:
+        con = _connect(path)
+        stored = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        if stored and json.loads(stored.get("meta", "{}")) != meta:
+            con.close()
+            path.unlink()
+            con = _connect(path)
+    except sqlite3.DatabaseError:
+        if con is not None:
+            con.close()
+        path.unlink(missing_ok=True)
+        con = _connect(path)
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('meta', ?)", (json.dumps(meta),))
+    con.commit()
+    return con
+
+
+def _shard_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".rank*-of*.partial"))
+
+
+def _done_blocks(path: Path, meta: dict) -> dict:
+    """(kind, layer) -> the partial file (a rank's shard or the merge file) that holds that block, for
+    every partial file of this meta; files of other weights or unreadable ones count for nothing."""
+    done: dict = {}
+    for f in [path.with_name(path.name + ".partial"), *_shard_files(path)]:
+        if not f.exists():
+            continue
+        try:
+            con = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
+            try:
+                stored = dict(con.execute("SELECT key, value FROM meta").fetchall())
+                if json.loads(stored.get("meta", "{}")) != meta:
+                    continue
+                for k, l in con.execute("SELECT kind, layer FROM blocks").fetchall():
+                    done.setdefault((k, int(l)), f)
+            finally:
+                con.close()
+        except (sqlite3.DatabaseError, ValueError):
+            continue
+    return done
 
 
 def _pos_int(v: Any, arg: str) -> int:
