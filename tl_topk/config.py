@@ -169,3 +169,37 @@ class TopKConfig:
     @property
     def memory_budget(self) -> int:
         return int(self.memory_budget_mb * 2**20)
+
+
+@dataclass
+class SDPAConfig:
+    """Options of the ``sdpa`` plugin (``tl_plugins.enable(model, "sdpa")``): exact dense attention
+    through ``scaled_dot_product_attention`` whenever neither ``hook_attn_scores`` nor ``hook_pattern``
+    is observed; the model's own dense path otherwise (see ``tl_topk.integration.sdpa_route``).
+
+    Attributes:
+        layers: only these layers use SDPA; None = all.
+    """
+
+    layers: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        if self.layers is None:
+            self._layers = None
+            return
+        if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
+            raise TypeError(f"layers: got {self.layers!r}; accepted: an iterable of layer indices or None")
+        self._layers = frozenset(_check_index(x, "layers") for x in self.layers)
+        if not self._layers:
+            raise ValueError(f"layers: got {self.layers!r}, which selects no layer; accepted: a non-empty "
+                             "iterable of layer indices, or None for all")
+
+    def check_model(self, n_layers: int) -> None:
+        if self._layers is not None:
+            bad = sorted(x for x in self._layers if x >= n_layers)
+            if bad:
+                raise ValueError(f"layers: unknown layer index(es) {bad}; the model has layers 0..{n_layers - 1}")
+
+    def covers(self, layer: int) -> bool:
+        return self._layers is None or layer in self._layers
+

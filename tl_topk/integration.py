@@ -10,6 +10,10 @@ Attention takes one of three routes:
     with a padding mask), or ``backend="dense"``;
   * otherwise the functional op ``topk_attention`` (chunked on CPU, triton on CUDA), local
     (sliding-window) layers included.
+
+The ``sdpa`` plugin (``sdpa_attention``) takes the calls that ``topk`` leaves dense (or all calls
+when ``topk`` is not enabled): exact dense attention through ``scaled_dot_product_attention``
+unless ``sdpa_route`` names a reason for the model's own dense path.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from typing import Any, Optional
 
 import torch
 
-from tl_topk.config import TopKConfig
+from tl_topk.config import SDPAConfig, TopKConfig
 from tl_topk.ops.attention import ENV_BACKEND, topk_attention
 from tl_topk.ops.feedforward import check_activation, topk_activation
+from tl_topk.ops.sdpa import sdpa_attention as sdpa_function
+from tl_topk.ops.sdpa import unsupported_reason as sdpa_unsupported_reason
 from tl_topk.ops.selection import k_per_row, spec_covers_all, topk_keep_mask, validate_k_value
 
 PLUGIN = "topk"
+SDPA_PLUGIN = "sdpa"
 
 
 def scores_transform(spec: tuple):
@@ -84,6 +91,27 @@ def attention(call: Any) -> Optional[torch.Tensor]:
     )
 
 
+def sdpa_route(call: Any) -> Optional[str]:
+    """Why the ``sdpa`` plugin leaves ``call`` to the model's own dense path, or None when SDPA runs it:
+    hook_attn_scores / hook_pattern observed or edited (they must see the tensors the model used), a
+    mask that is not causal + sliding window + key padding (or attention dropout in training), or an
+    attention soft-cap (SDPA has no score modifier)."""
+    if call.scores_hooked():
+        return "hook_attn_scores or hook_pattern is observed"
+    if call.custom_mask:
+        return "a custom attention mask or attention dropout"
+    return sdpa_unsupported_reason(call.softcap)
+
+
+def sdpa_attention(call: Any) -> Optional[torch.Tensor]:
+    """``tl_plugins_attention`` for the sdpa plugin: z [batch, q_pos, head, d_head], or None (dense)."""
+    cfg: Optional[SDPAConfig] = call.config(SDPA_PLUGIN)
+    if cfg is None or not cfg.covers(call.layer) or sdpa_route(call) is not None:
+        return None
+    return sdpa_function(call.q, call.k, call.v, causal=call.causal, key_padding_mask=call.key_padding_mask,
+                         scale=call.scale, window=call.window_size if call.causal else None)
+
+
 def mlp_activation(call: Any) -> Optional[torch.Tensor]:
     """``tl_plugins_mlp_activation`` for the topk plugin: sparse post-activations or None."""
     cfg: Optional[TopKConfig] = call.config(PLUGIN)
@@ -116,4 +144,4 @@ def check_model(model: Any, cfg: TopKConfig) -> None:
             raise ValueError(f"backend='flex': {reason}; accepted here: auto, dense, chunked")
 
 
-__all__ = ["attention", "mlp_activation", "check_model", "scores_transform", "validate_k_value"]
+__all__ = ["attention", "sdpa_attention", "sdpa_route", "mlp_activation", "check_model", "scores_transform", "validate_k_value"]

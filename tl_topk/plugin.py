@@ -1,11 +1,15 @@
-"""The ``topk`` plugin's hookimpls: registration, enable checks, the attention and MLP seams,
-the ``tl-plugins topk`` commands, the ``topk`` benchmark and the report section."""
+"""The hookimpls of the ``topk`` plugin and of the ``sdpa`` plugin (exact dense attention through
+``scaled_dot_product_attention``): registration, enable checks, the attention and MLP seams, the
+``tl-plugins topk`` commands, the ``topk`` benchmark and the report section.
+
+Both plugins answer through one ``tl_plugins_attention`` implementation: top-k first, then, for the
+calls that top-k leaves dense (or every call when only ``sdpa`` is enabled), SDPA."""
 
 from __future__ import annotations
 
 from tl_plugins import hookimpl
 from tl_topk import integration
-from tl_topk.config import TopKConfig
+from tl_topk.config import SDPAConfig, TopKConfig
 
 
 @hookimpl
@@ -18,10 +22,21 @@ def tl_plugins_register(register):
         attention_seam=True,
         mlp_seam=True,
     )
+    register(
+        "sdpa",
+        config=SDPAConfig,
+        summary="exact dense attention through scaled_dot_product_attention (fused, linear memory) "
+                "while hook_attn_scores / hook_pattern are not observed",
+        changes_forward=True,
+        attention_seam=True,
+    )
 
 
 @hookimpl
 def tl_plugins_enable(model, name, config, backend):
+    if name == "sdpa":
+        config.check_model(model.cfg.n_layers)
+        return True
     if name != "topk":
         return None
     integration.check_model(model, config)
@@ -30,7 +45,8 @@ def tl_plugins_enable(model, name, config, backend):
 
 @hookimpl
 def tl_plugins_attention(call):
-    return integration.attention(call)
+    z = integration.attention(call)
+    return integration.sdpa_attention(call) if z is None else z
 
 
 @hookimpl
