@@ -66,12 +66,14 @@ def item_path(out: Path, item: tuple, fmt: str) -> Path:
 
 
 def item_cost(space: Any, item: tuple) -> float:
-    """Relative cost of an item, for balancing ranks: a head circuit's exact top-k is about
-    d_vocab**2 * d_head multiply-adds, a layer of neuron values d_mlp * d_model * d_vocab."""
+    """Relative cost of an item, for balancing ranks: a head circuit's exact top-k is at most
+    n**2 * d_head multiply-adds, a layer of neuron values d_mlp * d_model * n, where n is the number
+    of tokens the filter keeps (d_vocab without a filter)."""
     w = space.w
+    n = float(space.d_vocab if space.filter_ids is None else len(space.filter_ids))
     if item[2] is not None:
-        return float(space.d_vocab) ** 2 * w.d_head
-    return float(w.d_mlp) * w.d_model * space.d_vocab
+        return n * n * w.d_head
+    return float(w.d_mlp) * w.d_model * n
 
 
 def layer_circuits(space: Any, layer: int, kind: str) -> list:
