@@ -197,7 +197,7 @@ def calibrate(model: Any, tokens: torch.Tensor, budget: float = 0.01, *, rule: s
     for r in (progress(rules, "calibrate") if progress else rules):
         cache: dict[int, dict] = {}
 
-        def evaluate(i: int) -> dict:
+        def evaluate(i: int, r: str = r, cache: dict = cache) -> dict:
             if i not in cache:
                 k = rule_k(curve, need, r, i)
                 spec = _spec(k, n)
