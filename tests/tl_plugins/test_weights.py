@@ -108,3 +108,20 @@ def test_attn_only():
     attn_only = tiny.build(tiny.TINY_GPT2, attn_only=True)
     with pytest.raises(UnsupportedModelError, match="attention-only"):
         _ = tl_plugins.weights(attn_only).W_in
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma2", "llama"])
+def test_final_norm_weight_is_the_multiplier_the_norm_applies(kind):
+    """Gemma's HF RMSNorm stores ``w - 1`` and multiplies by ``1 + w``; the view gives the multiplier,
+    so ``x / rms(x) * ln_final_w`` reproduces the model's own final norm (the oracle)."""
+    from tl_plugins import backends
+
+    model = tiny.tiny_bridge(kind)
+    be = backends.detect(model)
+    w = tl_plugins.weights(model).ln_final_w()
+    x = torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 2
+    with torch.no_grad():
+        real = be.final_norm(x)
+    eps = model.cfg.eps
+    ours = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w
+    assert torch.allclose(real, ours, atol=1e-5)

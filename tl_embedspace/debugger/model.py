@@ -47,7 +47,14 @@ def check_mlp_supported(backend: Any) -> None:
 @dataclass
 class DebugWeights:
     """What the debugger reads of a model, detached: W_out [L, d_mlp, d], W_O [L, H, d_head, d],
-    W_U [d, V], W_E [V, d], the final norm's kind, weight and eps, value norms [L, d_mlp]."""
+    W_U [d, V], W_E [V, d], the final norm's kind, weight and eps, value norms [L, d_mlp].
+
+    On a model with norms after attention and MLP (Gemma 2/3: ``ln1_post``, ``ln2_post``), a
+    sub-update reaches the residual as ``w2 * (m_i v_i) / sigma2`` with ``sigma2`` the post-MLP
+    norm's scale at that position. ``W_out`` here is then the value as written, ``w2 * W_out``
+    (what the index ranks and the trace reads), ``W_out_raw`` the MLP's own matrix (to compute
+    ``sigma2`` from the coefficients), and ``attn_post_w`` / ``mlp_post_w`` [L, d] the norms'
+    weights; all three are None on a pre-norm-only model."""
 
     backend: Any
     W_out: torch.Tensor
@@ -59,6 +66,16 @@ class DebugWeights:
     eps: float
     value_norms: torch.Tensor
     processing: str
+    b_O: Optional[torch.Tensor] = None         # [L, d]
+    b_out: Optional[torch.Tensor] = None       # [L, d]
+    W_out_raw: Optional[torch.Tensor] = None   # [L, d_mlp, d], only with post norms
+    attn_post_w: Optional[torch.Tensor] = None  # [L, d]
+    mlp_post_w: Optional[torch.Tensor] = None   # [L, d]
+    post_eps: float = 0.0
+
+    def post_scale(self, x: torch.Tensor) -> float:
+        """The RMS scale ``sqrt(mean(x^2) + eps)`` a post norm divides ``x`` [d] by."""
+        return float((x.double().pow(2).mean() + self.post_eps).sqrt())
 
     @property
     def n_layers(self) -> int:
@@ -111,13 +128,57 @@ def debug_weights(model: Any) -> DebugWeights:
         W_E = W.W_E.float()
         ln_w = W.ln_final_w()
         kind = final_norm_kind(backend)
+        eps = float(getattr(backend.cfg, "eps", 1e-5))
+        post = post_norm_weights(backend, eps)
+        W_out_raw = None
+        if post is not None:
+            W_out_raw, W_out = W_out, W_out * post[1][:, None, :]
+        b_O = getattr(W, "b_O", None)
+        b_out = getattr(W, "b_out", None)
         dw = DebugWeights(backend=backend, W_out=W_out, W_O=W_O, W_U=W_U, W_E=W_E, norm_kind=kind,
                           norm_w=None if ln_w is None or kind == "none" else ln_w.float(),
-                          eps=float(getattr(backend.cfg, "eps", 1e-5)), value_norms=W_out.norm(dim=-1),
-                          processing=W.processing.describe())
+                          eps=eps, value_norms=W_out.norm(dim=-1), processing=W.processing.describe(),
+                          b_O=None if b_O is None else b_O.detach().float(),
+                          b_out=None if b_out is None else b_out.detach().float(), W_out_raw=W_out_raw,
+                          attn_post_w=None if post is None else post[0],
+                          mlp_post_w=None if post is None else post[1], post_eps=eps)
     _check_norm(dw, backend)
     _CACHE[model] = (key, dw)
     return dw
+
+
+def post_norm_weights(backend: Any, eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(attn_post_w, mlp_post_w)`` [L, d] of a model with RMS norms after attention and MLP, read
+    by probing each norm (so Gemma's stored ``w - 1`` and TransformerLens's folded ``w`` read alike),
+    or None when the blocks have no such norms. A post norm that is not an RMS norm with a weight
+    (checked on random vectors) is refused."""
+    L = backend.n_layers
+    mods = [(backend.output_norm("attn", l), backend.output_norm("mlp", l)) for l in range(L)]
+    if all(a is None and m is None for a, m in mods):
+        return None
+    if any(a is None or m is None for a, m in mods):
+        raise UnsupportedModelError("model: some blocks have a norm after attention or MLP and others do "
+                                    "not; accepted: models whose blocks all have both or neither")
+    d = backend.cfg.d_model
+    c = 1e3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, d, generator=g) * 2
+    out = []
+    with torch.no_grad():
+        for pair in mods:
+            ws = []
+            for norm in pair:
+                probe = torch.full((1, d), c, dtype=torch.float32)
+                w = norm(probe.to(backend.device, backend.dtype)).float().cpu()[0] * (c * c + eps) ** 0.5 / c
+                real = norm(x.to(backend.device, backend.dtype)).float().cpu()
+                ours = w * x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+                if float((real - ours).abs().max()) > 1e-3 * max(1.0, float(real.abs().max())):
+                    raise UnsupportedModelError(
+                        "model: a norm after attention or MLP is not an RMS norm with a weight; accepted: "
+                        "models without post norms, or with RMS post norms (Gemma 2/3)")
+                ws.append(w)
+            out.append(ws)
+    return torch.stack([a for a, _ in out]), torch.stack([m for _, m in out])
 
 
 def _check_norm(dw: DebugWeights, backend: Any) -> None:

@@ -12,6 +12,12 @@ Definitions (``docs/debugger.md``):
   (embeddings, heads, biases, sub-updates) it gives the logit exactly, up to the norm's bias.
   The output soft-cap, where a model has one, is left out (effects on the pre-cap logit);
 * a head's sub-update is its output ``z_h @ W_O[layer, h]`` at the position (no ``b_O``);
+* on models with norms after attention and MLP (Gemma 2/3), each output reaches the residual through
+  that norm, ``w * x / sigma`` with ``x`` the block's whole attention (or MLP) output: the value read
+  is ``w * v_i`` (``norm`` is its norm), and ``score`` and ``direct_effect`` use ``m_i / sigma`` with
+  ``sigma`` the norm's scale at the position, frozen like the final norm's (column
+  ``post_norm_scale``; 1 on pre-norm-only models). The reconstruction is checked against the
+  block's ``hook_mlp_out`` / ``hook_attn_out`` at every traced position;
 * ``.layers``: the logit lens (final norm with its own scale, unembedding) of the residual before
   attention (``resid_pre``), after attention (``resid_mid``) and after the FFN (``resid_post``).
 
@@ -123,6 +129,26 @@ def run_and_collect(model: Any, tokens: torch.Tensor, kinds: Sequence[str]) -> t
     return logits.detach()[0], store
 
 
+def _post_scale(dw: Any, acts: dict, kind: str, layer: int, pos: int, summed: torch.Tensor) -> float:
+    """The post norm's scale for a block output ``summed`` [d] (before its bias), checked: the
+    reconstruction ``w * (summed + b) / sigma`` must equal the block's hooked output."""
+    from tl_plugins.errors import UnsupportedModelError
+
+    bias = dw.b_O if kind == "attn" else dw.b_out
+    x = summed + (bias[layer] if bias is not None else 0.0)
+    sigma = dw.post_scale(x)
+    w = dw.attn_post_w[layer] if kind == "attn" else dw.mlp_post_w[layer]
+    real = acts[(f"{kind}_out", layer)][pos].float().cpu()
+    ours = w * x / sigma
+    if float((real - ours).abs().max()) > 1e-3 * max(1.0, float(real.abs().max())):
+        raise UnsupportedModelError(
+            f"model: layer {layer}'s {kind} output is not its post norm applied to the sum of its "
+            f"{'heads' if kind == 'attn' else 'sub-updates'} (max difference "
+            f"{float((real - ours).abs().max()):.3g}); accepted: models whose post norms act on the "
+            "block's output alone")
+    return sigma
+
+
 def _top_tokens_of(vectors: torch.Tensor, basis: torch.Tensor, n: int, chunk: int = 256) -> torch.Tensor:
     out = []
     for s in range(0, vectors.shape[0], chunk):
@@ -141,10 +167,13 @@ def trace(model: Any, prompt_or_tokens: Any, position: Union[int, Sequence[int]]
     effects are then on ``logit(target) - logit(contrast)``. ``k``: sub-updates kept per layer (by
     score, and separately by |direct effect|). ``n_tokens``: promoted tokens shown per sub-update
     (the top tokens of ``sign(m_i) v_i`` in the readout basis, from ``index`` when one is given or
-    already built for this model, computed otherwise). ``heads``: include attention-head outputs.
+    already built for this model, computed otherwise; ``0``: none, which keeps a trace with a large
+    ``k`` cheap on a large vocabulary). ``heads``: include attention-head outputs.
     """
     k = _check_k(k)
-    n_tokens = _check_k(n_tokens, "n_tokens")
+    if not (isinstance(n_tokens, numbers.Integral) and not isinstance(n_tokens, bool) and n_tokens >= 0):
+        raise ValueError(f"n_tokens: got {n_tokens!r}; accepted: an int >= 0 (0: no promoted tokens)")
+    n_tokens = int(n_tokens)
     lens_k = _check_k(lens_k, "lens_k")
     dw = debug_weights(model)
     backend = dw.backend
@@ -159,7 +188,9 @@ def trace(model: Any, prompt_or_tokens: Any, position: Union[int, Sequence[int]]
         index.check_model(model)
     basis = dw.readout_basis()
     L = dw.n_layers
-    kinds = ["resid_pre", "resid_mid", "resid_post", "mlp_post"] + (["z"] if heads else [])
+    post = dw.mlp_post_w is not None
+    kinds = ["resid_pre", "resid_mid", "resid_post", "mlp_post"] + (["z"] if heads else []) \
+        + (["mlp_out", "attn_out"] if post else [])
     sub_rows, de_rows, layer_rows, head_rows, tgt_rows = [], [], [], [], []
     all_tokens, all_ids = [], []
     for b, toks in enumerate(rows):
@@ -195,13 +226,17 @@ def trace(model: Any, prompt_or_tokens: Any, position: Union[int, Sequence[int]]
             new_vecs, new_meta = [], []
             for l in range(L):
                 coef = acts[("mlp_post", l)][pos].float().cpu()
-                score = core.sub_update_scores(coef, dw.value_norms[l])
-                de = core.direct_effects(coef, value_dots[l])
+                s2 = 1.0
+                if post:  # the value as written is w2 * v_i, reached through 1 / sigma2
+                    s2 = _post_scale(dw, acts, "mlp", l, pos, coef @ dw.W_out_raw[l])
+                eff = coef / s2
+                score = core.sub_update_scores(eff, dw.value_norms[l])
+                de = core.direct_effects(eff, value_dots[l])
                 by_score = core.ranked(score, k)
                 by_de = core.ranked(de.abs(), k)
                 de_rank = core.rank_of(de)
-                shares = core.update_shares(coef, dw.W_out[l], by_score, value_dots[l])
-                shares_de = core.update_shares(coef, dw.W_out[l], by_de, value_dots[l])
+                shares = core.update_shares(eff, dw.W_out[l], by_score, value_dots[l])
+                shares_de = core.update_shares(eff, dw.W_out[l], by_de, value_dots[l])
                 i0, i1, i2 = 3 * l, 3 * l + 1, 3 * l + 2
                 layer_rows.append({
                     "prompt": b, "position": pos, "layer": l,
@@ -221,25 +256,34 @@ def trace(model: Any, prompt_or_tokens: Any, position: Union[int, Sequence[int]]
                         table.append({"prompt": b, "position": pos, "layer": l, "unit": u,
                                       "label": unit_label(l, u), "coefficient": c,
                                       "norm": float(dw.value_norms[l, u]), "score": float(score[u]),
-                                      "direct_effect": float(de[u]), "rank": r,
+                                      "direct_effect": float(de[u]), "rank": r, "post_norm_scale": s2,
                                       "score_rank": int(core.rank_of(score)[u]) if table is de_rows else r,
                                       "direct_rank": int(de_rank[u]), "top_tokens": None})
                         new_meta.append((table, len(table) - 1, l, u, c))
                 if heads:
                     z = acts[("z", l)][pos].float().cpu()                   # [H, d_head]
                     out = torch.einsum("hd,hdm->hm", z, dw.W_O[l])
+                    s1 = 1.0
+                    if post:
+                        s1 = _post_scale(dw, acts, "attn", l, pos, out.sum(0))
+                        out = out * dw.attn_post_w[l] / s1
                     hnorm = out.norm(dim=-1)
                     hde = out @ d
                     show = set(core.ranked(hnorm, head_tokens).tolist())
                     for h in range(out.shape[0]):
                         head_rows.append({"prompt": b, "position": pos, "layer": l, "head": h,
                                           "label": f"L{l}H{h}", "norm": float(hnorm[h]),
-                                          "direct_effect": float(hde[h]), "top_tokens": None})
+                                          "direct_effect": float(hde[h]), "post_norm_scale": s1,
+                                          "top_tokens": None})
                         if h in show:
                             new_vecs.append(out[h])
                             new_meta.append((head_rows, len(head_rows) - 1, l, None, 1.0))
             # promoted tokens: from the index where it has them, else one batched product
             todo = []
+            if n_tokens == 0:
+                for table, row, *_ in new_meta:
+                    table[row]["top_tokens"] = []
+                new_meta, new_vecs = [], []
             for table, row, l, u, c in new_meta:
                 if u is not None and index is not None and index.n_tokens >= n_tokens:
                     ids_ = index.promoted(l, u, c, n_tokens)
@@ -253,13 +297,16 @@ def trace(model: Any, prompt_or_tokens: Any, position: Union[int, Sequence[int]]
                 for (table, row), ids_ in zip(targets_, got.tolist()):
                     table[row]["top_tokens"] = token_strs(backend, ids_)
     cols = ["prompt", "position", "layer", "unit", "label", "coefficient", "norm", "score", "direct_effect",
-            "rank", "score_rank", "direct_rank", "top_tokens"]
-    meta = {"norm": f"{dw.norm_kind} final norm, scale frozen at the final residual (sigma_final)",
+            "rank", "score_rank", "direct_rank", "post_norm_scale", "top_tokens"]
+    meta = {"norm": f"{dw.norm_kind} final norm, scale frozen at the final residual (sigma_final)"
+                    + ("; post-attention and post-MLP RMS norms, scales frozen per position (post_norm_scale)"
+                       if post else ""),
             "weights": dw.processing, "n_layers": L, "d_mlp": dw.d_mlp, "index": index is not None}
     return TraceResult(tokens=all_tokens, token_ids=all_ids, sub_updates=pd.DataFrame(sub_rows, columns=cols),
                        by_direct_effect=pd.DataFrame(de_rows, columns=cols), layers=pd.DataFrame(layer_rows),
                        heads=pd.DataFrame(head_rows, columns=["prompt", "position", "layer", "head", "label",
-                                                              "norm", "direct_effect", "top_tokens"]),
+                                                              "norm", "direct_effect", "post_norm_scale",
+                                                              "top_tokens"]),
                        targets=pd.DataFrame(tgt_rows), k=k, meta=meta)
 
 

@@ -235,6 +235,18 @@ class Backend(ABC):
     def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
         """The final norm applied to residual vectors [..., d_model] (identity when there is none)."""
 
+    def output_norm(self, kind: str, layer: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The norm a block applies to its attention (``kind="attn"``) or MLP (``kind="mlp"``) output
+        before adding it to the residual (Gemma 2/3's ``ln1_post`` / ``ln2_post``), as a function of
+        vectors [..., d_model]; None for the usual pre-norm-only block.
+
+        Both TransformerLens backends name these modules ``ln1_post`` and ``ln2_post`` on each block;
+        a backend whose models differ overrides this."""
+        if kind not in ("attn", "mlp"):
+            raise ValueError(f"kind: got {kind!r}; accepted: 'attn' or 'mlp'")
+        block = self.model.blocks[self.check_layer(layer)]
+        return block._modules.get("ln1_post" if kind == "attn" else "ln2_post")
+
     @abstractmethod
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [..., d_vocab] of normalised vectors [..., d_model] (unembedding + its bias)."""

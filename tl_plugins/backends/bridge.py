@@ -665,7 +665,7 @@ class BridgeBackend(Backend):
             if ln is None or self.layer_norm_folded or self.processing().fold_ln:
                 return None
             hf = getattr(ln, "original_component", None)
-            return self._maybe(hf, "weight")
+            return _effective_norm_weight(hf, self._maybe(hf, "weight"))
         block = m.blocks[self.check_layer(layer)]
         attn = block.attn
         if name in ("W_Q", "W_K", "W_V", "W_O"):
@@ -951,3 +951,25 @@ def support_table() -> dict[str, dict[str, str]]:
 
 
 __all__ = ["BridgeBackend", "BridgeAttentionCall", "attention_family", "boot", "is_bridge", "support_table"]
+
+
+def _effective_norm_weight(hf_norm: Any, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The multiplier an HF RMS norm applies: ``weight``, or ``1 + weight`` for the Gemma family,
+    which stores ``w - 1`` (told apart by probing the module with a constant vector, where the
+    RMS scale is known: ``norm(c * 1) = w_eff * c / sqrt(c^2 + eps)``)."""
+    if weight is None or hf_norm is None or weight.dim() != 1:
+        return weight
+    c = 1e3
+    with torch.no_grad():
+        probe = torch.full((1, weight.numel()), c, dtype=weight.dtype, device=weight.device)
+        try:
+            out = hf_norm(probe)[0].float()
+        except Exception:  # not callable on a bare tensor: keep the stored weight
+            return weight
+    eps = float(getattr(hf_norm, "eps", getattr(hf_norm, "variance_epsilon", 1e-6)))
+    eff = out * (c * c + eps) ** 0.5 / c
+    w = weight.detach().float()
+    if torch.allclose(eff, w + 1, atol=1e-4, rtol=1e-4) and not torch.allclose(eff, w, atol=1e-4, rtol=1e-4):
+        return weight + 1
+    return weight
+

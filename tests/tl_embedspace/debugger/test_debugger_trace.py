@@ -146,3 +146,60 @@ def test_unsupported_mlps():
     with pytest.raises(UnsupportedModelError, match="SoLU"):
         tl_plugins.enable(solu, "steer", interventions=[{"layer": 0, "unit": 0}])
     assert tl_plugins.active(solu) == {}
+
+
+@pytest.fixture(scope="module")
+def gemma3_bridge():
+    from tl_plugins.models import tiny
+
+    return tiny.tiny_bridge("gemma3")  # norms after attention and MLP (ln1_post, ln2_post), QK-norm
+
+
+def test_post_norm_model_sums_to_the_logit(gemma3_bridge):
+    """Gemma 3's post norms: every component through its frozen post norm adds up to the logit, and
+    each sub-update's direct effect equals a brute-force one from the cache and the norm modules."""
+    model = gemma3_bridge
+    text = "w5 w9 w13 w7 w22"
+    t = debugger.trace(model, text, position=-1, k=10_000)
+    be, toks, logits, cache = _cache(model, text)
+    W = tl_plugins.weights(model)
+    pos = toks.shape[1] - 1
+    tid = int(t.targets.target_id[0])
+    sigma = float(t.targets.sigma_final[0])
+    d = W.ln_final_w() * W.W_U[:, tid] / sigma
+    total = float(cache[be.hook_name("resid_pre", 0)][0, pos] @ d)
+    for l in range(be.n_layers):
+        # brute force: the post norm applied to the MLP output with its scale frozen, unit by unit
+        post = cache[be.hook_name("mlp_post", l)][0, pos]
+        raw = post @ W.W_out[l] + W.b_out[l]
+        norm = model.blocks[l].ln2_post
+        s2 = float((raw.double().pow(2).mean() + model.cfg.eps).sqrt())
+        w2 = norm(torch.full((1, raw.numel()), 1e3))[0] * (1e6 + model.cfg.eps) ** 0.5 / 1e3
+        assert torch.allclose(norm(raw[None])[0], w2 * raw / s2, atol=1e-5)
+        de = post * ((W.W_out[l] * w2) @ d) / s2
+        rows = t.sub_updates[t.sub_updates.layer == l]
+        assert rows.post_norm_scale.iloc[0] == pytest.approx(s2, rel=1e-5)
+        for r in rows.head(5).itertuples():
+            assert r.direct_effect == pytest.approx(float(de[r.unit]), rel=1e-4, abs=1e-6)
+            assert r.coefficient == pytest.approx(float(post[r.unit]), abs=1e-6)  # still hook_post
+        total += float(rows.direct_effect.sum()) + float((w2 * W.b_out[l] / s2) @ d)
+        hrows = t.heads[t.heads.layer == l]
+        s1 = float(hrows.post_norm_scale.iloc[0])
+        w1 = model.blocks[l].ln1_post(torch.full((1, raw.numel()), 1e3))[0] * (1e6 + model.cfg.eps) ** 0.5 / 1e3
+        total += float(hrows.direct_effect.sum()) + float((w1 * W.b_O[l] / s1) @ d)
+    assert total + float(W.b_U[tid]) == pytest.approx(float(logits[pos, tid]), abs=1e-4)
+
+
+def test_post_norm_values_are_read_as_written(gemma3_bridge, tmp_path):
+    """The index ranks ``w2 * W_out[i]`` (the value as the post norm writes it), not the raw row."""
+    from tl_embedspace.debugger.index import ValueIndex
+    from tl_embedspace.debugger.model import debug_weights
+
+    model = gemma3_bridge
+    W = tl_plugins.weights(model)
+    dw = debug_weights(model)
+    w2 = model.blocks[0].ln2_post(torch.full((1, W.W_out.shape[-1]), 1e3))[0] * (1e6 + model.cfg.eps) ** 0.5 / 1e3
+    assert torch.allclose(dw.W_out[0], W.W_out[0] * w2, atol=1e-6)
+    idx = ValueIndex.build(model, n_tokens=5, folder=tmp_path, progress=False)
+    dense = (W.W_out[0, 3] * w2 * W.ln_final_w()) @ W.W_U
+    assert idx.promoted(0, 3, 1.0, 5) == torch.argsort(-dense, stable=True)[:5].tolist()
