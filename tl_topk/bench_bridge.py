@@ -5,8 +5,9 @@ One SmolLM2-shaped decoder layer (d_model 576, 9 query heads over 3 K/V heads, d
 TransformerLens's ``boot_transformers``; fp32, batch 1, the loss's forward + backward:
 
 1. memory: peak extra resident memory of the bridge with ``topk`` (k = 32, chunked) vs the same
-   bridge without it (the library's eager attention), n = 1K..8K, in a fresh process;
-2. time: the same two, median of interleaved runs at n = 4096;
+   bridge without it (the library's eager attention) and with the ``sdpa`` plugin (exact dense
+   attention through SDPA, the baseline a user has), n = 1K..8K, in a fresh process;
+2. time: the same three, median of interleaved runs at n = 4096;
 3. overhead: forward time (no grad) at n = 1024 of the bridge and of a HookedTransformer on the same
    weights, each with and without the plugin (HookedTransformer only on transformer-lens 3.x).
 """
@@ -81,14 +82,19 @@ def _memory_in_fresh_process(ns: list[int]) -> list[dict]:
     _loss_run(bridge, warm)()
     with tl_plugins.enabled(bridge, "topk", k=K_TOP, backend="chunked"):
         _loss_run(bridge, warm)()
+    with tl_plugins.enabled(bridge, "sdpa"):
+        _loss_run(bridge, warm)()
     for n in ns:
         tokens = torch.randint(4, 2048, (1, n), generator=torch.Generator().manual_seed(n))
         dense = peak_cpu_extra(_loss_run(bridge, tokens))
         with tl_plugins.enabled(bridge, "topk", k=K_TOP, backend="chunked"):
             top = peak_cpu_extra(_loss_run(bridge, tokens))
+        with tl_plugins.enabled(bridge, "sdpa"):
+            sdpa = peak_cpu_extra(_loss_run(bridge, tokens))
         rows.append(dict(part="bridge memory", n=n, k=K_TOP, method="bridge topk-chunked",
                          extra_MiB=top / 2**20, baseline="bridge eager (no plugin)",
-                         baseline_MiB=dense / 2**20, ratio_to_baseline=top / dense if dense else float("nan")))
+                         baseline_MiB=dense / 2**20, ratio_to_baseline=top / dense if dense else float("nan"),
+                         sdpa_MiB=sdpa / 2**20, ratio_to_sdpa=top / sdpa if sdpa else float("nan")))
         gc.collect()
     return rows
 
@@ -109,6 +115,8 @@ def bench_bridge(result: BenchResult, *, quick: bool, device: str = "cpu") -> No
     """Add the bridge rows (see the module docstring) to ``result``."""
     import multiprocessing
 
+    import tl_plugins
+
     if device != "cpu":
         result.notes.append("the bridge benchmark runs on the CPU only")
     ns = [256, 512] if quick else [1024, 2048, 4096, 8192]
@@ -125,12 +133,17 @@ def bench_bridge(result: BenchResult, *, quick: bool, device: str = "cpu") -> No
     bridge, hooked = _models(max(n_time, n_fwd), with_hooked=True)
     bridge_k, hooked_k = (_with_topk(m) if m is not None else None
                           for m in _models(max(n_time, n_fwd), with_hooked=True))
+    bridge_s = _models(n_time, with_hooked=False)[0]
+    tl_plugins.enable(bridge_s, "sdpa")
     tokens = torch.randint(4, 2048, (1, n_time), generator=torch.Generator().manual_seed(1))
     times = _interleaved({"bridge eager": _loss_run(bridge, tokens),
-                          "bridge topk-chunked": _loss_run(bridge_k, tokens)}, repeat=1 if quick else 3)
+                          "bridge topk-chunked": _loss_run(bridge_k, tokens),
+                          "bridge sdpa": _loss_run(bridge_s, tokens)}, repeat=1 if quick else 3)
+    del bridge_s
     for name, t in times.items():
         result.add(part="bridge time", n=n_time, k=K_TOP, method=name, seconds=t,
-                   ratio_to_baseline=t / times["bridge eager"], baseline="bridge eager")
+                   ratio_to_baseline=t / times["bridge eager"], baseline="bridge eager",
+                   ratio_to_sdpa=t / times["bridge sdpa"])
 
     fwd_tokens = tokens[:, :n_fwd]
 
