@@ -38,6 +38,9 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
     device: str = field(default_factory=device_description)
     checks: dict[str, bool] = field(default_factory=dict)
+    #: Structured results beside the rows (tables a benchmark also returns, e.g. tl_iclgd's per-layer
+    #: frames); written by ``to_json`` and so by ``tl-plugins bench NAME --json``.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def add(self, **row: Any) -> None:
         self.rows.append(row)
