@@ -11,7 +11,7 @@ Modules, bottom to top: ``topk`` (exact streaming top-k of factored products), `
 """
 
 from tl_embedspace.space import EmbeddingSpace, ProcessedWeightsWarning, VocabMatrix
-from tl_embedspace.topk import top1_diag_accuracy, topk_per_row, topk_product
+from tl_embedspace.factored_topk import top1_diag_accuracy, topk_per_row, topk_product
 
 __all__ = [
            "EmbeddingSpace",

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from tl_embedspace.topk import DEFAULT_BUDGET_BYTES as BUDGET
+from tl_embedspace.factored_topk import DEFAULT_BUDGET_BYTES as BUDGET
 from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time
 
 
@@ -23,7 +23,7 @@ def _pick_head(sp):
 def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu") -> BenchResult:
     from tl_embedspace.space import EmbeddingSpace
     from tl_embedspace.sweep import sweep, sweep_items
-    from tl_embedspace.topk import materialized_topk, topk_product
+    from tl_embedspace.factored_topk import materialized_topk, topk_product
     from tl_plugins import models
 
     if device != "cpu":

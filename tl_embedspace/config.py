@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass
 
 from tl_embedspace.space import LN_MODES, READ_BASES, WRITE_BASES
-from tl_embedspace.topk import DEFAULT_BUDGET_BYTES
+from tl_embedspace.factored_topk import DEFAULT_BUDGET_BYTES
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any, Union
 import torch
 
 import tl_plugins
-from tl_embedspace import topk as _topk
+from tl_embedspace import factored_topk as _topk
 from tl_embedspace.projections import (
     FilterLike,
     build_filter,

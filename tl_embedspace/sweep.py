@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import torch
 
-from tl_embedspace import topk as _topk
+from tl_embedspace import factored_topk as _topk
 from tl_embedspace.projections import visible
 from tl_plugins import distributed
 

@@ -9,7 +9,7 @@
     tl_plugins.enable(model, "sdpa")                   # exact dense attention through SDPA
 
 Layout: ``ops/`` pure tensor functions (selection rule, dense oracle, chunked autograd op, Triton
-kernel, FlexAttention path, top-k feed-forward); ``config.py`` and ``integration.py`` (model-aware); ``plugin.py``
+kernel, FlexAttention path, top-k feed-forward); ``config.py`` and ``seam_handlers.py`` (model-aware); ``plugin.py``
 (hookimpls); ``cli.py``, ``bench.py``, ``analysis.py``, ``report.py`` on top.
 """
 

@@ -128,11 +128,11 @@ def backends_cmd() -> None:
 
     import torch
 
-    from tl_topk.ops import flex, triton_kernels
+    from tl_topk.ops import flex, triton_backend
 
     click.echo(f"TL_TOPK_BACKEND={os.environ.get('TL_TOPK_BACKEND', '') or '(unset)'}")
     click.echo("dense    available (oracle; used whenever hook_attn_scores/hook_pattern are hooked)")
     click.echo("chunked  available (linear memory; auto on CPU)")
-    click.echo(f"triton   {triton_kernels.availability()}")
+    click.echo(f"triton   {triton_backend.availability()}")
     click.echo(f"flex     {flex.availability()}")
     click.echo(f"cuda     {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")

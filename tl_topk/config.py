@@ -175,7 +175,7 @@ class TopKConfig:
 class SDPAConfig:
     """Options of the ``sdpa`` plugin (``tl_plugins.enable(model, "sdpa")``): exact dense attention
     through ``scaled_dot_product_attention`` whenever neither ``hook_attn_scores`` nor ``hook_pattern``
-    is observed; the model's own dense path otherwise (see ``tl_topk.integration.sdpa_route``).
+    is observed; the model's own dense path otherwise (see ``tl_topk.seam_handlers.sdpa_route``).
 
     Attributes:
         layers: only these layers use SDPA; None = all.

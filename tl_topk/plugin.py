@@ -8,7 +8,7 @@ calls that top-k leaves dense (or every call when only ``sdpa`` is enabled), SDP
 from __future__ import annotations
 
 from tl_plugins import hookimpl
-from tl_topk import integration
+from tl_topk import seam_handlers
 from tl_topk.config import SDPAConfig, TopKConfig
 
 
@@ -39,19 +39,19 @@ def tl_plugins_enable(model, name, config, backend):
         return True
     if name != "topk":
         return None
-    integration.check_model(model, config)
+    seam_handlers.check_model(model, config)
     return True
 
 
 @hookimpl
 def tl_plugins_attention(call):
-    z = integration.attention(call)
-    return integration.sdpa_attention(call) if z is None else z
+    z = seam_handlers.attention(call)
+    return seam_handlers.sdpa_attention(call) if z is None else z
 
 
 @hookimpl
 def tl_plugins_mlp_activation(call):
-    return integration.mlp_activation(call)
+    return seam_handlers.mlp_activation(call)
 
 
 @hookimpl

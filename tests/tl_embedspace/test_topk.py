@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tl_embedspace.topk import (
+from tl_embedspace.factored_topk import (
     balance_factors,
     diag_product,
     top1_diag_accuracy,

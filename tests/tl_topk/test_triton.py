@@ -12,12 +12,12 @@ import os
 import pytest
 import torch
 
-from tl_topk.ops import triton_kernels
+from tl_topk.ops import triton_backend
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytestmark = pytest.mark.skipif(not triton_kernels.installed(), reason="the triton package is not installed")
+pytestmark = pytest.mark.skipif(not triton_backend.installed(), reason="the triton package is not installed")
 
 from tl_topk import topk_attention  # noqa: E402
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from tl_embedspace.topk import _select, chunk_rows_for
+from tl_embedspace.factored_topk import _select, chunk_rows_for
 
 NORM_KINDS = ("rms", "ln", "none")
 
@@ -129,7 +129,7 @@ def two_sided_topk(V: torch.Tensor, B: torch.Tensor, n: int, *, budget_bytes: in
     Row chunks are sized by the project's ``chunk_rows_for`` (a chunk of rows times the whole
     vocabulary stays inside ``budget_bytes``); where more candidates tie at the n-th value than fit,
     the choice is redone with the project's ``_select`` (ties to the smaller token id), and each row
-    is ordered by (value desc, id asc) (bottom: value asc, id asc), as ``tl_embedspace.topk`` does.
+    is ordered by (value desc, id asc) (bottom: value asc, id asc), as ``tl_embedspace.factored_topk`` does.
     Returns ``(top_vals, top_ids, bot_vals, bot_ids)``, each [N, n]."""
     N, m = V.shape[0], B.shape[1]
     n = min(int(n), m)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from tl_topk.ops import flex, triton_kernels
+from tl_topk.ops import flex, triton_backend
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
 from tl_topk.ops.dense import dense_topk_attention
 from tl_topk.ops.mixed import full_attention, mixed_heads_attention
@@ -160,10 +160,10 @@ def topk_attention(
     kk = int(k_rows.max().item())
     # The dense backend keeps about four [b, h, n_q, n_k] fp32 tensors alive for its backward.
     dense_fits = b * h * n_q * n_k * 4 * 4 <= memory_budget
-    chosen = resolve_backend(backend, q.device, triton_kernels.supports(q, kk, softcap, window), dense_fits,
+    chosen = resolve_backend(backend, q.device, triton_backend.supports(q, kk, softcap, window), dense_fits,
                              flex.supports(q))
     if chosen == "triton":
-        triton_kernels.check_available(q)
+        triton_backend.check_available(q)
     dense_heads = [i for i, e in enumerate(spec) if spec_covers_all((e,), n_k)]
     if chosen != "dense" and dense_heads and softcap is None:
         # Heads that keep every key need no selection: SDPA runs them (linear memory when causal
@@ -183,7 +183,7 @@ def topk_attention(
         return dense_topk_attention(q, k, v, spec, causal=causal, key_padding_mask=key_padding_mask,
                                     scale=scale, softcap=softcap, window=window)
     if chosen == "triton":
-        return triton_kernels.triton_topk_attention(q, k, v, k_rows, kk, causal=causal,
+        return triton_backend.triton_topk_attention(q, k, v, k_rows, kk, causal=causal,
                                                     key_padding_mask=key_padding_mask, scale=scale,
                                                     softcap=softcap, window=window)
     if chosen == "flex":

@@ -133,9 +133,9 @@ def check_model(model: Any, cfg: TopKConfig) -> None:
         check_activation(str(mcfg.act_fn))
     env = os.environ.get(ENV_BACKEND, "").strip().lower()
     if (env or cfg.backend) == "triton":
-        from tl_topk.ops import triton_kernels
+        from tl_topk.ops import triton_backend
 
-        triton_kernels.check_available(torch.empty(0, device=mcfg.device))
+        triton_backend.check_available(torch.empty(0, device=mcfg.device))
     if (env or cfg.backend) == "flex":
         from tl_topk.ops import flex
 

@@ -1,6 +1,6 @@
-"""The ``triton`` backend's front: availability checks and the call into ``_triton_impl``.
+"""The ``triton`` backend's front: availability checks and the call into ``_triton_kernels``.
 
-The kernels live in ``_triton_impl`` and are imported only when first used, because Triton reads
+The kernels live in ``_triton_kernels`` and are imported only when first used, because Triton reads
 ``TRITON_INTERPRET`` (run kernels in its CPU interpreter, for tests) when that module is imported.
 """
 
@@ -68,6 +68,6 @@ def triton_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scal
     reason = unsupported_reason(q, kk, softcap, window)
     if reason is not None:
         raise ValueError(f"backend='triton': {reason}; use backend='chunked'")
-    from tl_topk.ops._triton_impl import TritonTopKAttention
+    from tl_topk.ops._triton_kernels import TritonTopKAttention
 
     return TritonTopKAttention.apply(q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap)
