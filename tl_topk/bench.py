@@ -266,7 +266,7 @@ def _interleaved_medians(runs: dict[str, Callable[[], None]], repeat: int, sync:
             {name: statistics.median(x) for name, x in cpu.items()})
 
 
-# The issue's targets for the CPU chunked backend, as ratios to SDPA measured in the same run.
+# The targets for the CPU chunked backend, as ratios to SDPA measured in the same run.
 TIME_TARGETS = {4096: 0.8, 16384: 0.5}
 NO_GRAD_TARGET = 1.2
 
@@ -301,7 +301,7 @@ def bench_time(result: BenchResult, n, k_top: int, device: str, repeat: int, den
             target = NO_GRAD_TARGET if part != "time" else TIME_TARGETS.get(n, 2.0 if base == "dense-math" else None)
             text = (f"n={n} k={k_top} {what} time <= {target}x {base} ({r:.2f}x wall, "
                     f"{cpus[topk_name] / cpus[base]:.2f}x CPU time)")
-            if n >= 4096 and target is not None:  # the issue's sizes; below them auto picks dense on CPU
+            if n >= 4096 and target is not None:  # the targets' sizes; below them auto picks dense on CPU
                 result.check(text, r <= target)
             else:
                 result.notes.append(f"not a target: n={n} k={k_top} {what}: {topk_name} {r:.2f}x {base} "
