@@ -29,20 +29,18 @@ def tl_plugins_register(register):
 
 @hookimpl
 def tl_plugins_enable(model, name, config, backend):
+    # the host calls this module's hook only for the names it registered: "embedspace" and "steer"
     if name == "steer":
         from tl_embedspace.debugger import steer
 
         steer.install(model, config, backend)
-        return True
-    if name != "embedspace":
-        return None
-    return True  # nothing to install: the config is read by tl_embedspace.config.space_for
+    return True  # embedspace: nothing to install; the config is read by tl_embedspace.config.space_for
 
 
 @hookimpl
 def tl_plugins_disable(model, name, backend):
     if name != "steer":
-        return None
+        return True  # embedspace installed nothing
     import tl_plugins
     from tl_embedspace.debugger import steer
 

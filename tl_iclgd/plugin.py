@@ -26,14 +26,7 @@ def tl_plugins_register(register):
 
 @hookimpl
 def tl_plugins_enable(model, name, config, backend):
-    if name != "iclgd":
-        return None
     return True  # nothing to install: the config is kept by the host (tl_plugins.active)
-
-
-@hookimpl
-def tl_plugins_disable(model, name, backend):
-    return True if name == "iclgd" else None
 
 
 # -- command line -----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 
 from tl_plugins import backends as _backends
 from tl_plugins.errors import NotEnabledError, PluginBlockedError, UnknownPluginError
-from tl_plugins.plugins import PluginInfo, entry_points, get_plugin_manager, registry
+from tl_plugins.plugins import PluginInfo, entry_points, owner_hook, registry
 from tl_plugins.seams import SEAM_OWNER_ATTN, SEAM_OWNER_MLP, install_attention_seam, install_mlp_seam
 from tl_plugins.state import check_not_busy_elsewhere, drop_state_if_empty, get_state, restore_owner
 
@@ -50,7 +50,9 @@ def _uninstall(model: Any, name: str, backend: Any) -> None:
     """
     error: BaseException | None = None
     try:
-        get_plugin_manager().hook.tl_plugins_disable(model=model, name=name, backend=backend)
+        info = registry().get(name)
+        if info is not None:  # a plugin unregistered while enabled has no hook left to call
+            owner_hook(info, "tl_plugins_disable")(model=model, name=name, backend=backend)
     except BaseException as exc:  # noqa: BLE001 - re-raised below, after the cleanup
         error = exc
     finally:
@@ -108,9 +110,7 @@ def _install(model: Any, name: str, info: PluginInfo, cfg: Any, backend: Any) ->
             state.mlp_seam_users.add(name)
             install_mlp_seam(model, backend)
         state.active[name] = cfg
-        handled = get_plugin_manager().hook.tl_plugins_enable(
-            model=model, name=name, config=cfg, backend=backend
-        )
+        handled = owner_hook(info, "tl_plugins_enable")(model=model, name=name, config=cfg, backend=backend)
         if not handled and info.changes_forward and not (info.attention_seam or info.mlp_seam):
             raise RuntimeError(f"plugin {name!r} declared changes_forward but no enable hook handled it")
     except BaseException as exc:

@@ -32,8 +32,9 @@ def tl_plugins_register(register):
 def tl_plugins_enable(model, name, config, backend):
     """Install plugin ``name`` on ``model`` with the validated ``config`` instance.
 
-    Return a truthy value if this implementation owns ``name`` (None otherwise, so the next
-    implementation is asked). ``backend`` is the model's backend object (see
+    The host calls this hook of the plugin that registered ``name`` alone (the registry knows which
+    module declared each name), so an implementation sees only its own names; return a truthy value
+    once installed. ``backend`` is the model's backend object (see
     ``tl_plugins.backends``). An implementation must change behaviour only at method seams on the
     instance (``tl_plugins.seams``): never replace a module, never leave a permanent hook on a hook
     point. It may raise to refuse the model (unsupported attention type, ...); the host then rolls
@@ -45,7 +46,7 @@ def tl_plugins_enable(model, name, config, backend):
 
 @hookspec(firstresult=True)
 def tl_plugins_disable(model, name, backend):
-    """Undo ``tl_plugins_enable`` for ``name``. Return truthy if this implementation owns ``name``.
+    """Undo ``tl_plugins_enable`` for ``name``; called on the plugin that registered ``name`` alone.
 
     Overrides installed through ``tl_plugins.seams`` are removed by the host after this hook, so most
     plugins need not implement it; implement it to drop caches or other per-model state.

@@ -38,6 +38,9 @@ class PluginInfo:
     backends: tuple[str, ...] = ("hooked",)
     source: str = ""
     version: str = ""
+    #: The registered object (module or class) whose ``tl_plugins_register`` declared the name;
+    #: enable and disable call this plugin's hooks alone (:func:`owner_hook`).
+    owner: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -151,6 +154,7 @@ def registry() -> dict[str, PluginInfo]:
             backends: tuple[str, ...] = ("hooked",),
             _source: str = source,
             _version: str = version,
+            _owner: Any = impl.plugin,
         ) -> None:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"register: name must be a non-empty string, got {name!r}")
@@ -169,11 +173,21 @@ def registry() -> dict[str, PluginInfo]:
                 backends=tuple(backends),
                 source=_source,
                 version=_version,
+                owner=_owner,
             )
 
         _call_isolated(pm, impl, "tl_plugins_register", register)
     _registry = found
     return found
+
+
+def owner_hook(info: PluginInfo, hook_name: str) -> Callable[..., Any]:
+    """The hook ``hook_name`` restricted to the plugin that registered ``info.name``: the host
+    dispatches enable and disable to the owner, so no implementation has to check the name of a
+    plugin it does not own (a module that registers several names still tells them apart)."""
+    pm = get_plugin_manager()
+    others = [p for p in pm.get_plugins() if p is not info.owner]
+    return pm.subset_hook_caller(hook_name, remove_plugins=others)
 
 
 def invalidate_registry() -> None:

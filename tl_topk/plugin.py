@@ -34,12 +34,11 @@ def tl_plugins_register(register):
 
 @hookimpl
 def tl_plugins_enable(model, name, config, backend):
+    # the host calls this module's hook only for the names it registered: "topk" and "sdpa"
     if name == "sdpa":
         config.check_model(model.cfg.n_layers)
-        return True
-    if name != "topk":
-        return None
-    seam_handlers.check_model(model, config)
+    else:
+        seam_handlers.check_model(model, config)
     return True
 
 

@@ -254,3 +254,45 @@ def test_padded_batches_through_the_seam_are_bit_exact(scale_plugin):
     ref = model(tokens, attention_mask=mask)
     with tl_plugins.enabled(model, "scale", factor=1.0):
         assert torch.equal(model(tokens, attention_mask=mask), ref)
+
+
+def test_enable_and_disable_go_to_the_owner_alone(tiny_model, temp_plugin):
+    """Two plugins whose hooks do not look at the name: each is called only for its own name."""
+    from dataclasses import dataclass
+
+    from tl_plugins import hookimpl
+
+    calls = []
+
+    @dataclass
+    class Cfg:
+        pass
+
+    def make(label):
+        class P:
+            @staticmethod
+            @hookimpl
+            def tl_plugins_register(register):
+                register(label, config=Cfg)
+
+            @staticmethod
+            @hookimpl
+            def tl_plugins_enable(model, name, config, backend):
+                calls.append((label, "enable", name))
+                return True
+
+            @staticmethod
+            @hookimpl
+            def tl_plugins_disable(model, name, backend):
+                calls.append((label, "disable", name))
+                return True
+        return P
+
+    temp_plugin(make("owner-a"), "test-owner-a")
+    temp_plugin(make("owner-b"), "test-owner-b")
+    tl_plugins.enable(tiny_model, "owner-a")
+    tl_plugins.enable(tiny_model, "owner-b")
+    tl_plugins.disable(tiny_model, "owner-a")
+    tl_plugins.disable(tiny_model, "owner-b")
+    assert calls == [("owner-a", "enable", "owner-a"), ("owner-b", "enable", "owner-b"),
+                     ("owner-a", "disable", "owner-a"), ("owner-b", "disable", "owner-b")]
