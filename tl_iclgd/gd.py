@@ -36,6 +36,10 @@ READOUTS = ("resid_post", "resid_mid")
 _PARAM_LETTERS = "qkvo"
 
 
+#: The learning rate of the command line, the benchmark and the report (GDConfig's own default).
+DEFAULT_LR = 0.1
+
+
 @dataclass(frozen=True)
 class GDConfig:
     """How to fine-tune on the demonstrations (see the module doc).
@@ -49,7 +53,7 @@ class GDConfig:
     allow_processed: run on folded/centred weights anyway.
     """
 
-    lr: float = 0.1
+    lr: float = DEFAULT_LR
     params: Union[str, tuple[str, ...]] = "kv"
     layers: Optional[tuple[int, ...]] = None
     order: str = "icl"

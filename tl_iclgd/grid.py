@@ -173,9 +173,9 @@ def cli_task(name: str, model: Any, n_demos: Optional[int], n_queries: Optional[
     tokenizer needed; pools of ``n_demos`` and ``n_queries`` pairs), anything else a built-in name."""
     if name != COPY_TASK:
         return name
-    from tl_iclgd.plugin import _synthetic_task
+    from tl_iclgd.bench import synthetic_task
 
-    return _synthetic_task(backend_of(model).d_vocab, n_demos or 16, n_queries or 50)
+    return synthetic_task(backend_of(model).d_vocab, n_demos or 16, n_queries or 50)
 
 
 def run_cli(model: Any, task_names: Sequence[str], lrs: Sequence[float], gd: GDConfig, *, json_file: Any,
