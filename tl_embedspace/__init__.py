@@ -10,8 +10,8 @@ Modules, bottom to top: ``topk`` (exact streaming top-k of factored products), `
 ``sweep`` (rank a whole model to files), ``plugin`` (CLI, benchmark, report section).
 """
 
-from tl_embedspace.space import EmbeddingSpace, ProcessedWeightsWarning, VocabMatrix
 from tl_embedspace.factored_topk import top1_diag_accuracy, topk_per_row, topk_product
+from tl_embedspace.space import EmbeddingSpace, ProcessedWeightsWarning, VocabMatrix
 
 __all__ = [
            "EmbeddingSpace",

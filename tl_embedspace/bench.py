@@ -21,9 +21,9 @@ def _pick_head(sp):
 
 
 def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu") -> BenchResult:
+    from tl_embedspace.factored_topk import materialized_topk, topk_product
     from tl_embedspace.space import EmbeddingSpace
     from tl_embedspace.sweep import sweep, sweep_items
-    from tl_embedspace.factored_topk import materialized_topk, topk_product
     from tl_plugins import models
 
     if device != "cpu":

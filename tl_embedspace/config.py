@@ -8,11 +8,10 @@ from them.
 from __future__ import annotations
 
 import numbers
-
 from dataclasses import dataclass
 
-from tl_embedspace.space import LN_MODES, READ_BASES, WRITE_BASES
 from tl_embedspace.factored_topk import DEFAULT_BUDGET_BYTES
+from tl_embedspace.space import LN_MODES, READ_BASES, WRITE_BASES
 
 
 @dataclass

@@ -20,10 +20,9 @@ pruning skip an entry that a dense product would have ranked.
 
 from __future__ import annotations
 
-import numbers
-
 import bisect
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union

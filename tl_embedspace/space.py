@@ -24,7 +24,6 @@ processed them (folding/centering change W_E and W_U, so results no longer match
 from __future__ import annotations
 
 import numbers
-
 import time
 import warnings
 from collections.abc import Sequence

@@ -13,10 +13,10 @@ found through the ``tl_plugins`` entry-point group.
 
 from __future__ import annotations
 
-import pluggy
-
-hookimpl = pluggy.HookimplMarker("tl_plugins")
-
+# isort: off
+# the marker first: modules imported below may import it from the package while it initialises
+from tl_plugins.hookspecs import hookimpl  # noqa: F401
+# isort: on
 from tl_plugins import models  # noqa: E402,F401
 from tl_plugins.api import active, disable, enable, enabled, list_plugins  # noqa: E402
 from tl_plugins.errors import (  # noqa: E402

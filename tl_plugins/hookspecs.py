@@ -10,6 +10,7 @@ from __future__ import annotations
 import pluggy
 
 hookspec = pluggy.HookspecMarker("tl_plugins")
+hookimpl = pluggy.HookimplMarker("tl_plugins")
 
 
 @hookspec

@@ -10,6 +10,7 @@ other plugin module.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -98,15 +99,23 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         _entry_points.append(rec)
 
 
+#: The host's built-in plugins, loaded by dotted name like any other plugin module.
+DEFAULT_PLUGINS = (
+    "tl_plugins.builtins.attention",
+    "tl_plugins.builtins.models",
+    "tl_plugins.builtins.model_card",
+    "tl_plugins.builtins.load_bench",
+)
+
+
 def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager (built on first use)."""
     global _pm
     if _pm is None:
         pm = pluggy.PluginManager("tl_plugins")
         pm.add_hookspecs(hookspecs)
-        from tl_plugins import default_plugin
-
-        pm.register(default_plugin, name="tl_plugins.default")
+        for dotted in DEFAULT_PLUGINS:
+            pm.register(importlib.import_module(dotted), name=dotted)
         _load_entry_points(pm)
         _pm = pm
     return _pm

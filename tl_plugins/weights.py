@@ -18,7 +18,6 @@ change the model.
 from __future__ import annotations
 
 import numbers
-
 import weakref
 from dataclasses import dataclass, replace
 from functools import cached_property

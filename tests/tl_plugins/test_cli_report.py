@@ -79,7 +79,7 @@ def test_a_failing_section_does_not_lose_the_report(tmp_path, temp_plugin):
 def test_report_sections_see_the_model():
     model = tl_plugins.models.load("tiny-llama")
     r = Report(model, "tiny-llama", options={"quick": True}, progress=False)
-    from tl_plugins.report import model_card_section
+    from tl_plugins.builtins.model_card import model_card_section
 
     model_card_section(r)
     (card, plugins) = r.sections[0].tables

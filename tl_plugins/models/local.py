@@ -9,7 +9,6 @@ and gradient-descent comparisons need; ``processed=True`` applies TransformerLen
 from __future__ import annotations
 
 import numbers
-
 import os
 import warnings
 from pathlib import Path

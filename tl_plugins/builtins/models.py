@@ -1,0 +1,12 @@
+"""Built-in plugin: the model zoo (``tl_plugins.models.zoo``) behind ``tl_plugins.models.load(name)``."""
+
+from __future__ import annotations
+
+from tl_plugins.hookspecs import hookimpl
+
+
+@hookimpl(trylast=True)
+def tl_plugins_register_models(register):
+    from tl_plugins.models import zoo
+
+    zoo.register_builtin_models(register)
