@@ -93,8 +93,15 @@ docs: $(STAMP)
 	$(BIN)/pip install -q mkdocs
 	$(BIN)/mkdocs build -q
 
+# ruff over the whole tree; mypy over the host's contract (hookspecs, registry, API, seams, state,
+# built-ins, report and bench machinery), where every plugin's types meet.
+MYPY_FILES := tl_plugins/hookspecs.py tl_plugins/plugins.py tl_plugins/api.py tl_plugins/builtins \
+	tl_plugins/seams.py tl_plugins/state.py tl_plugins/errors.py tl_plugins/cli_checks.py \
+	tl_plugins/report.py tl_plugins/bench.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check tl_plugins tl_topk tl_embedspace tl_iclgd tests scripts
+	$(BIN)/mypy --ignore-missing-imports --follow-imports=silent $(MYPY_FILES)
 
 clean:
 	rm -rf $(VENV) $(VENV_TL4) report site .pytest_cache

@@ -224,9 +224,9 @@ def render(report: Union[Report, Sequence[Report]], out_dir: Optional[Path] = No
         parts.append(f"<div class='cols' style='{cols}'>")
         for m, r in enumerate(reports):
             parts.append(f"<div class='col'><h3>{html.escape(r.model_name)}</h3>")
-            s = per.get(m)
-            parts.append(_render_section_body(s, w, f"{_file_slug(r.model_name)}-{_file_slug(key)}")
-                         if s is not None else "<p class='meta'>no such section for this model</p>")
+            own = per.get(m)
+            parts.append(_render_section_body(own, w, f"{_file_slug(r.model_name)}-{_file_slug(key)}")
+                         if own is not None else "<p class='meta'>no such section for this model</p>")
             parts.append("</div>")
         parts.append("</div>")
     parts.append(f"<meta name='tlp-figures' content='{w.n_figures}'>")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 STATE_ATTR = "_tl_plugins_state"
 
@@ -120,7 +120,12 @@ def check_not_busy_elsewhere(model: Any, action: str) -> None:
             "configurations within that forward pass. Give each thread its own model (copy.deepcopy).")
 
 
+@overload
+def get_state(model: Any, create: Literal[True]) -> ModelState: ...
+@overload
+def get_state(model: Any, create: bool = False) -> ModelState | None: ...
 def get_state(model: Any, create: bool = False) -> ModelState | None:
+    """The model's bookkeeping (created on first use with ``create=True``), or None."""
     state = model.__dict__.get(STATE_ATTR)
     if state is None and create:
         state = ModelState()
