@@ -75,7 +75,7 @@ def hidden_state_overlap(space: Any, tokens: torch.Tensor, *, layers: Sequence[i
         raise ValueError("model: attention-only models have no feed-forward neurons to evaluate")
     tokens = torch.as_tensor(tokens)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
-    layers = list(range(space.n_layers)) if layers is None else [space._layer(l) for l in layers]
+    layers = list(range(space.n_layers)) if layers is None else [space.check_layer(l) for l in layers]
     backend = space.w.backend
     post = {l: backend.hook_name("mlp_post", l) for l in layers}
     resid = {l: backend.hook_name("resid_post", l) for l in layers}
@@ -111,7 +111,7 @@ def related_pairs(space: Any, *, k: int = 100, layers: Sequence[int] | None = No
 
     ``max_vectors`` samples that many pairs per layer and kind (None: all of them).
     """
-    layers = list(range(space.n_layers)) if layers is None else [space._layer(l) for l in layers]
+    layers = list(range(space.n_layers)) if layers is None else [space.check_layer(l) for l in layers]
     g = torch.Generator().manual_seed(seed)
     w = space.w
     write = lambda v: write_scores(v, space.W)

@@ -64,12 +64,12 @@ class TopkPairsRaw:
     stats: TopkStats = field(default_factory=TopkStats)
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; accepted: one of {', '.join(MODES)}")
 
 
-def _check_k(k) -> int:
+def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
         raise ValueError(f"k: got {k!r}; accepted: a positive int")
     return int(k)
@@ -125,7 +125,7 @@ def chunk_rows_for(m: int, itemsize: int, budget_bytes: int) -> int:
     return max(1, int(budget_bytes // per_row))
 
 
-def _select(vals: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(vals: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best (value desc, key asc) of a candidate set, sorted in that order."""
     if vals.numel() > k:
         kth = torch.topk(vals, k).values[-1]
@@ -192,8 +192,8 @@ def _prepare(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal=False):
     """Validate the arguments shared by the top-k scans; return the factors sliced to the selected
     rows/columns and the selected ids ``(A[rows], B[:, cols], row_ids, col_ids)`` (all ids if None)."""
     check_flag(exclude_diagonal, "exclude_diagonal")
-    _check_mode(mode)
-    _check_k(k)
+    check_mode(mode)
+    check_k(k)
     _check_factors(A, B)
     if budget_bytes <= 0:
         raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive number of bytes")
@@ -368,7 +368,7 @@ def _scan_chunk(C, threshold, rid, cid, m, best_vals, best_keys, k, budget_bytes
             continue
         vals = sub[ij[:, 0], ij[:, 1]].double().cpu()
         keys = (rid[s:][ij[:, 0]] * m + cid[ij[:, 1]]).cpu()
-        best_vals, best_keys = _select(torch.cat([best_vals, vals]), torch.cat([best_keys, keys]), k)
+        best_vals, best_keys = select_topk(torch.cat([best_vals, vals]), torch.cat([best_keys, keys]), k)
         if best_vals.numel() >= k:
             threshold = max(threshold, float(best_vals[k - 1]))
     return best_vals, best_keys
@@ -417,7 +417,7 @@ def topk_per_row(
             kth = v[:, -1:]
             for t in ((C >= kth).sum(1) > kk).nonzero().flatten().tolist():
                 cand = (C[t] >= kth[t]).nonzero().flatten()
-                _, pos = _select(C[t, cand], cand, kk)
+                _, pos = select_topk(C[t, cand], cand, kk)
                 j[t], v[t] = pos, C[t, pos]
         # stable order by (value desc, column id asc) within the selected set
         ids = cid[j]
@@ -501,7 +501,7 @@ def top1_diag_accuracy(
 
 def materialized_topk(A: torch.Tensor, B: torch.Tensor, k: int, mode: str = "largest") -> TopkPairsRaw:
     """The naive reference: form ``A @ B`` densely and take its top-k (for benchmarks and tests)."""
-    _check_mode(mode)
+    check_mode(mode)
     M = A @ B
     key = M.abs() if mode == "abs" else (-M if mode == "smallest" else M)
     _, flat = torch.topk(key.flatten(), min(k, key.numel()))

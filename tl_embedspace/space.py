@@ -272,13 +272,13 @@ class EmbeddingSpace:
         except (ValueError, IndexError) as exc:
             raise type(exc)(f"{arg}: {exc}") from None
 
-    def _candidates(self, ids: Any, arg: str) -> torch.Tensor | None:
+    def candidate_ids(self, ids: Any, arg: str) -> torch.Tensor | None:
         """Explicit ids, else the space-wide filter."""
         got = self.to_ids(ids, arg)
         return got if got is not None else self.filter_ids
 
     # -- range checks --------------------------------------------------------------------------
-    def _layer(self, layer: Any) -> int:
+    def check_layer(self, layer: Any) -> int:
         return check_index(layer, self.n_layers, "layer")
 
     def _head(self, head: Any) -> int:
@@ -290,8 +290,8 @@ class EmbeddingSpace:
         return check_index(neuron, self.w.d_mlp, "neuron")
 
     # -- vectors to tokens ---------------------------------------------------------------------
-    def _scores(self, scores: torch.Tensor, k: int, label: str, tokens: Any = None) -> TokenScores:
-        ids = self._candidates(tokens, "tokens")
+    def token_scores(self, scores: torch.Tensor, k: int, label: str, tokens: Any = None) -> TokenScores:
+        ids = self.candidate_ids(tokens, "tokens")
         tv, ti, bv, bi = top_bottom(scores, k, ids)
         return TokenScores(label, ti, tv, [self.token_str(i) for i in ti.tolist()], bi, bv,
                            [self.token_str(i) for i in bi.tolist()], dict(self.basis))
@@ -309,64 +309,64 @@ class EmbeddingSpace:
         if not torch.isfinite(v).all():
             raise ValueError("vector: contains NaN or inf")
         scores = write_scores(v, self.W) if side == "write" else read_scores(v, self.R)
-        return self._scores(scores, k, label, tokens)
+        return self.token_scores(scores, k, label, tokens)
 
     def ff_value(self, layer: int, neuron: int, k: int = 10, tokens: Any = None) -> TokenScores:
         """Tokens promoted/suppressed by neuron ``neuron``'s value vector ``W_out[layer, neuron] @ W``."""
-        layer, neuron = self._layer(layer), self._neuron(neuron)
+        layer, neuron = self.check_layer(layer), self._neuron(neuron)
         v = self.w.W_out_layer(layer)[neuron]
-        return self._scores(write_scores(v, self.W), k, f"L{layer}N{neuron} value", tokens)
+        return self.token_scores(write_scores(v, self.W), k, f"L{layer}N{neuron} value", tokens)
 
     def ff_key(self, layer: int, neuron: int, k: int = 10, tokens: Any = None) -> TokenScores:
         """Tokens whose residual vector most drives the neuron's key ``R @ W_in[layer][:, neuron]``."""
-        layer, neuron = self._layer(layer), self._neuron(neuron)
+        layer, neuron = self.check_layer(layer), self._neuron(neuron)
         v = self.w.W_in_layer(layer)[:, neuron]
-        return self._scores(read_scores(v, self.R), k, f"L{layer}N{neuron} key", tokens)
+        return self.token_scores(read_scores(v, self.R), k, f"L{layer}N{neuron} key", tokens)
 
     def ff_gate(self, layer: int, neuron: int, k: int = 10, tokens: Any = None) -> TokenScores:
         """Gated MLPs: tokens that most open the neuron's gate ``R @ W_gate[layer][:, neuron]``."""
-        layer, neuron = self._layer(layer), self._neuron(neuron)
+        layer, neuron = self.check_layer(layer), self._neuron(neuron)
         if not self.w.gated_mlp:
             raise UnsupportedModelError("ff_gate: the model's MLP is not gated (cfg.gated_mlp=False); use ff_key")
         v = self.w.W_gate_layer(layer)[:, neuron]
-        return self._scores(read_scores(v, self.R), k, f"L{layer}N{neuron} gate key", tokens)
+        return self.token_scores(read_scores(v, self.R), k, f"L{layer}N{neuron} gate key", tokens)
 
     def head_vector(self, layer: int, head: int, which: str, index: int, k: int = 10,
                     tokens: Any = None) -> TokenScores:
         """Column ``index`` of W_Q/W_K/W_V (read side) or row ``index`` of W_O (write side) of a head."""
-        layer, head = self._layer(layer), self._head(head)
+        layer, head = self.check_layer(layer), self._head(head)
         index = check_index(index, self.w.d_head, "index")
         which = str(which).upper()
         if which in ("Q", "K", "V"):
             mat = getattr(self.w, f"W_{which}_layer")(layer)[head]  # [d_model, d_head]
-            return self._scores(read_scores(mat[:, index], self.R), k, f"L{layer}H{head} W_{which}[:, {index}]",
+            return self.token_scores(read_scores(mat[:, index], self.R), k, f"L{layer}H{head} W_{which}[:, {index}]",
                                 tokens)
         if which == "O":
             v = self.w.W_O_layer(layer)[head][index]
-            return self._scores(write_scores(v, self.W), k, f"L{layer}H{head} W_O[{index}]", tokens)
+            return self.token_scores(write_scores(v, self.W), k, f"L{layer}H{head} W_O[{index}]", tokens)
         raise ValueError(f"which: got {which!r}; accepted: 'Q', 'K', 'V' or 'O'")
 
     def embedding(self, token: Token, k: int = 10, tokens: Any = None) -> TokenScores:
         """Token scores of an input embedding ``W_E[t] @ W`` (a written vector)."""
         t = self.to_id(token)
-        return self._scores(write_scores(self.w.W_E[t], self.W), k, f"W_E[{self.token_str(t)}]", tokens)
+        return self.token_scores(write_scores(self.w.W_E[t], self.W), k, f"W_E[{self.token_str(t)}]", tokens)
 
     def unembedding(self, token: Token, k: int = 10, tokens: Any = None) -> TokenScores:
         """Token scores of an unembedding direction ``R @ W_U[:, t]`` (a read vector)."""
         t = self.to_id(token)
-        return self._scores(read_scores(self.w.W_U[:, t], self.R), k, f"W_U[:, {self.token_str(t)}]", tokens)
+        return self.token_scores(read_scores(self.w.W_U[:, t], self.R), k, f"W_U[:, {self.token_str(t)}]", tokens)
 
     # -- vocab x vocab circuits -----------------------------------------------------------------
     def ov(self, layer: int, head: int) -> VocabMatrix:
         """OV circuit of a head in vocabulary space: ``R W_V W_O W`` (rows source, columns output)."""
-        layer, head = self._layer(layer), self._head(head)
+        layer, head = self.check_layer(layer), self._head(head)
         A = self.R @ self.w.W_V_layer(layer)[head]
         B = self.w.W_O_layer(layer)[head] @ self.W
         return VocabMatrix(self, A, B, f"OV L{layer}H{head}", "ov", layer, head)
 
     def qk(self, layer: int, head: int) -> VocabMatrix:
         """QK circuit of a head in vocabulary space: ``R W_Q W_K^T R^T`` (rows query, columns key)."""
-        layer, head = self._layer(layer), self._head(head)
+        layer, head = self.check_layer(layer), self._head(head)
         A = self.R @ self.w.W_Q_layer(layer)[head]
         B = (self.R @ self.w.W_K_layer(layer)[head]).T
         return VocabMatrix(self, A, B, f"QK L{layer}H{head}", "qk", layer, head)
@@ -403,8 +403,8 @@ class EmbeddingSpace:
         ``W_in^T @ R[t]`` (neurons that the token's residual vector drives).
         """
         t = self.to_id(token)
-        _topk._check_k(k)
-        _topk._check_mode(mode)
+        _topk.check_k(k)
+        _topk.check_mode(mode)
         t0 = time.perf_counter()
         if kind == "value":
             scores = self._values_flat @ self.W_T[t]
@@ -430,8 +430,8 @@ class EmbeddingSpace:
         "qk": entry (src as query, dst as key).
         """
         s, d = self.to_id(src_token, "src_token"), self.to_id(dst_token, "dst_token")
-        _topk._check_k(k)
-        _topk._check_mode(mode)
+        _topk.check_k(k)
+        _topk.check_mode(mode)
         W = self._attn_stack
         t0 = time.perf_counter()
         if kind == "ov":
@@ -452,7 +452,7 @@ class EmbeddingSpace:
         key = scores.abs() if mode == "abs" else (-scores if mode == "smallest" else scores)
         # _select keeps, among entries tied at the k-th value, the smallest flat indices (torch.topk
         # alone picks an arbitrary subset of them), and returns (value desc, index asc) order
-        _, idx = _topk._select(key, torch.arange(key.numel(), device=key.device), min(k, key.numel()))
+        _, idx = _topk.select_topk(key, torch.arange(key.numel(), device=key.device), min(k, key.numel()))
         return idx // per_layer, idx % per_layer, scores[idx]
 
     def copying_scores(self) -> torch.Tensor:
@@ -508,8 +508,8 @@ class VocabMatrix:
         ``filters``. The scan holds at most ``budget_bytes`` of the product at once.
         """
         sp = self.space
-        r = _topk.topk_product(self.A, self.B, k, mode=mode, rows=sp._candidates(rows, "rows"),
-                               cols=sp._candidates(cols, "cols"), exclude_diagonal=exclude_diagonal,
+        r = _topk.topk_product(self.A, self.B, k, mode=mode, rows=sp.candidate_ids(rows, "rows"),
+                               cols=sp.candidate_ids(cols, "cols"), exclude_diagonal=exclude_diagonal,
                                budget_bytes=budget_bytes or sp.budget_bytes, balance=True)
         return TokenPairs(f"{self.label} top-{k} {mode}", r.rows, r.cols, r.values,
                           [sp.token_str(i) for i in r.rows.tolist()], [sp.token_str(i) for i in r.cols.tolist()],
@@ -519,21 +519,21 @@ class VocabMatrix:
                      exclude_diagonal: bool = False) -> RowTopk:
         """Top-k columns of each selected row (default: the space filter, else every row)."""
         sp = self.space
-        rid = sp._candidates(rows, "rows")
+        rid = sp.candidate_ids(rows, "rows")
         rid = torch.arange(self.shape[0]) if rid is None else rid
-        v, c = _topk.topk_per_row(self.A, self.B, k, mode=mode, rows=rid, cols=sp._candidates(cols, "cols"),
+        v, c = _topk.topk_per_row(self.A, self.B, k, mode=mode, rows=rid, cols=sp.candidate_ids(cols, "cols"),
                                   exclude_diagonal=exclude_diagonal, budget_bytes=sp.budget_bytes)
         return RowTopk(f"{self.label} top-{k} per row", rid, c, v, sp.token_str, self.basis)
 
     def row(self, token: Token, k: int = 10, tokens: Any = None) -> TokenScores:
         """Row of ``token`` (OV: what attending to it writes; QK: which keys it as a query prefers)."""
         t = self.space.to_id(token)
-        return self.space._scores(self.A[t] @ self.B, k, f"{self.label} row {self.space.token_str(t)}", tokens)
+        return self.space.token_scores(self.A[t] @ self.B, k, f"{self.label} row {self.space.token_str(t)}", tokens)
 
     def col(self, token: Token, k: int = 10, tokens: Any = None) -> TokenScores:
         """Column of ``token`` (OV: which source tokens write it; QK: which queries attend to it)."""
         t = self.space.to_id(token)
-        return self.space._scores(self.A @ self.B[:, t], k, f"{self.label} col {self.space.token_str(t)}", tokens)
+        return self.space.token_scores(self.A @ self.B[:, t], k, f"{self.label} col {self.space.token_str(t)}", tokens)
 
     def diag(self) -> torch.Tensor:
         """The diagonal ``[d_vocab]`` (entry (t, t) for every token), from the factors."""
@@ -549,7 +549,7 @@ class VocabMatrix:
 
     def top1_diag_accuracy(self, tokens: Any = None) -> float:
         """Fraction of tokens t whose row maximum is at column t (exact, streamed, pruned)."""
-        ids = self.space._candidates(tokens, "tokens")
+        ids = self.space.candidate_ids(tokens, "tokens")
         acc, _ = _topk.top1_diag_accuracy(self.A, self.B, rows=ids, budget_bytes=self.space.budget_bytes,
                                           balance=True)
         return acc

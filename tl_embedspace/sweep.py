@@ -49,7 +49,7 @@ def _write(df, path: Path, fmt: str) -> None:
 def sweep_items(space: Any, *, layers: Sequence[int] | None = None, heads: bool = True,
                 neurons: bool = True, circuits: Sequence[str] = ("ov", "qk")) -> list[tuple]:
     """The items a sweep covers: ("ov"|"qk", layer, head) and ("values", layer, None)."""
-    layers = list(range(space.n_layers)) if layers is None else [space._layer(l) for l in layers]
+    layers = list(range(space.n_layers)) if layers is None else [space.check_layer(l) for l in layers]
     items: list[tuple] = []
     for l in layers:
         if heads:
@@ -174,8 +174,8 @@ def sweep(space: Any, out_dir: str | Path, *, k: int = 50, k_neurons: int = 10, 
 
     if fmt not in FORMATS:
         raise ValueError(f"fmt: got {fmt!r}; accepted: {', '.join(FORMATS)}")
-    _topk._check_k(k)
-    _topk._check_k(k_neurons)
+    _topk.check_k(k)
+    _topk.check_k(k_neurons)
     for arg, value in (("heads", heads), ("neurons", neurons), ("progress", progress)):
         _topk.check_flag(value, arg)
     items = sweep_items(space, layers=layers, heads=heads, neurons=neurons)  # validates layers first

@@ -35,8 +35,8 @@ import torch
 from tl_iclgd import metrics as M
 from tl_iclgd.baselines import untrained_like
 from tl_iclgd.capture import Capture, backend_of, capture
-from tl_iclgd.gd import GDConfig, _finetune, check_unprocessed
-from tl_iclgd.tasks import Task, TokenizedTask, _draw, get_task, tokenize_task
+from tl_iclgd.gd import GDConfig, check_unprocessed, run_finetune
+from tl_iclgd.tasks import Task, TokenizedTask, draw_subset, get_task, tokenize_task
 from tl_iclgd.threads import torch_threads
 
 METHODS = ("gd", "lcgd")
@@ -144,8 +144,8 @@ def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, 
         import random
 
         rng = random.Random(seed)
-        d = _draw(list(range(len(task.demos))), n_demos, rng, "n_demos")
-        q = _draw(list(range(len(task.queries))), n_queries, rng, "n_queries")
+        d = draw_subset(list(range(len(task.demos))), n_demos, rng, "n_demos")
+        q = draw_subset(list(range(len(task.queries))), n_queries, rng, "n_queries")
         return task.subset(d, q).with_position(position)
     raise TypeError(f"task: got {type(task).__name__}; accepted: a built-in task name, a Task or a TokenizedTask")
 
@@ -226,7 +226,7 @@ def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *
     gen = torch.Generator().manual_seed(10_000 + seed)
     for cfg in configs:
         base = {"variant": variant, "method": cfg.method, "seed": seed}
-        ft_res = _finetune(model, ttask, cfg, record_inputs=kendall)
+        ft_res = run_finetune(model, ttask, cfg, record_inputs=kendall)
         ft = capture(model, bos, queries, params=ft_res.params, predict_offset=off, batch_size=batch_size,
                      want_attn_in=kendall)
         ft_ok = predictions(ft, ttask.label_ids) == gold

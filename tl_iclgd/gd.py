@@ -256,10 +256,10 @@ def finetune(model: Any, demos: Any, config: GDConfig = GDConfig(), *, record_in
     if not isinstance(config, GDConfig):
         raise TypeError(f"config: got {type(config).__name__}; accepted: a tl_iclgd.GDConfig")
     check_unprocessed(model, config.allow_processed)
-    return _finetune(model, demos, config, record_inputs=record_inputs)
+    return run_finetune(model, demos, config, record_inputs=record_inputs)
 
 
-def _finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) -> FinetuneResult:
+def run_finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: bool) -> FinetuneResult:
     """:func:`finetune` once the caller has checked ``config`` and the model's weights (compare does so
     once per run, not per variant, seed and method)."""
     be = backend_of(model)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_iclgd.capture import Capture, backend_of, capture
-from tl_iclgd.gd import GDConfig, _finetune, check_unprocessed
+from tl_iclgd.gd import GDConfig, check_unprocessed, run_finetune
 from tl_iclgd.tasks import Task, TokenizedTask, get_task, tokenize_task
 
 DEFAULT_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -138,7 +138,7 @@ def select_lr(model: Any, task: Union[str, Task, TokenizedTask], grid: Sequence[
         cfg = replace(gd, lr=float(lr), layer_causal=(method == "lcgd"))
         row = {"lr": float(lr), "heldout_acc": math.nan, "heldout_loss": math.nan, "diverged": True}
         try:
-            ft = _finetune(model, ttask, cfg, record_inputs=False)
+            ft = run_finetune(model, ttask, cfg, record_inputs=False)
         except FloatingPointError:
             ft = None
         if ft is not None:

@@ -72,8 +72,8 @@ class Task:
         None keeps the whole pool (in a seeded order). Asking for more than a pool holds is an error.
         """
         rng = random.Random(seed)
-        demos = _draw(list(self.demos), n_demos, rng, "n_demos")
-        queries = _draw(list(self.queries), n_queries, rng, "n_queries")
+        demos = draw_subset(list(self.demos), n_demos, rng, "n_demos")
+        queries = draw_subset(list(self.queries), n_queries, rng, "n_queries")
         return replace(self, demos=demos, queries=queries)
 
     def _pieces(self) -> tuple[str, str, str, str]:
@@ -84,7 +84,7 @@ class Task:
         return head, stripped, mid[len(stripped):], tail
 
 
-def _draw(pool: list, n: Optional[int], rng: random.Random, arg: str) -> list:
+def draw_subset(pool: list, n: Optional[int], rng: random.Random, arg: str) -> list:
     if n is None:
         n = len(pool)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

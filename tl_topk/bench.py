@@ -93,7 +93,7 @@ def _methods(k_top: int, device: str) -> dict[str, Callable]:
     return m
 
 
-def _fixed_mmap_threshold() -> bool:
+def fixed_mmap_threshold() -> bool:
     """Make glibc serve allocations >= 128 KiB with mmap and return them on free.
 
     By default glibc raises its mmap threshold after large frees (up to 32 MiB), so freed tensor
@@ -189,7 +189,7 @@ def _bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device:
     methods = _methods(k_top, device)
     sdpa_name = "sdpa" if "sdpa" in methods else ("sdpa-flash" if "sdpa-flash" in methods else None)
     measured: dict[int, float] = {}
-    if not device.startswith("cuda") and not _fixed_mmap_threshold():
+    if not device.startswith("cuda") and not fixed_mmap_threshold():
         result.notes.append("could not fix glibc's mmap threshold: CPU memory figures may be understated")
     # First calls allocate thread pools and allocator arenas once: keep them out of the figures.
     wq, wk, wv = _inputs(min(ns), device)

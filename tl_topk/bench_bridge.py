@@ -73,9 +73,9 @@ def _loss_run(model: Any, tokens: torch.Tensor) -> Callable[[], None]:
 
 def _memory_in_fresh_process(ns: list[int]) -> list[dict]:
     import tl_plugins
-    from tl_topk.bench import _fixed_mmap_threshold, peak_cpu_extra
+    from tl_topk.bench import fixed_mmap_threshold, peak_cpu_extra
 
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()
     bridge, _ = _models(max(ns), with_hooked=False)
     rows = []
     warm = torch.randint(4, 2048, (1, min(ns)))

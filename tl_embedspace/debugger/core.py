@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from tl_embedspace.factored_topk import _select, chunk_rows_for
+from tl_embedspace.factored_topk import chunk_rows_for, select_topk
 
 NORM_KINDS = ("rms", "ln", "none")
 
@@ -128,7 +128,7 @@ def two_sided_topk(V: torch.Tensor, B: torch.Tensor, n: int, *, budget_bytes: in
 
     Row chunks are sized by the project's ``chunk_rows_for`` (a chunk of rows times the whole
     vocabulary stays inside ``budget_bytes``); where more candidates tie at the n-th value than fit,
-    the choice is redone with the project's ``_select`` (ties to the smaller token id), and each row
+    the choice is redone with the project's ``select_topk`` (ties to the smaller token id), and each row
     is ordered by (value desc, id asc) (bottom: value asc, id asc), as ``tl_embedspace.factored_topk`` does.
     Returns ``(top_vals, top_ids, bot_vals, bot_ids)``, each [N, n]."""
     N, m = V.shape[0], B.shape[1]
@@ -145,7 +145,7 @@ def two_sided_topk(V: torch.Tensor, B: torch.Tensor, n: int, *, budget_bytes: in
             kth = v[:, -1:]
             for t in ((C >= kth).sum(1) > n).nonzero().flatten().tolist():
                 cand = (C[t] >= kth[t]).nonzero().flatten()
-                _, pos = _select(C[t, cand], cand, n)
+                _, pos = select_topk(C[t, cand], cand, n)
                 j[t], v[t] = pos, C[t, pos]
             o = torch.argsort(j, dim=1)
             v, j = v.gather(1, o), j.gather(1, o)

@@ -315,7 +315,7 @@ def hf_to_hooked(hf: Any, tok: Any, *, processed: bool = False, n_ctx: int = 204
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
 
-    from tl_plugins.models.local import _load_unprocessed
+    from tl_plugins.models.local import load_unprocessed
     from tl_plugins.weights import record_processing
 
     cfg = hooked_config(hf.config, n_ctx=n_ctx, dtype=dtype, device=device)
@@ -329,7 +329,7 @@ def hf_to_hooked(hf: Any, tok: Any, *, processed: bool = False, n_ctx: int = 204
         if processed:
             model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
         else:
-            _load_unprocessed(model, state_dict)
+            load_unprocessed(model, state_dict)
     model.to(device)
     model.eval()
     record_processing(model, **flags)

@@ -113,7 +113,7 @@ def hf_to_hooked(hf_model: Any, tokenizer: Any = None, *, processed: bool = Fals
         if processed:
             model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
         else:
-            _load_unprocessed(model, state_dict)
+            load_unprocessed(model, state_dict)
     model.to(device)
     model.eval()
     record_processing(model, **flags)
@@ -141,7 +141,7 @@ def hf_to_bridge(hf_model: Any, tokenizer: Any = None, *, processed: bool = Fals
     return bridge
 
 
-def _load_unprocessed(model: Any, state_dict: dict) -> None:
+def load_unprocessed(model: Any, state_dict: dict) -> None:
     """One ``load_state_dict`` call instead of TransformerLens's per-parameter loop (seconds faster).
 
     Only buffers (masks, rotary tables) may be missing from a converted state dict; a missing
