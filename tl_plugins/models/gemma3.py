@@ -310,30 +310,13 @@ def hooked_config(hf_cfg: Any, *, n_ctx: int = 2048, dtype=torch.float32, device
 def hf_to_hooked(hf: Any, tok: Any, *, processed: bool = False, n_ctx: int = 2048, dtype=torch.float32,
                  device: str = "cpu"):
     """A HookedTransformer from the HF Gemma 3 model with TL's Gemma weight conversion."""
-    import warnings
-
-    from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_gemma_weights
 
-    from tl_plugins.models.local import load_unprocessed
-    from tl_plugins.weights import record_processing
+    from tl_plugins.models.local import hooked_from_state_dict
 
     cfg = hooked_config(hf.config, n_ctx=n_ctx, dtype=dtype, device=device)
     state_dict = {k: v.to(dtype) for k, v in convert_gemma_weights(hf, cfg).items()}
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False, default_padding_side="right")
-        cfg.init_weights = True
-        flags = dict(fold_ln=processed, center_writing_weights=processed, center_unembed=processed,
-                     fold_value_biases=processed)
-        if processed:
-            model.load_and_process_state_dict(state_dict, refactor_factored_attn_matrices=False, **flags)
-        else:
-            load_unprocessed(model, state_dict)
-    model.to(device)
-    model.eval()
-    record_processing(model, **flags)
-    return model
+    return hooked_from_state_dict(cfg, state_dict, tok, processed=processed, device=device)
 
 
 def load(*, processed: bool = False, n_ctx: int = 2048, dtype: Optional[torch.dtype] = None,

@@ -89,16 +89,26 @@ def hooked_config_from_hf(hf_cfg: Any, *, n_ctx: Optional[int] = None, dtype=tor
 def hf_to_hooked(hf_model: Any, tokenizer: Any = None, *, processed: bool = False,
                  n_ctx: Optional[int] = None, dtype=torch.float32, device: str = "cpu"):
     """Convert an in-memory HF Llama/GPT-2 model into a HookedTransformer with TL's converters."""
-    from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 
-    from tl_plugins.weights import record_processing
 
     cfg = hooked_config_from_hf(hf_model.config, n_ctx=n_ctx, dtype=dtype, device=device)
     convert = convert_llama_weights if cfg.original_architecture == "LlamaForCausalLM" else convert_gpt2_weights
     state_dict = convert(hf_model, cfg)
     if "unembed.b_U" not in state_dict:  # GPT-2's lm_head has no bias; HookedTransformer has one
         state_dict["unembed.b_U"] = torch.zeros(cfg.d_vocab, dtype=cfg.dtype)
+    return hooked_from_state_dict(cfg, state_dict, tokenizer, processed=processed, device=device)
+
+
+def hooked_from_state_dict(cfg: Any, state_dict: dict, tokenizer: Any = None, *, processed: bool = False,
+                           device: str = "cpu"):
+    """A HookedTransformer of ``cfg`` holding ``state_dict`` (TransformerLens names), unprocessed or
+    with TransformerLens's default processing, in eval mode, its processing recorded; the global RNG
+    is left as it was (construction draws no random init: loading overwrites it)."""
+    from transformer_lens import HookedTransformer
+
+    from tl_plugins.weights import record_processing
+
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Skip the random init that loading overwrites, for this construction only: model.cfg is
