@@ -159,8 +159,9 @@ def post_norm_weights(backend: Any, eps: float) -> Optional[tuple[torch.Tensor, 
     if any(a is None or m is None for a, m in mods):
         raise UnsupportedModelError("model: some blocks have a norm after attention or MLP and others do "
                                     "not; accepted: models whose blocks all have both or neither")
+    from tl_plugins.backends.base import rms_norm_multiplier
+
     d = backend.cfg.d_model
-    c = 1e3
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, d, generator=g) * 2
     out = []
@@ -168,8 +169,7 @@ def post_norm_weights(backend: Any, eps: float) -> Optional[tuple[torch.Tensor, 
         for pair in mods:
             ws = []
             for norm in pair:
-                probe = torch.full((1, d), c, dtype=torch.float32)
-                w = norm(probe.to(backend.device, backend.dtype)).float().cpu()[0] * (c * c + eps) ** 0.5 / c
+                w = rms_norm_multiplier(norm, d, eps=eps, dtype=backend.dtype, device=backend.device)
                 real = norm(x.to(backend.device, backend.dtype)).float().cpu()
                 ours = w * x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
                 if float((real - ours).abs().max()) > 1e-3 * max(1.0, float(real.abs().max())):

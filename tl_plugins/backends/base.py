@@ -45,6 +45,18 @@ HOOK_KINDS = (
     "ln1_normalized", "ln2_normalized", "ln_final_normalized",
 )
 
+def rms_norm_multiplier(norm: Callable[[torch.Tensor], torch.Tensor], d_model: int, *, eps: float,
+                        dtype: torch.dtype = torch.float32, device: Any = "cpu") -> torch.Tensor:
+    """The per-feature multiplier ``w`` [d_model] (float32, CPU) of an RMS norm ``norm``, read by
+    probing it with a constant vector, where the scale is known: ``norm(c * 1) = w * c / sqrt(c^2 +
+    eps)``. Independent of how the module stores its weight (Gemma's ``w - 1``, TransformerLens's
+    converted ``w``)."""
+    c = 1e3
+    with torch.no_grad():
+        out = norm(torch.full((1, d_model), c, dtype=dtype, device=device))[0].float().cpu()
+    return out * (c * c + eps) ** 0.5 / c
+
+
 #: Names accepted by :meth:`Backend.weight`, with their shapes (H = query heads, expanded).
 WEIGHT_NAMES = {
     "W_E": "[d_vocab, d_model]", "W_U": "[d_model, d_vocab]", "b_U": "[d_vocab]",

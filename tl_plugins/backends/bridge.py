@@ -959,16 +959,14 @@ def _effective_norm_weight(hf_norm: Any, weight: Optional[torch.Tensor]) -> Opti
     RMS scale is known: ``norm(c * 1) = w_eff * c / sqrt(c^2 + eps)``)."""
     if weight is None or hf_norm is None or weight.dim() != 1:
         return weight
-    c = 1e3
-    with torch.no_grad():
-        probe = torch.full((1, weight.numel()), c, dtype=weight.dtype, device=weight.device)
-        try:
-            out = hf_norm(probe)[0].float()
-        except Exception:  # not callable on a bare tensor: keep the stored weight
-            return weight
+    from tl_plugins.backends.base import rms_norm_multiplier
+
     eps = float(getattr(hf_norm, "eps", getattr(hf_norm, "variance_epsilon", 1e-6)))
-    eff = out * (c * c + eps) ** 0.5 / c
-    w = weight.detach().float()
+    try:
+        eff = rms_norm_multiplier(hf_norm, weight.numel(), eps=eps, dtype=weight.dtype, device=weight.device)
+    except Exception:  # not callable on a bare tensor: keep the stored weight
+        return weight
+    w = weight.detach().float().cpu()
     if torch.allclose(eff, w + 1, atol=1e-4, rtol=1e-4) and not torch.allclose(eff, w, atol=1e-4, rtol=1e-4):
         return weight + 1
     return weight
