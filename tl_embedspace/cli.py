@@ -30,30 +30,9 @@ def _space(model_name, read_basis, write_basis, ln, filter_, device="cpu"):
 
     model = models.load(model_name, **({} if device == "cpu" else {"device": device}))
     kw = dict(read_basis=read_basis, write_basis=write_basis, ln=ln)
+    from tl_embedspace.filters import resolve_filter, space_with_filter
+
     return space_with_filter(model, resolve_filter(filter_, model), auto=filter_ == "auto", **kw)
-
-
-def space_with_filter(model, filt, *, auto: bool, **kw):
-    """An EmbeddingSpace with ``filt``; under "auto" a corpus filter that keeps no token of this
-    vocabulary (a toy tokenizer) falls back to no filter instead of failing."""
-    from tl_embedspace.projections import EmptyFilterError
-    from tl_embedspace.space import EmbeddingSpace
-
-    try:
-        return EmbeddingSpace(model, filters=filt, **kw)
-    except EmptyFilterError:
-        if not auto:
-            raise
-        return EmbeddingSpace(model, filters=None, **kw)
-
-
-def resolve_filter(name, model):
-    """The CLI's and the report's default token filter: "corpus" where there are token strings."""
-    if name in (None, "none"):
-        return None
-    if name == "auto":
-        return "corpus" if getattr(model, "tokenizer", None) is not None else None
-    return name
 
 
 def _token(s: str):

@@ -31,9 +31,9 @@ def report_section(report) -> None:
     import pandas as pd
     import plotly.graph_objects as go
 
-    from tl_embedspace.cli import resolve_filter, space_with_filter
     from tl_embedspace.config import space_for
     from tl_embedspace.evaluations import hidden_state_overlap, related_pairs
+    from tl_embedspace.filters import resolve_filter, space_with_filter
 
     quick = report.quick
     asked = report.options.get("embedspace_filter", "auto")
