@@ -4,20 +4,40 @@
     space = EmbeddingSpace(model)
     space.ov(18, 6).topk_pairs(100)        # exact, never materialises the vocab x vocab matrix
 
-Modules, bottom to top: ``topk`` (exact streaming top-k of factored products), ``projections``
+Modules, bottom to top: ``factored_topk`` (exact streaming top-k of factored products), ``projections``
 (vectors to token scores, filters), ``results`` (dataclasses), ``space`` (the model-aware view),
 ``align`` and ``stitch`` (two models sharing a vocabulary), ``evaluations`` (the paper's checks),
-``sweep`` (rank a whole model to files), ``plugin`` (CLI, benchmark, report section).
+``sweep`` (rank a whole model to files), ``plugin`` (hookimpls; ``cli``, ``bench``, ``report`` beside it).
 """
 
+from tl_embedspace.align import AlignResult, align
+from tl_embedspace.config import EmbedSpaceConfig
+from tl_embedspace.evaluations import EvalResult, hidden_state_overlap, related_pairs
 from tl_embedspace.factored_topk import top1_diag_accuracy, topk_per_row, topk_product
+from tl_embedspace.results import ComponentHits, RowTopk, TokenPairs, TokenScores
 from tl_embedspace.space import EmbeddingSpace, ProcessedWeightsWarning, VocabMatrix
+from tl_embedspace.stitch import Translator, stitched_forward, translator
+from tl_embedspace.sweep import sweep
 
 __all__ = [
-           "EmbeddingSpace",
-           "ProcessedWeightsWarning",
-           "VocabMatrix",
-           "top1_diag_accuracy",
-           "topk_per_row",
-           "topk_product",
+    "AlignResult",
+    "ComponentHits",
+    "EmbedSpaceConfig",
+    "EmbeddingSpace",
+    "EvalResult",
+    "ProcessedWeightsWarning",
+    "RowTopk",
+    "TokenPairs",
+    "TokenScores",
+    "Translator",
+    "VocabMatrix",
+    "align",
+    "hidden_state_overlap",
+    "related_pairs",
+    "stitched_forward",
+    "sweep",
+    "top1_diag_accuracy",
+    "topk_per_row",
+    "topk_product",
+    "translator",
 ]

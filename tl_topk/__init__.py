@@ -13,6 +13,7 @@ kernel, FlexAttention path, top-k feed-forward); ``config.py`` and ``seam_handle
 (hookimpls); ``cli.py``, ``bench.py``, ``analysis.py``, ``report.py`` on top.
 """
 
+from tl_topk.analysis import PatternSparsity, PerplexitySweep, pattern_sparsity, perplexity, perplexity_sweep
 from tl_topk.calibrate import CalibrationResult, calibrate
 from tl_topk.config import SDPAConfig, TopKConfig
 from tl_topk.ops.attention import BACKENDS, topk_attention
@@ -20,4 +21,5 @@ from tl_topk.ops.feedforward import topk_activation
 from tl_topk.ops.selection import topk_keep_mask
 
 __all__ = ["topk_attention", "topk_activation", "topk_keep_mask", "TopKConfig", "SDPAConfig", "BACKENDS",
-           "calibrate", "CalibrationResult"]
+           "calibrate", "CalibrationResult",
+           "perplexity", "perplexity_sweep", "PerplexitySweep", "pattern_sparsity", "PatternSparsity"]
