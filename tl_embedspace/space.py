@@ -139,7 +139,7 @@ class EmbeddingSpace:
                 "W_E/W_U/W_in differ from the checkpoint's, so projections will not match the paper. "
                 "Load unprocessed weights, or pass ln='as_loaded' to accept them as they are.",
                 ProcessedWeightsWarning, stacklevel=2)
-        self._filter_spec = filters
+        self.filter_spec = filters
         self.filter_ids = build_filter(filters, self.d_vocab, self._token_strings_fn())
 
     # -- freshness -----------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class EmbeddingSpace:
 
         n = None if self.filter_ids is None else int(self.filter_ids.numel())
         return {"read_basis": self.read_basis, "write_basis": self.write_basis, "ln": self.ln,
-                "weights": self.w.processing.describe(), "filter": describe(self._filter_spec, n)}
+                "weights": self.w.processing.describe(), "filter": describe(self.filter_spec, n)}
 
     @property
     def d_vocab(self) -> int:

@@ -105,7 +105,7 @@ def sweep_settings(space: Any, *, k: int, k_neurons: int, fmt: str) -> dict:
         checksum = float(w.W_U.double().abs().sum() + w.W_E.double().abs().sum())
         if w.d_mlp is not None:
             checksum += float(w.W_out_layer(0).double().abs().sum())
-    return {"basis": space.basis, "filters": repr(space._filter_spec), "k": k, "k_neurons": k_neurons,
+    return {"basis": space.basis, "filters": repr(space.filter_spec), "k": k, "k_neurons": k_neurons,
             "format": fmt, "model": {"n_layers": w.n_layers, "n_heads": w.n_heads, "d_model": w.d_model,
                                      "d_mlp": w.d_mlp, "d_vocab": w.d_vocab, "weights_checksum": round(checksum, 3)}}
 

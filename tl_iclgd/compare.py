@@ -125,16 +125,18 @@ def _json_default(x):
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def _active_config(model: Any) -> GDConfig:
+def active_config(model: Any) -> GDConfig:
     """The settings given to ``tl_plugins.enable(model, "iclgd", ...)``, else ``GDConfig()``."""
     import tl_plugins
 
     return tl_plugins.active(model).get("iclgd") or GDConfig()
 
 
-def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, n_demos: Optional[int],
-                  n_queries: Optional[int], position: str, prepend_bos: bool,
-                  single_token_labels: bool) -> TokenizedTask:
+def resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, n_demos: Optional[int],
+                 n_queries: Optional[int], position: str, prepend_bos: bool,
+                 single_token_labels: bool) -> TokenizedTask:
+    """The TokenizedTask one seed runs on: a built-in name or a Task sampled and tokenised, a
+    TokenizedTask subset (``n_demos`` demonstrations, ``n_queries`` queries drawn with ``seed``)."""
     if isinstance(task, str):
         task = get_task(task)
     if isinstance(task, Task):
@@ -150,12 +152,13 @@ def _resolve_task(model: Any, task: Union[str, Task, TokenizedTask], seed: int, 
     raise TypeError(f"task: got {type(task).__name__}; accepted: a built-in task name, a Task or a TokenizedTask")
 
 
-def _default_prepend_bos(model: Any, task: Union[str, Task, TokenizedTask]) -> bool:
+def default_prepend_bos(model: Any, task: Union[str, Task, TokenizedTask]) -> bool:
     """prepend_bos=None: the model's default for tasks tokenised here; a TokenizedTask keeps its own BOS."""
     return backend_of(model).default_prepend_bos and isinstance(task, (str, Task))
 
 
-def _task_name(task: Union[str, Task, TokenizedTask]) -> str:
+def task_name(task: Union[str, Task, TokenizedTask]) -> str:
+    """The name results record for ``task`` ("custom" for an unnamed TokenizedTask)."""
     return task if isinstance(task, str) else getattr(task, "name", "custom")
 
 
@@ -293,7 +296,7 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
     import pandas as pd
 
     if gd is None:
-        gd = _active_config(model)
+        gd = active_config(model)
     if not isinstance(gd, GDConfig):
         raise TypeError(f"gd: got {type(gd).__name__}; accepted: a tl_iclgd.GDConfig")
     methods = tuple(methods)
@@ -308,7 +311,7 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
         raise ValueError(f"seeds: got {seeds!r}; accepted: a non-empty sequence of ints")
     check_unprocessed(model, gd.allow_processed)
     if prepend_bos is None:
-        prepend_bos = _default_prepend_bos(model, task)
+        prepend_bos = default_prepend_bos(model, task)
     lrs = dict(lrs or {})
     if any(m not in methods for m in lrs):
         raise ValueError(f"lrs: got keys {sorted(lrs)}; accepted: methods of this run {methods}")
@@ -324,14 +327,14 @@ def _compare(model: Any, task: Union[str, Task, TokenizedTask], gd: Optional[GDC
 
         it = tqdm(steps, desc="iclgd compare", leave=False)
     for (variant, keep), seed in it:
-        ttask = _resolve_task(model, task, seed, n_demos, n_queries, position, prepend_bos, single_token_labels)
+        ttask = resolve_task(model, task, seed, n_demos, n_queries, position, prepend_bos, single_token_labels)
         m = model if keep is None else untrained_like(model, keep=keep, seed=seed)
         run_variant(m, ttask, configs, seed=seed, context_budget=context_budget, batch_size=batch_size,
                     kendall=kendall, variant=variant, layer_rows=layer_rows, run_rows=run_rows)
         if m is not model:
             del m
             gc.collect()  # free the baseline model before the next one is built (peak memory)
-    settings = {"task": _task_name(task),
+    settings = {"task": task_name(task),
                 "n_demos": n_demos, "n_queries": n_queries, "seeds": list(seeds), "position": position,
                 "methods": list(methods), "baselines": list(baselines),
                 "lr": gd.lr if not lrs else {c.method: c.lr for c in configs}, "params": gd.params,
@@ -367,12 +370,12 @@ def icl_accuracy_curve(model: Any, task: Union[str, Task, TokenizedTask] = "anto
                        batch_size: int = 64) -> AccuracyCurve:
     """ICL accuracy as the number of demonstrations grows (0 = zero-shot); same queries per seed."""
     if prepend_bos is None:
-        prepend_bos = _default_prepend_bos(model, task)
+        prepend_bos = default_prepend_bos(model, task)
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in n_demos):
         raise ValueError(f"n_demos: got {list(n_demos)!r}; accepted: ints >= 0")
     rows = []
     for seed in seeds:
-        ttask = _resolve_task(model, task, seed, max(max(n_demos), 1), n_queries, "prompt_end", prepend_bos, True)
+        ttask = resolve_task(model, task, seed, max(max(n_demos), 1), n_queries, "prompt_end", prepend_bos, True)
         bos = ttask.bos_tokens()
         queries = [ttask.query_tokens(i) for i in range(len(ttask.queries))]
         gold = torch.tensor([q.label[0] for q in ttask.queries])
@@ -381,8 +384,9 @@ def icl_accuracy_curve(model: Any, task: Union[str, Task, TokenizedTask] = "anto
             cap = capture(model, ctx, queries, batch_size=batch_size)
             acc = float((predictions(cap, ttask.label_ids) == gold).float().mean())
             rows.append({"n_demos": n, "seed": seed, "accuracy": acc, "n_queries": len(queries)})
-    return AccuracyCurve(rows, _task_name(task))
+    return AccuracyCurve(rows, task_name(task))
 
 
 __all__ = ["compare", "Comparison", "run_variant", "predictions", "icl_accuracy_curve", "AccuracyCurve",
+           "active_config", "resolve_task", "default_prepend_bos", "task_name",
            "METHODS", "BASELINES", "LAYER_METRICS", "RUN_METRICS"]

@@ -27,11 +27,11 @@ from tl_iclgd.compare import (
     BASELINES,
     METHODS,
     Comparison,
-    _active_config,
-    _default_prepend_bos,
-    _resolve_task,
-    _task_name,
+    active_config,
+    default_prepend_bos,
+    resolve_task,
     run_variant,
+    task_name,
 )
 from tl_iclgd.gd import GDConfig, check_unprocessed
 from tl_iclgd.tasks import Task, TokenizedTask
@@ -76,7 +76,7 @@ def compare_grid(model: Any, tasks: Sequence[Union[str, Task, TokenizedTask]], l
                                     or num_threads < 1):
         raise ValueError(f"num_threads: got {num_threads!r}; accepted: None or an int >= 1")
     tasks = list(tasks)
-    names = [_task_name(t) for t in tasks]
+    names = [task_name(t) for t in tasks]
     if not tasks or len(set(names)) != len(names):
         raise ValueError(f"tasks: got {names!r}; accepted: a non-empty list of tasks with distinct names")
     try:
@@ -85,7 +85,7 @@ def compare_grid(model: Any, tasks: Sequence[Union[str, Task, TokenizedTask]], l
         raise ValueError(f"lrs: got {lrs!r}; accepted: a non-empty list of numbers") from None
     if not lrs or len(set(lrs)) != len(lrs):
         raise ValueError(f"lrs: got {lrs!r}; accepted: a non-empty list of distinct learning rates")
-    base = _active_config(model) if gd is None else gd
+    base = active_config(model) if gd is None else gd
     if not isinstance(base, GDConfig):
         raise TypeError(f"gd: got {type(base).__name__}; accepted: a tl_iclgd.GDConfig")
     cfgs = {lr: replace(base, lr=lr) for lr in lrs}  # GDConfig validates each rate
@@ -100,7 +100,7 @@ def compare_grid(model: Any, tasks: Sequence[Union[str, Task, TokenizedTask]], l
     check_unprocessed(model, base.allow_processed)
     keep = {"trained": None, **{b: BASELINES[b] for b in baselines}}
     units = grid_units(len(tasks), lrs, list(keep), seeds)
-    bos = [_default_prepend_bos(model, t) if prepend_bos is None else prepend_bos for t in tasks]
+    bos = [default_prepend_bos(model, t) if prepend_bos is None else prepend_bos for t in tasks]
     be = backend_of(model)
     settings = {"tasks": names, "lrs": lrs, "seeds": list(seeds), "methods": list(methods),
                 "baselines": list(baselines), "gd": {k: repr(v) for k, v in vars(base).items() if k != "lr"}, "n_demos": n_demos,
@@ -115,7 +115,7 @@ def compare_grid(model: Any, tasks: Sequence[Union[str, Task, TokenizedTask]], l
         layer_rows: list = []
         run_rows: list = []
         with torch_threads(num_threads) if num_threads is not None else nullcontext():
-            ttask = _resolve_task(model, tasks[ti], seed, n_demos, n_queries, position, bos[ti], single_token_labels)
+            ttask = resolve_task(model, tasks[ti], seed, n_demos, n_queries, position, bos[ti], single_token_labels)
             m = model if keep[variant] is None else untrained_like(model, keep=keep[variant], seed=seed)
             run_variant(m, ttask, configs, seed=seed, context_budget=context_budget, batch_size=batch_size,
                         kendall=kendall, variant=variant, layer_rows=layer_rows, run_rows=run_rows)
