@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tl_embedspace.projections import read_scores, write_scores
+from tl_plugins.ranking import top_k
 
 
 @dataclass
@@ -49,7 +50,7 @@ class EvalResult:
 
 
 def _topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.topk(scores, min(k, scores.shape[-1]), dim=-1).indices
+    return top_k(scores, min(k, scores.shape[-1]), dim=-1)[1]
 
 
 def _set_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,7 +89,7 @@ def hidden_state_overlap(space: Any, tokens: torch.Tensor, *, layers: Sequence[i
         act = cache[post[l]].reshape(-1, space.w.d_mlp)  # [N, d_mlp]
         hid = cache[resid[l]].reshape(-1, space.w.d_model)
         N = act.shape[0]
-        top_neurons = torch.topk(act, n_neurons, dim=-1).indices  # [N, n_neurons]
+        top_neurons = top_k(act, n_neurons, dim=-1)[1]  # [N, n_neurons]
         needed = torch.unique(top_neurons)
         values = space.w.W_out_layer(l)[needed]
         val_top = _batched_topk(values, lambda v: write_scores(v, space.W), k)  # [n_needed, k]

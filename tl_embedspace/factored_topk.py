@@ -30,6 +30,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from tl_plugins.ranking import top_k, top_k_keyed
+
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 MODES = ("largest", "smallest", "abs")
 MIN_CHUNK_ROWS = 512
@@ -126,20 +128,9 @@ def chunk_rows_for(m: int, itemsize: int, budget_bytes: int) -> int:
 
 
 def select_topk(vals: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (value desc, key asc) of a candidate set, sorted in that order."""
-    if vals.numel() > k:
-        kth = torch.topk(vals, k).values[-1]
-        gt = vals > kth
-        eq = (vals == kth).nonzero().flatten()
-        need = k - int(gt.sum())
-        eq_keys = keys[eq]
-        order = torch.argsort(eq_keys)[:need]
-        keep = torch.cat([gt.nonzero().flatten(), eq[order]])
-        vals, keys = vals[keep], keys[keep]
-    order = torch.argsort(keys)
-    vals, keys = vals[order], keys[order]
-    order = torch.argsort(-vals, stable=True)
-    return vals[order], keys[order]
+    """The k best (value desc, key asc) of a candidate set, sorted in that order
+    (:func:`tl_plugins.ranking.top_k_keyed`)."""
+    return top_k_keyed(vals, keys, k)
 
 
 def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,22 +400,9 @@ def topk_per_row(
             C.abs_()
         if exclude_diagonal:
             _mask_diagonal(C, row_ids[s:s + chunk].to(A.device), cid)
-        v, j = C.topk(kk, dim=1)
-        if kk:
-            # topk keeps an arbitrary subset of the entries tied at the k-th value: where a row has
-            # more candidates at or above it than kk, redo that row's choice (ties to the smaller
-            # position, which is the smaller column id: col_ids are sorted)
-            kth = v[:, -1:]
-            for t in ((C >= kth).sum(1) > kk).nonzero().flatten().tolist():
-                cand = (C[t] >= kth[t]).nonzero().flatten()
-                _, pos = select_topk(C[t, cand], cand, kk)
-                j[t], v[t] = pos, C[t, pos]
-        # stable order by (value desc, column id asc) within the selected set
+        # (value desc, column id asc): positions are in column-id order (col_ids are sorted)
+        v, j = top_k(C, kk, dim=1)
         ids = cid[j]
-        o = torch.argsort(ids, dim=1)
-        v, ids, j = v.gather(1, o), ids.gather(1, o), j.gather(1, o)
-        o = torch.argsort(-v, dim=1, stable=True)
-        v, ids, j = v.gather(1, o), ids.gather(1, o), j.gather(1, o)
         if mode == "smallest":
             v = -v
         elif mode == "abs":
@@ -504,6 +482,6 @@ def materialized_topk(A: torch.Tensor, B: torch.Tensor, k: int, mode: str = "lar
     check_mode(mode)
     M = A @ B
     key = M.abs() if mode == "abs" else (-M if mode == "smallest" else M)
-    _, flat = torch.topk(key.flatten(), min(k, key.numel()))
+    _, flat = top_k(key.flatten(), min(k, key.numel()))
     rows, cols = flat // M.shape[1], flat % M.shape[1]
     return TopkPairsRaw(M[rows, cols], rows, cols)

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from tl_embedspace.factored_topk import chunk_rows_for, select_topk
+from tl_embedspace.factored_topk import chunk_rows_for
+from tl_plugins.ranking import top_k
 
 NORM_KINDS = ("rms", "ln", "none")
 
@@ -82,15 +83,7 @@ def direct_effects(coef: torch.Tensor, value_dots: torch.Tensor) -> torch.Tensor
 
 def ranked(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest ``values``, ties to the smaller index (deterministic)."""
-    n = values.numel()
-    k = min(int(k), n)
-    if k == 0:
-        return torch.empty(0, dtype=torch.long)
-    if k < n:  # only the candidates at or above the k-th value need sorting
-        kth = values.topk(k).values[-1]
-        cand = (values >= kth).nonzero().flatten()
-        return cand[torch.argsort(-values[cand].double(), stable=True)][:k]
-    return torch.argsort(-values.double(), stable=True)
+    return top_k(values.flatten(), min(int(k), values.numel()))[1]
 
 
 def rank_of(values: torch.Tensor) -> torch.Tensor:
@@ -128,8 +121,8 @@ def two_sided_topk(V: torch.Tensor, B: torch.Tensor, n: int, *, budget_bytes: in
 
     Row chunks are sized by the project's ``chunk_rows_for`` (a chunk of rows times the whole
     vocabulary stays inside ``budget_bytes``); where more candidates tie at the n-th value than fit,
-    the choice is redone with the project's ``select_topk`` (ties to the smaller token id), and each row
-    is ordered by (value desc, id asc) (bottom: value asc, id asc), as ``tl_embedspace.factored_topk`` does.
+    the project's ranking rule (:func:`tl_plugins.ranking.top_k`) keeps the smaller token ids, and each
+    row is ordered by (value desc, id asc) (bottom: value asc, id asc), as ``tl_embedspace.factored_topk`` does.
     Returns ``(top_vals, top_ids, bot_vals, bot_ids)``, each [N, n]."""
     N, m = V.shape[0], B.shape[1]
     n = min(int(n), m)
@@ -141,16 +134,7 @@ def two_sided_topk(V: torch.Tensor, B: torch.Tensor, n: int, *, budget_bytes: in
         for side in (0, 1):
             if side:
                 C.neg_()
-            v, j = C.topk(n, dim=1)
-            kth = v[:, -1:]
-            for t in ((C >= kth).sum(1) > n).nonzero().flatten().tolist():
-                cand = (C[t] >= kth[t]).nonzero().flatten()
-                _, pos = select_topk(C[t, cand], cand, n)
-                j[t], v[t] = pos, C[t, pos]
-            o = torch.argsort(j, dim=1)
-            v, j = v.gather(1, o), j.gather(1, o)
-            o = torch.argsort(-v, dim=1, stable=True)
-            v, j = v.gather(1, o), j.gather(1, o)
+            v, j = top_k(C, n, dim=1)
             out[2 * side][s:s + chunk] = -v if side else v
             out[2 * side + 1][s:s + chunk] = j
         del C

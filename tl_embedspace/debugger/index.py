@@ -39,6 +39,7 @@ from tl_embedspace.debugger.model import (
     unit_label,
     version_key,
 )
+from tl_plugins.ranking import top_k
 
 FORMAT = 1
 BASES = ("readout", "embed")
@@ -459,7 +460,7 @@ class ValueIndex:
                 members = (labels == c).nonzero().flatten()
                 v = (self._V[members] / self._V[members].norm(dim=1, keepdim=True).clamp_min(1e-12)).mean(0) \
                     if members.numel() else torch.zeros(self._V.shape[1])
-                tops.append(token_strs(self._backend, (v @ self._B).topk(n_top).indices.tolist()))
+                tops.append(token_strs(self._backend, top_k(v @ self._B, n_top)[1].tolist()))
             self._clusters[key] = Clusters(labels=labels, cosine=sims, top_tokens=tops, d_mlp=self.d_mlp)
         return self._clusters[key]
 

@@ -26,6 +26,7 @@ import torch
 
 from tl_embedspace.debugger.model import debug_weights
 from tl_embedspace.debugger.trace import run_and_collect
+from tl_plugins.ranking import top_k
 
 
 def pydoc_text() -> str:
@@ -56,7 +57,7 @@ def promotion(model: Any, *, quick: bool = False, n_prompts: int = None, seed: i
             coef = acts[("mlp_post", l)][-1].float().cpu()
             with torch.no_grad():
                 lens = be.readout(torch.stack([acts[("resid_mid", l)][-1], acts[("resid_post", l)][-1]])).float().cpu()
-            before, after = lens[0].topk(30).indices, lens[1].topk(30).indices
+            before, after = top_k(lens[0], 30)[1], top_k(lens[1], 30)[1]
             elim = before[~torch.isin(before, after)]
             score = coef.abs() * dw.value_norms[l]
             top = torch.argsort(-score, stable=True)[:10]
@@ -128,8 +129,8 @@ def coherence(model: Any, *, quick: bool = False, per_layer: int = None, seed: i
         V = dw.W_out[l, units]
         R = torch.randn(V.shape, generator=g)
         R = R / R.norm(dim=1, keepdim=True) * V.norm(dim=1, keepdim=True)
-        cr = _coherence((V @ B).topk(30, dim=1).indices, En)
-        cn = _coherence((R @ B).topk(30, dim=1).indices, En)
+        cr = _coherence(top_k(V @ B, 30, dim=1)[1], En)
+        cn = _coherence(top_k(R @ B, 30, dim=1)[1], En)
         real.append(float(cr.mean()))
         rand.append(float(cn.mean()))
         above.append(float((cr > torch.quantile(cn, 0.95)).float().mean()))

@@ -43,6 +43,7 @@ from tl_embedspace.debugger.model import (
     unit_label,
 )
 from tl_embedspace.projections import visible
+from tl_plugins.ranking import top_k
 
 RANK_BY = ("score", "direct_effect", "abs_direct_effect")
 
@@ -152,7 +153,7 @@ def _post_scale(dw: Any, acts: dict, kind: str, layer: int, pos: int, summed: to
 def _top_tokens_of(vectors: torch.Tensor, basis: torch.Tensor, n: int, chunk: int = 256) -> torch.Tensor:
     out = []
     for s in range(0, vectors.shape[0], chunk):
-        out.append((vectors[s:s + chunk] @ basis).topk(n, dim=1).indices)
+        out.append(top_k(vectors[s:s + chunk] @ basis, n, dim=1)[1])
     return torch.cat(out) if out else torch.empty(0, n, dtype=torch.long)
 
 
@@ -220,7 +221,7 @@ def trace(model: Any, prompt_or_tokens: Any, position: Union[int, Sequence[int]]
             with torch.no_grad():
                 lens = backend.readout(stack.to(backend.device)).float().cpu()
             logp = lens.log_softmax(-1)
-            top = lens.topk(lens_k, dim=-1).indices
+            top = top_k(lens, lens_k, dim=-1)[1]
             t_logit = lens[:, tid]
             t_rank = (lens > t_logit[:, None]).sum(-1) + 1
             new_vecs, new_meta = [], []

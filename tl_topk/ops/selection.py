@@ -1,9 +1,10 @@
 """The selection rule shared by every backend, and the resolution of ``k`` to one value per query row.
 
 Rule: row i keeps its k largest *valid* scores, ordering keys by (score descending, key index
-ascending), so a tie at the boundary goes to the smaller key index. ``torch.topk`` alone does not
-promise that tie-break, so every function here computes the k-th value ``tau`` with ``torch.topk``
-(values are unambiguous) and then breaks ties at ``tau`` by counting equal entries from the left.
+ascending), so a tie at the boundary goes to the smaller key index: the project's one ranking rule,
+:mod:`tl_plugins.ranking`. ``torch.topk`` alone does not promise that tie-break; the fast path
+here takes ``torch.topk``'s values and redoes, with the rule's mask, only the rows where a tie
+straddles the boundary.
 A row with fewer than k valid keys keeps all of them; a row with none keeps none.
 
 A per-head k spec is a tuple with one entry per query head, each ``int`` (absolute k), ``float`` in
@@ -17,6 +18,8 @@ import numbers
 from typing import Optional, Sequence, Union
 
 import torch
+
+from tl_plugins.ranking import keep_mask
 
 KSpec = Union[int, float, Sequence[Union[int, float, None]], torch.Tensor]
 
@@ -130,24 +133,12 @@ def spec_covers_all(spec: tuple, n_k: int) -> bool:
 
 
 def topk_keep_mask(scores: torch.Tensor, k_rows: torch.Tensor) -> torch.Tensor:
-    """Bool mask [..., n] of the kept keys under the rule above.
+    """Bool mask [..., n] of the kept keys under the rule above (the project's
+    :func:`tl_plugins.ranking.keep_mask`).
 
     ``scores``: [..., n], invalid keys at -inf. ``k_rows``: [...] int64 >= 1 (broadcastable).
     """
-    n = scores.shape[-1]
-    k_rows = torch.as_tensor(k_rows, device=scores.device).expand(scores.shape[:-1]).clamp(max=n)
-    kk = int(k_rows.max().item()) if k_rows.numel() else 1
-    if n == 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    vals = torch.topk(scores, max(1, kk), dim=-1, sorted=True).values
-    tau = vals.gather(-1, (k_rows - 1).clamp(min=0).unsqueeze(-1))
-    valid = scores > float("-inf")
-    greater = scores > tau
-    equal = scores == tau
-    n_greater = greater.sum(-1, keepdim=True)
-    rank = equal.cumsum(-1, dtype=torch.int32)
-    keep = greater | (equal & (rank <= k_rows.unsqueeze(-1) - n_greater))
-    return keep & valid
+    return keep_mask(scores, k_rows)
 
 
 def topk_select(scores: torch.Tensor, k_rows: torch.Tensor, kk: int):
