@@ -12,7 +12,8 @@ Shapes (L = n_layers, H = n_heads, Hkv = n_key_value_heads):
     W_in [L, d_model, d_mlp]   W_gate [L, d_model, d_mlp] or None   W_out [L, d_mlp, d_model]
     b_in [L, d_mlp]            b_out [L, d_model]
 Every tensor is detached (no autograd history) and cloned on access, so writing to it cannot
-change the model.
+change the model; the copy is on the model's device (``cfg.device``), so a model whose layers sit
+on different devices gives readouts that combine without moving anything.
 """
 
 from __future__ import annotations
@@ -152,9 +153,11 @@ class WeightView:
         return W_E.shape == W_U.T.shape and bool(torch.equal(W_E.detach(), W_U.detach().T))
 
     # -- helpers -------------------------------------------------------------------------------
-    @staticmethod
-    def _out(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if t is None else t.detach().clone()
+    def _out(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # a copy on the model's device (cfg.device, where the embedding and the tokens sit): a model
+        # split over devices (HookedTransformer's n_devices, a bridge's device map) keeps each
+        # layer where it is, and every readout still meets every other one on one device
+        return None if t is None else t.detach().to(device=self._backend.device, copy=True)
 
     def _check_layer(self, layer: Any) -> int:
         if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:

@@ -55,3 +55,23 @@ def test_plugins_make_their_tensors_on_the_inputs_device(model, name, config):
     assert not torch.equal(ref, plain)  # the plugin's own code ran
     assert out.device == tokens.device and torch.equal(out, ref)
     assert tl_plugins.active(model) == {}
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_weight_readouts_meet_on_the_models_device_when_layers_are_split(name):
+    """Layer 1 on another device (meta stands in for a second accelerator): every readout, stacked
+    ones included, lands on cfg.device, and the view still reads the layer that stayed put."""
+    m = tl_plugins.models.load(name)
+    ref = tl_plugins.weights(m).W_Q_layer(0)
+    m.blocks[1].to("meta")
+    m.cfg.device = "meta"  # the device the embedding would sit on after a split
+    try:
+        W = tl_plugins.weights(m)
+        for t in (W.W_Q, W.W_O, W.W_in, W.W_E, W.W_U):
+            assert t.device.type == "meta"
+        assert W.W_Q.shape == (m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_model, m.cfg.d_head)
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            torch.stack([m.blocks[0].attn.W_Q, m.blocks[1].attn.W_Q])  # what the view avoids
+    finally:
+        m.cfg.device = "cpu"
+    assert torch.equal(tl_plugins.weights(m).W_Q_layer(0), ref)
