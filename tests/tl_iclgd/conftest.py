@@ -17,8 +17,6 @@ from tl_plugins.backends.bridge import is_bridge
 from tl_plugins.models import tiny
 
 HOOKED = tiny.hooked_available()
-NO_HOOKED = ("transformer_lens.HookedTransformer cannot be imported (transformer-lens 4.x removed it), so the "
-             "tiny models are TransformerBridges; this test checks HookedTransformer specifics")
 
 
 _RECIPES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bridge -> (kind, options)
@@ -174,13 +172,6 @@ def make_hf_twin():
 def make_tiny_bridge():
     """The factory :func:`tiny_bridge` (a bridge on either leg)."""
     return tiny_bridge
-
-
-@pytest.fixture
-def hooked_only():
-    """Skip (naming the reason) where HookedTransformer does not exist."""
-    if not HOOKED:
-        pytest.skip(NO_HOOKED)
 
 
 def id_task(d_vocab: int = 90, n_demos: int = 4, n_queries: int = 6, seed: int = 0) -> TokenizedTask:

@@ -59,11 +59,6 @@ class DebuggerState:
         except Exception as exc:  # noqa: BLE001 - shown on the page
             self.index_error = f"{type(exc).__name__}: {exc}"
 
-    def wait_index(self, timeout: float = 600) -> None:
-        t0 = time.time()
-        while self.index is None and self.index_error is None and time.time() - t0 < timeout:
-            time.sleep(0.05)
-
 
 def _int(body: dict, key: str, default: Any, lo: int, hi: int) -> int:
     v = body.get(key, default)

@@ -39,12 +39,6 @@ def _hooked_transformer_class():
     return HookedTransformer
 
 
-def _softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
-    if cap is None or cap <= 0:
-        return x
-    return cap * torch.tanh(x / cap)
-
-
 @dataclass
 class HookedAttentionCall(AttentionCall):
     """An attention call of a HookedTransformer ``AbstractAttention`` module."""
