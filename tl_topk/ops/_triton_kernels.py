@@ -14,6 +14,8 @@ of its K/V group, dQ per query tile), recomputing scores with the same tile shap
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -243,6 +245,13 @@ def _blocks(q: torch.Tensor, kk: int) -> tuple[int, int]:
     return block_m, block_n
 
 
+def _on_device_of(t: torch.Tensor):
+    """Launch context for ``t``'s GPU: Triton launches on the *current* CUDA device, and a model whose
+    layers sit on several GPUs (HookedTransformer's ``n_devices``) calls this with tensors on any of
+    them. On the CPU (``TRITON_INTERPRET=1``) nothing to switch."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 class TritonTopKAttention(torch.autograd.Function):
     """Top-k attention with the threshold pass and FlashAttention-style forward and backward."""
 
@@ -266,10 +275,11 @@ class TritonTopKAttention(torch.autograd.Function):
         cap = float(softcap) if softcap is not None else 1.0
         common = dict(HAS_PAD=has_pad, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, D=d, PREC=prec,
                       SOFTCAP=softcap is not None)
-        _threshold_kernel[grid](q, k, pad, krows, thr, *q.stride(), *k.stride(), n_q, n_k, offset, h, g,
-                                scale, cap, **common)
-        _fwd_kernel[grid](q, k, v, pad, thr, out, lse, *q.stride(), *k.stride(), *v.stride(),
-                          n_q, n_k, offset, h, g, scale, cap, **common)
+        with _on_device_of(q):
+            _threshold_kernel[grid](q, k, pad, krows, thr, *q.stride(), *k.stride(), n_q, n_k, offset, h, g,
+                                    scale, cap, **common)
+            _fwd_kernel[grid](q, k, v, pad, thr, out, lse, *q.stride(), *k.stride(), *v.stride(),
+                              n_q, n_k, offset, h, g, scale, cap, **common)
         ctx.save_for_backward(q, k, v, pad, thr, lse, out)
         ctx.meta = (causal, has_pad, scale, cap, softcap is not None, block_m, block_n, prec)
         return out
@@ -290,8 +300,10 @@ class TritonTopKAttention(torch.autograd.Function):
         common = dict(HAS_PAD=has_pad, CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, D=d, PREC=prec,
                       SOFTCAP=has_cap)
         strides = (*q.stride(), *k.stride(), *v.stride())
-        _bwd_dq_kernel[(triton.cdiv(n_q, block_m), b * h)](
-            q, k, v, pad, thr, lse, delta, do, dq, *strides, n_q, n_k, offset, h, g, scale, cap, **common)
-        _bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * h_kv)](
-            q, k, v, pad, thr, lse, delta, do, dk, dv, *strides, n_q, n_k, offset, h, g, h_kv, scale, cap, **common)
+        with _on_device_of(q):
+            _bwd_dq_kernel[(triton.cdiv(n_q, block_m), b * h)](
+                q, k, v, pad, thr, lse, delta, do, dq, *strides, n_q, n_k, offset, h, g, scale, cap, **common)
+            _bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * h_kv)](
+                q, k, v, pad, thr, lse, delta, do, dk, dv, *strides, n_q, n_k, offset, h, g, h_kv, scale, cap,
+                **common)
         return dq, dk, dv, None, None, None, None, None, None
