@@ -97,7 +97,7 @@ docs: $(STAMP)
 # built-ins, report and bench machinery), where every plugin's types meet.
 MYPY_FILES := tl_plugins/hookspecs.py tl_plugins/plugins.py tl_plugins/api.py tl_plugins/builtins \
 	tl_plugins/seams.py tl_plugins/state.py tl_plugins/errors.py tl_plugins/cli_checks.py \
-	tl_plugins/report.py tl_plugins/bench.py
+	tl_plugins/report.py tl_plugins/bench.py tl_plugins/measure.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check tl_plugins tl_topk tl_embedspace tl_iclgd tests scripts

@@ -11,7 +11,8 @@ import time
 import torch
 
 from tl_embedspace.factored_topk import DEFAULT_BUDGET_BYTES as BUDGET
-from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time
+from tl_plugins.bench import BenchResult, device_description
+from tl_plugins.measure import PeakMemory, median_time
 
 
 def _pick_head(sp):
@@ -41,7 +42,7 @@ def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device
     ov.topk_pairs(k)  # warm-up (allocator, threads)
     t_ov = median_time(lambda: ov.topk_pairs(k), repeat=reps, warmup=0)
     gc.collect()
-    with PeakRSS() as mem:
+    with PeakMemory("cpu") as mem:
         r = ov.topk_pairs(k)
     res.add(task=f"top-{k} pairs OV L{l}H{h} (largest)", seconds=round(t_ov, 3),
             peak_extra_mb=round(mem.peak_extra / 2**20, 1), computed=f"{r.stats.fraction_computed:.2%}",

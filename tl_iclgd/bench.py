@@ -46,7 +46,8 @@ def _bench(*, quick: bool, model: str, device: str):
     from tl_iclgd.tasks import get_task, tokenize_task
     from tl_iclgd.threads import torch_threads
     from tl_plugins import models
-    from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time
+    from tl_plugins.bench import BenchResult, device_description
+    from tl_plugins.measure import PeakMemory, median_time
 
     n_demos, n_queries = (4, 8) if quick else (16, 50)
     m = models.load(model, device=device)
@@ -55,11 +56,11 @@ def _bench(*, quick: bool, model: str, device: str):
     task = "antonyms" if has_tok else synthetic_task(be.d_vocab, n_demos, n_queries)
     gd = GDConfig(lr=DEFAULT_LR)
     res = BenchResult("iclgd", device=device_description(device))
-    with PeakRSS() as mem:
+    with PeakMemory("cpu") as mem:
         t0, c0 = time.perf_counter(), time.process_time()
         full = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,))
         t_full, c_full = time.perf_counter() - t0, time.process_time() - c0
-    with PeakRSS() as mem_b:
+    with PeakMemory("cpu") as mem_b:
         t0, c0 = time.perf_counter(), time.process_time()
         base = compare(m, task, gd, methods=("gd", "lcgd"), n_demos=n_demos, n_queries=n_queries, seeds=(0,),
                        baselines=("untrained",) if quick else ("untrained", "untrained_embeddings"))

@@ -2,19 +2,15 @@
 
 A plugin registers benchmarks through ``tl_plugins_register_benchmarks(register)`` with
 ``register(name, fn, summary=...)``; ``fn(*, quick=False, model=None, device="cpu") -> BenchResult``.
-Helpers here measure medians and peak memory the same way for every plugin.
+This module is the registry and the result; ``tl_plugins.measure`` measures medians and peak memory
+the same way for every plugin.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
-import resource
-import statistics
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -72,78 +68,6 @@ class BenchResult:
 
     def _repr_html_(self) -> str:
         return f"<h4>bench {self.name}</h4><p>{self.device}</p>" + self.to_frame().to_html(index=False)
-
-
-def median_time(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1, sync: bool = False) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if sync and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now (bytes)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # pragma: no cover - non-Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakRSS:
-    """Context manager sampling resident memory in a thread; ``.peak_extra`` = peak - start (bytes).
-
-    CPU tensors are allocated with malloc, so RSS is the honest measure on CPU. Sampling every
-    ``interval`` seconds can miss very short spikes; benchmarks that need exact figures on CPU
-    should prefer ``torch.profiler``-free analytic checks or repeat the measurement.
-    """
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.start = 0
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakRSS":
-        gc.collect()
-        self.start = self.peak = rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def peak_extra(self) -> int:
-        return self.peak - self.start
-
-
-def peak_cuda_extra(fn: Callable[[], Any], device: str = "cuda") -> int:
-    """Peak CUDA memory allocated by ``fn()`` above what was allocated before (bytes)."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
 
 
 def available() -> dict[str, tuple[Callable[..., BenchResult], str]]:

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time, peak_cuda_extra
+from tl_plugins.bench import BenchResult, device_description
+from tl_plugins.measure import fixed_mmap_threshold, median_time, peak_cpu_extra, peak_cuda_extra
 from tl_topk.ops.attention import topk_attention
 
 LAYER = dict(n_heads=9, n_kv_heads=3, d_head=64)
@@ -93,69 +94,12 @@ def _methods(k_top: int, device: str) -> dict[str, Callable]:
     return m
 
 
-def fixed_mmap_threshold() -> bool:
-    """Make glibc serve allocations >= 128 KiB with mmap and return them on free.
-
-    By default glibc raises its mmap threshold after large frees (up to 32 MiB), so freed tensor
-    memory stays resident and later allocations do not show in the resident set: peak-RSS figures
-    would depend on what ran before. Returns False where mallopt is unavailable (non-glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 128 * 1024) == 1
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
 def peak_extra(fn: Callable, q, k, v, device: str) -> int:
     """Peak extra bytes of one forward + backward of ``fn`` (inputs already allocated)."""
     run = _fwd_bwd(fn, q, k, v)
     if device.startswith("cuda"):
         return peak_cuda_extra(run, device)
     return peak_cpu_extra(run)
-
-
-def peak_cpu_extra(run: Callable[[], None]) -> int:
-    """Peak resident-set growth of ``run()``: the kernel's high-water mark, else a sampler."""
-    gc.collect()
-    exact = _kernel_peak_rss(run)
-    if exact is not None:
-        return exact
-    with PeakRSS(interval=0.001) as rss:
-        run()
-    return rss.peak_extra
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _kernel_peak_rss(run: Callable[[], None]) -> Optional[int]:
-    """Peak resident-set growth of ``run()`` from the kernel's own high-water mark (Linux >= 4.0).
-
-    Writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS, so VmHWM after the run is
-    the exact peak, with no sampling to miss short-lived buffers. None where that is unavailable.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        start = _status_kib("VmRSS")
-        if _status_kib("VmHWM") > start + 1024:  # the reset did not take
-            return None
-    except (OSError, KeyError, ValueError):
-        return None
-    run()
-    return (_status_kib("VmHWM") - start) * 1024
 
 
 def bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device: str, progress=None):

@@ -73,7 +73,7 @@ def _loss_run(model: Any, tokens: torch.Tensor) -> Callable[[], None]:
 
 def _memory_in_fresh_process(ns: list[int]) -> list[dict]:
     import tl_plugins
-    from tl_topk.bench import fixed_mmap_threshold, peak_cpu_extra
+    from tl_plugins.measure import fixed_mmap_threshold, peak_cpu_extra
 
     fixed_mmap_threshold()
     bridge, _ = _models(max(ns), with_hooked=False)

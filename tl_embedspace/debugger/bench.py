@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tl_plugins.bench import BenchResult, PeakRSS, device_description, median_time
+from tl_plugins.bench import BenchResult, device_description
+from tl_plugins.measure import PeakMemory, median_time
 
 TEXT = ("The capital of France is Paris, and the capital of Italy is Rome. Both cities are famous for their "
         "museums, their food and their long history, which draws millions of visitors every year.")
@@ -40,7 +41,7 @@ def bench_debugger(*, quick: bool = False, model: str = "smollm2-135m", device: 
     # 2. the index first (the trace then reads promoted tokens from it, as the web app does)
     folder = Path(tempfile.mkdtemp(prefix="tl-debugger-bench-"))
     gc.collect()
-    with PeakRSS() as peak:
+    with PeakMemory("cpu") as peak:
         t0 = time.perf_counter()
         idx = ValueIndex.build(m, folder=folder, progress=False)
         build_s = time.perf_counter() - t0

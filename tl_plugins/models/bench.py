@@ -11,11 +11,13 @@ import tempfile
 
 from tl_plugins.bench import BenchResult
 
+# The process's own resident-set high-water mark (tl_plugins.measure.process_peak_rss_bytes): each load
+# runs in a fresh process, so that is the load's peak, imports included.
 _SNIPPET = (
-    "import time,resource,json;t=time.perf_counter();"
-    "import tl_plugins;m=tl_plugins.models.load({name!r});"
-    "print(json.dumps({{'s':time.perf_counter()-t,"
-    "'rss':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024}}))"
+    "import time,json;t=time.perf_counter();"
+    "import tl_plugins;m=tl_plugins.models.load({name!r});s=time.perf_counter()-t;"
+    "from tl_plugins.measure import process_peak_rss_bytes;"
+    "print(json.dumps({{'s':s,'rss':process_peak_rss_bytes()}}))"
 )
 
 
