@@ -7,11 +7,11 @@ from them.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 from tl_embedspace.factored_topk import DEFAULT_BUDGET_BYTES
 from tl_embedspace.space import LN_MODES, READ_BASES, WRITE_BASES
+from tl_plugins.checks import check_positive_int
 
 
 @dataclass
@@ -32,10 +32,8 @@ class EmbedSpaceConfig:
             raise ValueError(f"write_basis: got {self.write_basis!r}; accepted: auto, {', '.join(WRITE_BASES)}")
         if self.ln not in LN_MODES:
             raise ValueError(f"ln: got {self.ln!r}; accepted: {', '.join(LN_MODES)}")
-        if isinstance(self.budget_bytes, bool) or not isinstance(self.budget_bytes, numbers.Integral) or self.budget_bytes <= 0:
-            raise ValueError(f"budget_bytes: got {self.budget_bytes!r}; accepted: a positive int")
-        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k <= 0:
-            raise ValueError(f"k: got {self.k!r}; accepted: a positive int")
+        check_positive_int(self.budget_bytes, "budget_bytes")
+        check_positive_int(self.k, "k")
 
 
 def space_for(model, **overrides):

@@ -23,7 +23,6 @@ processed them (folding/centering change W_E and W_U, so results no longer match
 
 from __future__ import annotations
 
-import numbers
 import time
 import warnings
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from tl_embedspace.projections import (
     write_scores,
 )
 from tl_embedspace.results import ComponentHits, RowTopk, TokenPairs, TokenScores
+from tl_plugins.checks import check_index, check_positive_int, is_int
 from tl_plugins.errors import UnsupportedModelError
 
 READ_BASES = ("paper", "unembed", "full-circuit", "pinv")
@@ -56,13 +56,6 @@ Token = Union[int, str]
 
 class ProcessedWeightsWarning(UserWarning):
     """The model's weights were processed (fold_ln/centering): results differ from the paper's."""
-
-
-def check_index(value: Any, size: int, arg: str) -> int:
-    """``value`` if it is an int (not a bool) in ``[0, size)``, else an IndexError naming ``arg``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < size:
-        raise IndexError(f"{arg}: got {value!r}; accepted: an int in [0, {size - 1}]")
-    return int(value)
 
 
 class _cached_on_weights:
@@ -121,8 +114,7 @@ class EmbeddingSpace:
                 "their feed-forward weights are per expert and routed, which this package does not model")
         if ln not in LN_MODES:
             raise ValueError(f"ln: got {ln!r}; accepted: one of {', '.join(LN_MODES)}")
-        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral) or budget_bytes <= 0:
-            raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive int")
+        check_positive_int(budget_bytes, "budget_bytes")
         self.model = model
         self._check_finite()
         self.w = tl_plugins.weights(model)
@@ -238,7 +230,7 @@ class EmbeddingSpace:
         """A token id from an id or a string that is exactly one token (visible spaces allowed)."""
         if isinstance(token, torch.Tensor) and token.numel() == 1:
             token = int(token)
-        if isinstance(token, numbers.Integral) and not isinstance(token, bool):
+        if is_int(token):
             if not 0 <= token < self.d_vocab:
                 raise IndexError(f"{arg}: id {token} is not in the vocabulary; accepted: ids in [0, {self.d_vocab - 1}]")
             return token

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from tl_embedspace.align import check_shared_vocabulary
-from tl_embedspace.space import check_index
 from tl_plugins.backends import detect
+from tl_plugins.checks import check_index
 
 METHODS = ("pinv", "transpose", "lstsq")
 

@@ -18,7 +18,6 @@ on different devices gives readouts that combine without moving anything.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -27,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from tl_plugins import backends as _backends
+from tl_plugins.checks import check_index
 from tl_plugins.errors import UnsupportedModelError
 
 
@@ -160,9 +160,7 @@ class WeightView:
         return None if t is None else t.detach().to(device=self._backend.device, copy=True)
 
     def _check_layer(self, layer: Any) -> int:
-        if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer: got {layer!r}; accepted: an int in [0, {self.n_layers - 1}]")
-        return layer
+        return check_index(layer, self.n_layers, "layer")
 
     def _layer_weight(self, name: str, layer: int) -> Optional[torch.Tensor]:
         if name in _MLP_WEIGHTS and self.d_mlp is None:

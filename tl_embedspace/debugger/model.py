@@ -17,6 +17,7 @@ import torch
 import tl_plugins
 from tl_embedspace.debugger.core import FrozenNorm, norm_scale
 from tl_plugins import backends as _backends
+from tl_plugins.checks import check_index
 from tl_plugins.errors import UnsupportedModelError
 
 _CACHE: "weakref.WeakKeyDictionary[Any, tuple[tuple, DebugWeights]]" = weakref.WeakKeyDictionary()
@@ -306,7 +307,4 @@ def unit_label(layer: int, unit: int) -> str:
 
 def check_unit(backend: Any, layer: Any, unit: Any, arg: str = "unit") -> tuple[int, int]:
     layer = backend.check_layer(layer, "layer")
-    d_mlp = backend.d_mlp
-    if isinstance(unit, bool) or not isinstance(unit, numbers.Integral) or not 0 <= int(unit) < d_mlp:
-        raise IndexError(f"{arg}: got {unit!r} in layer {layer}; accepted: an int in [0, {d_mlp - 1}]")
-    return layer, int(unit)
+    return layer, check_index(unit, backend.d_mlp, arg, where=f" in layer {layer}")
