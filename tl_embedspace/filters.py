@@ -19,8 +19,10 @@ import functools
 import re
 from typing import Callable
 
+from tl_plugins.corpus import SOURCE, docs_text
+
 CORPUS_NAME = "corpus"
-CORPUS_SOURCE = "pydoc_data.topics"
+CORPUS_SOURCE = SOURCE
 _WORD = re.compile(r"(?<![\w.'])[A-Za-z]+(?:'[a-z]+)?(?![\w'])")
 
 
@@ -28,11 +30,8 @@ _WORD = re.compile(r"(?<![\w.'])[A-Za-z]+(?:'[a-z]+)?(?![\w'])")
 def corpus_words() -> frozenset[str]:
     """Whole words (letters only, optional apostrophe suffix) in the standard library's documentation."""
     from collections import Counter
-    from pydoc_data.topics import topics
 
-    counts: Counter[str] = Counter()
-    for text in topics.values():
-        counts.update(m.group(0) for m in _WORD.finditer(text))
+    counts: Counter[str] = Counter(m.group(0) for m in _WORD.finditer(docs_text(None)))
     # seen at least twice; acronyms and constants (all capitals: "RB", "NULL") are not words
     return frozenset(w for w, c in counts.items()
                      if c >= 2 and (len(w) >= 2 or w in ("a", "I")) and not (len(w) > 1 and w.isupper()))

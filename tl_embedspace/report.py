@@ -16,17 +16,6 @@ import time
 import torch
 
 
-def _text_tokens(sp, n: int) -> torch.Tensor:
-    if sp.tokenizer is not None:
-        from pydoc_data.topics import topics
-
-        text = " ".join(topics[k] for k in sorted(topics)[:3])
-        ids = sp.tokenizer.encode(text, add_special_tokens=False)[:n]
-        return torch.tensor(ids)[None]
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, sp.d_vocab, (1, n), generator=g)
-
-
 def report_section(report) -> None:
     import pandas as pd
     import plotly.graph_objects as go
@@ -34,6 +23,7 @@ def report_section(report) -> None:
     from tl_embedspace.config import space_for
     from tl_embedspace.evaluations import hidden_state_overlap, related_pairs
     from tl_embedspace.filters import resolve_filter, space_with_filter
+    from tl_plugins.corpus import docs_tokens
 
     quick = report.quick
     asked = report.options.get("embedspace_filter", "auto")
@@ -88,7 +78,7 @@ def report_section(report) -> None:
     rp = related_pairs(sp_all, k=50 if quick else 100, layers=eval_layers, max_vectors=8 if quick else 48)
     tables = [rp.summary()]
     if sp.w.d_mlp is not None:
-        ho = hidden_state_overlap(sp_all, _text_tokens(sp_all, 24 if quick else 96), layers=eval_layers)
+        ho = hidden_state_overlap(sp_all, docs_tokens(report.model, 24 if quick else 96), layers=eval_layers)
         tables.append(ho.summary())
     evals = pd.concat(tables, ignore_index=True)
     evals["filter"] = "none (whole vocabulary)"

@@ -14,33 +14,9 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 import tl_plugins
+from tl_plugins.corpus import docs_text, docs_tokens  # noqa: F401 - the text the analyses read, re-exported
 
 MODES = ("attention", "feed-forward", "both")
-
-
-def docs_text(n_chars: int = 200_000) -> str:
-    """Concatenated ``pydoc_data.topics`` entries in sorted key order (deterministic)."""
-    from pydoc_data.topics import topics
-
-    parts, total = [], 0
-    for key in sorted(topics):
-        parts.append(topics[key])
-        total += len(topics[key])
-        if total >= n_chars:
-            break
-    return "\n".join(parts)
-
-
-def docs_tokens(model: Any, n_tokens: int) -> torch.Tensor:
-    """[1, n_tokens] tokens of the docs text; models without a tokenizer get bytes modulo d_vocab."""
-    text = docs_text(max(20_000, n_tokens * 8))
-    if getattr(model, "tokenizer", None) is not None:
-        ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = [b % model.cfg.d_vocab for b in text.encode("utf-8")]
-    if len(ids) < n_tokens:
-        raise ValueError(f"n_tokens: got {n_tokens}; the docs text gives only {len(ids)} tokens")
-    return torch.tensor(ids[:n_tokens], device=model.cfg.device).unsqueeze(0)
 
 
 @torch.no_grad()

@@ -26,18 +26,13 @@ import torch
 
 from tl_embedspace.debugger.model import debug_weights
 from tl_embedspace.debugger.trace import run_and_collect
+from tl_plugins.corpus import docs_text
 from tl_plugins.ranking import top_k
-
-
-def pydoc_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def _chunks(model: Any, n: int, length: int, skip: int = 0) -> list[torch.Tensor]:
     be = debug_weights(model).backend
-    ids = be.to_tokens(pydoc_text()[:400_000])[0].cpu()
+    ids = be.to_tokens(docs_text(400_000, sep="\n\n")[:400_000])[0].cpu()
     step = max(length, (ids.numel() - length) // max(n, 1))
     return [ids[skip + i * step: skip + i * step + length] for i in range(n)
             if skip + i * step + length <= ids.numel()]
