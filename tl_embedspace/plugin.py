@@ -4,12 +4,24 @@ chunk budget) on the model; the forward pass is never changed."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Generator, Optional
+
 from tl_embedspace.config import EmbedSpaceConfig
 from tl_plugins import hookimpl
 
+if TYPE_CHECKING:
+    import click
+    import torch
+    from jaxtyping import Float
+
+    from tl_plugins.backends.base import Backend
+    from tl_plugins.hookspecs import RegisterBenchmark, RegisterPlugin
+    from tl_plugins.report import Report
+    from tl_plugins.seams import MLPActivationCall
+
 
 @hookimpl
-def tl_plugins_register(register):
+def tl_plugins_register(register: RegisterPlugin) -> None:
     register(
         "embedspace",
         config=EmbedSpaceConfig,
@@ -28,7 +40,7 @@ def tl_plugins_register(register):
 
 
 @hookimpl
-def tl_plugins_enable(model, name, config, backend):
+def tl_plugins_enable(model: Any, name: str, config: Any, backend: Backend) -> bool:
     # the host calls this module's hook only for the names it registered: "embedspace" and "steer"
     if name == "steer":
         from tl_embedspace.debugger import steer
@@ -38,7 +50,7 @@ def tl_plugins_enable(model, name, config, backend):
 
 
 @hookimpl
-def tl_plugins_disable(model, name, backend):
+def tl_plugins_disable(model: Any, name: str, backend: Backend) -> bool:
     if name != "steer":
         return True  # embedspace installed nothing
     import tl_plugins
@@ -49,7 +61,9 @@ def tl_plugins_disable(model, name, backend):
 
 
 @hookimpl(wrapper=True)
-def tl_plugins_mlp_activation(call):
+def tl_plugins_mlp_activation(
+    call: MLPActivationCall,
+) -> Generator[None, Optional[Float[torch.Tensor, "batch pos d_mlp"]], Optional[Float[torch.Tensor, "batch pos d_mlp"]]]:
     out = yield
     if call.config("steer") is None:
         return out
@@ -59,7 +73,7 @@ def tl_plugins_mlp_activation(call):
 
 
 @hookimpl
-def tl_plugins_register_commands(cli):
+def tl_plugins_register_commands(cli: click.Group) -> None:
     from tl_embedspace.cli import embedspace_group
 
     cli.add_command(embedspace_group)
@@ -69,7 +83,7 @@ def tl_plugins_register_commands(cli):
 
 
 @hookimpl
-def tl_plugins_register_benchmarks(register):
+def tl_plugins_register_benchmarks(register: RegisterBenchmark) -> None:
     from tl_embedspace.bench import bench_embedspace
 
     register("embedspace", bench_embedspace,
@@ -81,7 +95,7 @@ def tl_plugins_register_benchmarks(register):
 
 
 @hookimpl
-def tl_plugins_report_sections(report):
+def tl_plugins_report_sections(report: Report) -> None:
     from tl_embedspace.report import report_section
 
     report_section(report)

@@ -7,14 +7,51 @@ and is found through the ``tl_plugins`` entry-point group (or registered by hand
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+
 import pluggy
+
+if TYPE_CHECKING:
+    import click
+    import torch
+    from jaxtyping import Float
+
+    from tl_plugins.backends.base import Backend
+    from tl_plugins.bench import BenchResult
+    from tl_plugins.report import Report
+    from tl_plugins.seams import AttentionCall, MLPActivationCall
 
 hookspec = pluggy.HookspecMarker("tl_plugins")
 hookimpl = pluggy.HookimplMarker("tl_plugins")
 
 
+class RegisterPlugin(Protocol):
+    """The ``register`` callable ``tl_plugins_register`` receives."""
+
+    def __call__(self, name: str, *, config: type, summary: str = ..., changes_forward: bool = ...,
+                 attention_seam: bool = ..., mlp_seam: bool = ..., backends: tuple[str, ...] = ...) -> None: ...
+
+
+class BenchmarkFunction(Protocol):
+    """A benchmark: keyword options (a benchmark may accept more, e.g. ``backend``) -> a ``BenchResult``."""
+
+    def __call__(self, *, quick: bool = ..., model: str = ..., device: str = ...) -> BenchResult: ...
+
+
+class RegisterBenchmark(Protocol):
+    """The ``register`` callable ``tl_plugins_register_benchmarks`` receives."""
+
+    def __call__(self, name: str, fn: BenchmarkFunction, summary: str = ...) -> None: ...
+
+
+class RegisterModel(Protocol):
+    """The ``register`` callable ``tl_plugins_register_models`` receives; ``loader(**options) -> model``."""
+
+    def __call__(self, name: str, loader: Callable[..., Any], summary: str = ...) -> None: ...
+
+
 @hookspec
-def tl_plugins_register(register):
+def tl_plugins_register(register: RegisterPlugin) -> None:
     """Declare the plugins this module provides.
 
     Call ``register(name, *, config=ConfigDataclass, summary="one line", changes_forward=bool,
@@ -30,7 +67,7 @@ def tl_plugins_register(register):
 
 
 @hookspec(firstresult=True)
-def tl_plugins_enable(model, name, config, backend):
+def tl_plugins_enable(model: Any, name: str, config: Any, backend: Backend) -> Optional[object]:
     """Install plugin ``name`` on ``model`` with the validated ``config`` instance.
 
     The host calls this hook of the plugin that registered ``name`` alone (the registry knows which
@@ -46,7 +83,7 @@ def tl_plugins_enable(model, name, config, backend):
 
 
 @hookspec(firstresult=True)
-def tl_plugins_disable(model, name, backend):
+def tl_plugins_disable(model: Any, name: str, backend: Backend) -> Optional[object]:
     """Undo ``tl_plugins_enable`` for ``name``; called on the plugin that registered ``name`` alone.
 
     Overrides installed through ``tl_plugins.seams`` are removed by the host after this hook, so most
@@ -55,17 +92,20 @@ def tl_plugins_disable(model, name, backend):
 
 
 @hookspec(firstresult=True)
-def tl_plugins_attention(call):
+def tl_plugins_attention(
+    call: AttentionCall,
+) -> Optional[Float[torch.Tensor, "batch query_pos head_index d_head"]]:
     """Compute the attention mix ``z`` for one attention module call, or return None to pass.
 
-    ``call`` is a ``tl_plugins.seams.AttentionCall`` carrying post-rotary ``q`` [batch, q_pos, head,
-    d_head] and ``k``/``v`` [batch, k_pos, kv_head, d_head] (grouped-query K/V are *not* expanded),
+    ``call`` is a ``tl_plugins.seams.AttentionCall`` carrying post-rotary ``q`` [batch, query_pos,
+    head_index, d_head] and ``k``/``v`` [batch, key_pos, kv_head_index, d_head] (grouped-query K/V are
+    *not* expanded),
     the masks, the scale and soft-cap, the layer index, the per-model configs of the enabled plugins
     (``call.config(name)``) and helpers: ``call.dense_scores()`` (scaled, soft-capped, masked scores
     exactly as TransformerLens computes them), ``call.hook_attn_scores(x)`` / ``call.hook_pattern(x)``
     (fire the module's hook points), ``call.dense_z(pattern)``.
 
-    Return ``z`` [batch, q_pos, head, d_head] *before* ``hook_z``; the seam fires ``hook_z``, the
+    Return ``z`` [batch, query_pos, head_index, d_head] *before* ``hook_z``; the seam fires ``hook_z``, the
     output projection and ``hook_result``. The first non-None result wins; the host's built-in
     implementation (``trylast``) reproduces TransformerLens's dense attention bit-exactly. Plugins
     that only modify inputs or outputs (scale queries, ablate a head) implement this hook as a
@@ -74,7 +114,7 @@ def tl_plugins_attention(call):
 
 
 @hookspec(firstresult=True)
-def tl_plugins_mlp_activation(call):
+def tl_plugins_mlp_activation(call: MLPActivationCall) -> Optional[Float[torch.Tensor, "batch pos d_mlp"]]:
     """Compute the MLP's post-activation hidden units for one MLP call, or return None to pass.
 
     ``call`` is a ``tl_plugins.seams.MLPActivationCall`` carrying ``pre`` [batch, pos, d_mlp] (the
@@ -85,12 +125,12 @@ def tl_plugins_mlp_activation(call):
 
 
 @hookspec
-def tl_plugins_register_commands(cli):
+def tl_plugins_register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``tl-plugins`` command line. ``cli`` is the root ``click.Group``."""
 
 
 @hookspec
-def tl_plugins_register_benchmarks(register):
+def tl_plugins_register_benchmarks(register: RegisterBenchmark) -> None:
     """Declare benchmarks for ``tl-plugins bench NAME``.
 
     Call ``register(name, function, summary="...")``; ``function(**options) -> BenchResult`` runs the
@@ -99,7 +139,7 @@ def tl_plugins_register_benchmarks(register):
 
 
 @hookspec
-def tl_plugins_report_sections(report):
+def tl_plugins_report_sections(report: Report) -> None:
     """Contribute sections to ``tl-plugins report``.
 
     ``report`` is a ``tl_plugins.report.Report`` with ``report.model``, ``report.model_name``,
@@ -110,7 +150,7 @@ def tl_plugins_report_sections(report):
 
 
 @hookspec
-def tl_plugins_register_models(register):
+def tl_plugins_register_models(register: RegisterModel) -> None:
     """Add named models to ``tl_plugins.models.load``.
 
     Call ``register(name, loader, summary="...")`` with ``loader(**options) -> model``.

@@ -3,17 +3,20 @@ weight processing), the first section of every ``tl-plugins report``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tl_plugins.hookspecs import hookimpl
 
+if TYPE_CHECKING:
+    from tl_plugins.report import Report
+
 
 @hookimpl(trylast=True)
-def tl_plugins_report_sections(report):
+def tl_plugins_report_sections(report: Report) -> None:
     model_card_section(report)
 
 
-def model_card_section(report: Any) -> None:
+def model_card_section(report: Report) -> None:
     """The host's own section: config, parameter counts, active plugins, load time, processing."""
     from importlib import metadata
 

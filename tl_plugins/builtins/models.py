@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tl_plugins.hookspecs import hookimpl
+from tl_plugins.hookspecs import RegisterModel, hookimpl
 
 
 @hookimpl(trylast=True)
-def tl_plugins_register_models(register):
+def tl_plugins_register_models(register: RegisterModel) -> None:
     from tl_plugins.models import zoo
 
     zoo.register_builtin_models(register)
