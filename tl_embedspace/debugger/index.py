@@ -39,6 +39,7 @@ from tl_embedspace.debugger.model import (
     unit_label,
     version_key,
 )
+from tl_plugins.checks import check_positive_int
 from tl_plugins.ranking import top_k
 
 FORMAT = 1
@@ -177,8 +178,7 @@ class ValueIndex:
         process unless a process group is initialised); every rank returns the finished index."""
         from tl_plugins import distributed
 
-        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens <= 0:
-            raise ValueError(f"n_tokens: got {n_tokens!r}; accepted: a positive int")
+        check_positive_int(n_tokens, "n_tokens")
         ctx = distributed.current() if ctx is None else ctx
         if ctx.distributed:
             return cls._build_sharded(model, n_tokens=n_tokens, basis=basis, heads=heads, folder=folder,
@@ -188,24 +188,8 @@ class ValueIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         B = _basis(dw, basis)
-        meta = {"format": FORMAT, "weights_hash": h, "basis": basis, "n_tokens": n_tokens,
-                "n_layers": dw.n_layers, "d_mlp": dw.d_mlp, "d_vocab": dw.d_vocab, "heads": heads,
-                "weights": dw.processing}
-        con = None
-        try:
-            con = _connect(partial)
-            stored = dict(con.execute("SELECT key, value FROM meta").fetchall())
-            if stored and json.loads(stored.get("meta", "{}")) != meta:
-                con.close()
-                partial.unlink()
-                con = _connect(partial)
-        except sqlite3.DatabaseError:
-            if con is not None:
-                con.close()
-            partial.unlink(missing_ok=True)
-            con = _connect(partial)
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('meta', ?)", (json.dumps(meta),))
-        con.commit()
+        meta = _index_meta(dw, h, basis=basis, n_tokens=n_tokens, heads=heads)
+        con = _open_partial(partial, meta)
         done = {(k, l) for k, l in con.execute("SELECT kind, layer FROM blocks").fetchall()}
         items = _vectors(dw, heads)
         total = sum(v.shape[0] for kind, l, v in items if (kind, l) not in done)
@@ -232,12 +216,7 @@ class ValueIndex:
         finally:
             if bar is not None:
                 bar.close()
-        blocks = _read_blocks(con, meta)
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('checksum', ?)", (_checksum(blocks),))
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('complete', '1')")
-        con.commit()
-        con.close()
-        os.replace(partial, path)
+        blocks = _finish(con, partial, path, meta)
         index = cls(path=path, meta=meta, blocks=blocks, model=model)
         _LOADED[model] = (version_key(model), index)
         return index
@@ -252,9 +231,7 @@ class ValueIndex:
         path, h = cls.path_for(model, basis=basis, heads=heads, n_tokens=n_tokens, folder=folder)
         partial = path.with_name(path.name + ".partial")
         B = _basis(dw, basis)
-        meta = {"format": FORMAT, "weights_hash": h, "basis": basis, "n_tokens": n_tokens,
-                "n_layers": dw.n_layers, "d_mlp": dw.d_mlp, "d_vocab": dw.d_vocab, "heads": heads,
-                "weights": dw.processing}
+        meta = _index_meta(dw, h, basis=basis, n_tokens=n_tokens, heads=heads)
         items = _vectors(dw, heads)
         distributed.agree({**meta, "path": str(path)}, ctx)
         distributed.checked(lambda: path.parent.mkdir(parents=True, exist_ok=True), ctx)
@@ -300,12 +277,7 @@ class ValueIndex:
                 src.close()
                 _insert(con, row)
                 con.commit()
-            blocks = _read_blocks(con, meta)
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('checksum', ?)", (_checksum(blocks),))
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('complete', '1')")
-            con.commit()
-            con.close()
-            os.replace(partial, path)
+            _finish(con, partial, path, meta)
             for f in _shard_files(path):
                 f.unlink(missing_ok=True)
 
@@ -497,6 +469,25 @@ def _block_blobs(V: torch.Tensor, B: torch.Tensor, n_tokens: int, budget_bytes: 
 
 def _insert(con: sqlite3.Connection, row: Sequence) -> None:
     con.execute(f"INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, {', '.join('?' * len(_COLS))})", tuple(row))
+
+
+def _index_meta(dw: Any, weights_hash: str, *, basis: str, n_tokens: int, heads: bool) -> dict:
+    """What an index file records about how it was built (compared on load and on resume)."""
+    return {"format": FORMAT, "weights_hash": weights_hash, "basis": basis, "n_tokens": n_tokens,
+            "n_layers": dw.n_layers, "d_mlp": dw.d_mlp, "d_vocab": dw.d_vocab, "heads": heads,
+            "weights": dw.processing}
+
+
+def _finish(con: sqlite3.Connection, partial: Path, path: Path, meta: dict) -> dict:
+    """Seal a partial file that holds every block (checksum, complete flag) and move it to ``path``;
+    the blocks it holds."""
+    blocks = _read_blocks(con, meta)
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('checksum', ?)", (_checksum(blocks),))
+    con.execute("INSERT OR REPLACE INTO meta VALUES ('complete', '1')")
+    con.commit()
+    con.close()
+    os.replace(partial, path)
+    return blocks
 
 
 def _open_partial(path: Path, meta: dict) -> sqlite3.Connection:
