@@ -108,39 +108,33 @@ def test_ff_topk_equals_plain_transformerlens_hooks(model, tokens):
     assert (out - model(tokens)).abs().max() > 1e-3
 
 
-@pytest.mark.hooked(reason="local attention through HookedTransformerConfig(use_local_attn=True, attn_types=...); "
-                           "the bridge version is test_local_attention_layers_of_a_bridge_take_the_fast_route_and_match_oracles")
-def test_local_attention_layers_take_the_fast_route_and_match_oracles(tokens):
-    """A GPT-Neo-like model (global, then local attention with a window of 5): the chunked route
-    equals the hooked route and a plain hook on hook_attn_scores (which already carries the window)."""
+def _gpt_neo_like():
+    """A GPT-Neo-like model: layer 0 global, layer 1 local attention with a window of 5."""
     model = tiny.build(tiny.TINY_GPT2, seed=3, use_local_attn=True, attn_types=["global", "local"], window_size=5)
     assert model.blocks[1].attn.attn_type == "local"
-    ref = model(tokens)
-
-    def keep_top3(scores, hook):
-        return scores.masked_fill(scores < scores.topk(3, dim=-1).values[..., -1:], float("-inf"))
-
-    with torch.no_grad():
-        oracle = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_attn_scores"), keep_top3)])
-        with tl_plugins.enabled(model, "topk", k=3, backend="chunked"):
-            fast = model(tokens)
-            hooked, cache = model.run_with_cache(tokens)
-        with tl_plugins.enabled(model, "topk", k=4, layers=[1], backend="chunked"):
-            window_covered = model(tokens)  # k = 4 < n, but the window keeps at most 5 keys per row
-    torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=0)
-    torch.testing.assert_close(fast, oracle, atol=1e-5, rtol=0)
-    assert int((cache["pattern", 1] > 0).sum(-1).max()) <= 3
-    assert (window_covered - ref).abs().max() > 1e-4  # 5 keys in the window, 4 kept: it changes
-    with tl_plugins.enabled(model, "topk", k=5, layers=[1], backend="chunked"):
-        torch.testing.assert_close(model(tokens), ref, atol=1e-5, rtol=0)  # k = window: dense again
+    return model
 
 
-def test_local_attention_layers_of_a_bridge_take_the_fast_route_and_match_oracles(tokens):
-    """The same on a bridge: Gemma 2 (layer 0 sliding window of 4, layer 1 global; attention soft-cap)."""
+def _gemma2_bridge():
+    """Gemma 2 on a bridge: layer 0 a sliding window of 4, layer 1 global; attention soft-cap."""
     pytest.importorskip("transformer_lens.model_bridge")
     model = tiny.tiny_bridge("gemma2", seed=3)
     assert model.original_model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
     assert model.original_model.config.sliding_window == 4
+    return model
+
+
+@pytest.mark.parametrize("build, local_layer, window", [
+    pytest.param(_gpt_neo_like, 1, 5, id="hooked-gpt-neo", marks=pytest.mark.hooked(
+        reason="local attention through HookedTransformerConfig(use_local_attn=True, attn_types=...); "
+               "the bridge case is bridge-gemma2")),
+    pytest.param(_gemma2_bridge, 0, 4, id="bridge-gemma2"),
+])
+def test_local_attention_layers_take_the_fast_route_and_match_oracles(tokens, build, local_layer, window):
+    """A model with a local (sliding-window) layer: the chunked route equals the hooked route and a
+    plain hook on hook_attn_scores (which already carries the window); k below the window changes the
+    local layer, k equal to the window is dense again."""
+    model = build()
     ref = model(tokens)
 
     def keep_top3(scores, hook):
@@ -151,13 +145,13 @@ def test_local_attention_layers_of_a_bridge_take_the_fast_route_and_match_oracle
         with tl_plugins.enabled(model, "topk", k=3, backend="chunked"):
             fast = model(tokens)
             hooked, cache = model.run_with_cache(tokens)
-        with tl_plugins.enabled(model, "topk", k=3, layers=[0], backend="chunked"):
-            window_covered = model(tokens)  # k = 3 < n, but the window keeps at most 4 keys per row
+        with tl_plugins.enabled(model, "topk", k=window - 1, layers=[local_layer], backend="chunked"):
+            window_covered = model(tokens)  # k < n, but the window keeps at most `window` keys per row
     torch.testing.assert_close(fast, hooked, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast, oracle, atol=1e-5, rtol=0)
-    assert int((cache["pattern", 0] > 0).sum(-1).max()) <= 3
-    assert (window_covered - ref).abs().max() > 1e-4  # 4 keys in the window, 3 kept: it changes
-    with tl_plugins.enabled(model, "topk", k=4, layers=[0], backend="chunked"):
+    assert int((cache["pattern", local_layer] > 0).sum(-1).max()) <= 3
+    assert (window_covered - ref).abs().max() > 1e-4  # `window` keys in the window, one fewer kept: it changes
+    with tl_plugins.enabled(model, "topk", k=window, layers=[local_layer], backend="chunked"):
         torch.testing.assert_close(model(tokens), ref, atol=1e-5, rtol=0)  # k = window: dense again
 
 
