@@ -22,9 +22,7 @@ def _pick_head(sp):
 
 
 def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu") -> BenchResult:
-    from tl_embedspace.factored_topk import materialized_topk, topk_product
     from tl_embedspace.space import EmbeddingSpace
-    from tl_embedspace.sweep import sweep, sweep_items
     from tl_plugins import models
 
     if device != "cpu":
@@ -32,13 +30,23 @@ def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device
     res = BenchResult("embedspace", device=device_description(device))
     m = models.load(model)
     sp = EmbeddingSpace(m, budget_bytes=BUDGET)
-    V = sp.d_vocab
     l, h = _pick_head(sp)
-    ov = sp.ov(l, h)
     k = 100
     reps = 1 if quick else 5
+    _bench_head_pairs(res, sp, l, h, k, reps)
+    _bench_find_neurons(res, sp, quick)
+    _bench_vs_materialised(res, sp.ov(l, h), k, reps, n=min(sp.d_vocab, 4096 if quick else 16384))
+    _bench_sweep(res, sp, [l] if quick else sorted({0, sp.n_layers // 3, (2 * sp.n_layers) // 3, sp.n_layers - 1}))
+    res.notes.append(f"model {model}, basis {sp.basis}; torch threads {torch.get_num_threads()}")
+    if not torch.cuda.is_available():
+        res.notes.append("CPU only: no CUDA device here, so no GPU figure")
+    return res
 
-    # 1. exact top-100 pairs of one head's OV, and its memory
+
+def _bench_head_pairs(res: BenchResult, sp, l: int, h: int, k: int, reps: int) -> None:
+    """1. exact top-k pairs of one head's OV (largest, abs) and QK, and the OV search's memory."""
+    V = sp.d_vocab
+    ov = sp.ov(l, h)
     ov.topk_pairs(k)  # warm-up (allocator, threads)
     t_ov = median_time(lambda: ov.topk_pairs(k), repeat=reps, warmup=0)
     gc.collect()
@@ -58,16 +66,21 @@ def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device
     res.check(f"peak extra memory under the chunk budget ({BUDGET // 2**20} MB) and under vocab^2 floats",
               mem.peak_extra < BUDGET and mem.peak_extra < V * V * 4)
 
-    # 2. find_neurons over every layer in one product
-    tok = 1000 % V
+
+def _bench_find_neurons(res: BenchResult, sp, quick: bool) -> None:
+    """2. find_neurons over every layer in one product."""
+    tok = 1000 % sp.d_vocab
     sp.find_neurons(tok)
     t_fn = median_time(lambda: sp.find_neurons(tok), repeat=5 if quick else 21, warmup=1)
     res.add(task="find_neurons (all layers, one product)", seconds=round(t_fn, 4), peak_extra_mb=None,
             computed=None, note=f"{sp.n_layers * (sp.w.d_mlp or 0)} neurons")
     res.check("find_neurons < 50 ms", t_fn < 0.05)
 
-    # 3. streaming vs materialise-then-threshold on a vocabulary slice that fits densely
-    n = min(V, 4096 if quick else 16384)
+
+def _bench_vs_materialised(res: BenchResult, ov, k: int, reps: int, n: int) -> None:
+    """3. streaming vs materialise-then-threshold on an n x n vocabulary slice that fits densely."""
+    from tl_embedspace.factored_topk import materialized_topk, topk_product
+
     A, B = ov.A[:n].contiguous(), ov.B[:, :n].contiguous()
     t_stream = median_time(lambda: topk_product(A, B, k, balance=True), repeat=reps, warmup=1)
     t_dense = median_time(lambda: materialized_topk(A, B, k), repeat=reps, warmup=1)
@@ -81,8 +94,11 @@ def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device
             note=f"speed-up of streaming: {t_dense / t_stream:.1f}x")
     res.check("streaming and dense agree on the slice", same)
 
-    # 4. whole-model sweep, timed on a sample of layers and extrapolated
-    layers = [l] if quick else sorted({0, sp.n_layers // 3, (2 * sp.n_layers) // 3, sp.n_layers - 1})
+
+def _bench_sweep(res: BenchResult, sp, layers: list[int]) -> None:
+    """4. the whole-model sweep, timed on a sample of layers and extrapolated."""
+    from tl_embedspace.sweep import sweep, sweep_items
+
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         sweep(sp, tmp, k=50, layers=layers, progress=False, heads=True, neurons=True)
@@ -94,7 +110,3 @@ def bench_embedspace(*, quick: bool = False, model: str = "smollm2-135m", device
             computed=None, note=f"whole model ({n_all} items) extrapolated: {est / 60:.1f} min")
     res.check("whole-model sweep (every head OV+QK, every FF value) <= 20 min (extrapolated from the sample)",
               est <= 20 * 60)
-    res.notes.append(f"model {model}, basis {sp.basis}; torch threads {torch.get_num_threads()}")
-    if not torch.cuda.is_available():
-        res.notes.append("CPU only: no CUDA device here, so no GPU figure")
-    return res
