@@ -45,8 +45,6 @@ from tl_embedspace.debugger.model import (
 from tl_embedspace.projections import visible
 from tl_plugins.ranking import top_k
 
-RANK_BY = ("score", "direct_effect", "abs_direct_effect")
-
 
 @dataclass
 class TraceResult:
