@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 
 KINDS = ("ff_values", "ff_keys", "W_Q", "W_K", "W_V", "W_O")
 STATS = ("mean_abs", "max_abs")
 
 
-def gram_matrices(P1: torch.Tensor, P2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gram_matrices(P1: Float[torch.Tensor, "d1 d_vocab"], P2: Float[torch.Tensor, "d2 d_vocab"]
+                  ) -> tuple[Float[torch.Tensor, "d1 d1"], Float[torch.Tensor, "d2 d2"], Float[torch.Tensor, "d1 d2"]]:
     """Centred Gram matrices ``(G11 [d1, d1], G22 [d2, d2], G12 [d1, d2])`` of projections P [d, V]."""
     if P1.shape[1] != P2.shape[1]:
         raise ValueError(f"P1, P2: vocabularies differ ({P1.shape[1]} vs {P2.shape[1]} tokens); "
@@ -45,7 +47,8 @@ def _embedding_pair(XG12: torch.Tensor, vx: torch.Tensor, Y: torch.Tensor, vy: t
     return (XG12 @ Y.T) / vx[:, None] / vy[None, :]
 
 
-def embedding_correlation(X: torch.Tensor, Y: torch.Tensor, grams) -> torch.Tensor:
+def embedding_correlation(X: Float[torch.Tensor, "n d1"], Y: Float[torch.Tensor, "m d2"],
+                          grams: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Float[torch.Tensor, "n m"]:
     """Correlation across the vocabulary of ``X [n, d1] P1`` and ``Y [m, d2] P2``: ``[n, m]``."""
     G11, G22, G12 = grams
     X, vx = _embedding_side(X, G11)
@@ -59,14 +62,14 @@ def _feature_unit(X: torch.Tensor) -> torch.Tensor:
     return Xc / Xc.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
-def feature_correlation(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+def feature_correlation(X: Float[torch.Tensor, "n d"], Y: Float[torch.Tensor, "m d"]) -> Float[torch.Tensor, "n m"]:
     """Correlation across the d coordinates of ``X [n, d]`` and ``Y [m, d]``: ``[n, m]``."""
     if X.shape[1] != Y.shape[1]:
         raise ValueError(f"X, Y: feature dimensions differ ({X.shape[1]} vs {Y.shape[1]})")
     return _feature_unit(X) @ _feature_unit(Y).T
 
 
-def summarise(corr: torch.Tensor, stat: str) -> float:
+def summarise(corr: Float[torch.Tensor, "n m"], stat: str) -> float:
     """``mean_abs``: mean |corr| over all pairs (the paper's); ``max_abs``: mean over rows of the best |corr|."""
     if stat == "mean_abs":
         return float(corr.abs().mean())
@@ -75,7 +78,7 @@ def summarise(corr: torch.Tensor, stat: str) -> float:
     raise ValueError(f"stat: got {stat!r}; accepted: {', '.join(STATS)}")
 
 
-def hungarian(S: torch.Tensor) -> torch.Tensor:
+def hungarian(S: Float[torch.Tensor, "n m"]) -> Int[torch.Tensor, " n"]:
     """Assignment maximising the total similarity: ``match[i]`` = column matched to row i."""
     from scipy.optimize import linear_sum_assignment
 

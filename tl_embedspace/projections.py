@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
+from jaxtyping import Float, Int
 
 _VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
 
@@ -29,22 +30,25 @@ def from_visible(s: str) -> str:
     return "".join(inverse.get(c, c) for c in s)
 
 
-def write_scores(vectors: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def write_scores(vectors: Float[torch.Tensor, "... d_model"], W: Float[torch.Tensor, "d_model d_vocab"]
+                 ) -> Float[torch.Tensor, "... d_vocab"]:
     """Token scores of written vectors: ``vectors [..., d_model] @ W [d_model, d_vocab] -> [..., d_vocab]``."""
     if vectors.shape[-1] != W.shape[0]:
         raise ValueError(f"vector: last dimension {vectors.shape[-1]} does not match d_model {W.shape[0]}")
     return vectors.to(W.dtype) @ W
 
 
-def read_scores(vectors: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+def read_scores(vectors: Float[torch.Tensor, "... d_model"], R: Float[torch.Tensor, "d_vocab d_model"]
+                ) -> Float[torch.Tensor, "... d_vocab"]:
     """Token scores of read vectors: ``vectors [..., d_model]``, ``R [d_vocab, d_model] -> [..., d_vocab]``."""
     if vectors.shape[-1] != R.shape[1]:
         raise ValueError(f"vector: last dimension {vectors.shape[-1]} does not match d_model {R.shape[1]}")
     return vectors.to(R.dtype) @ R.T
 
 
-def top_bottom(scores: torch.Tensor, k: int, ids: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_bottom(scores: Float[torch.Tensor, " d_vocab"], k: int, ids: Int[torch.Tensor, " n"] | None = None
+               ) -> tuple[Float[torch.Tensor, " k"], Int[torch.Tensor, " k"], Float[torch.Tensor, " k"],
+                          Int[torch.Tensor, " k"]]:
     """Top-k and bottom-k of ``scores [d_vocab]`` among ``ids`` (all when None).
 
     Returns ``(top_values, top_ids, bottom_values, bottom_ids)``, each ``[min(k, n)]``; ties go to the

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+from jaxtyping import Float
 
 SCORES_FROM = ("auto", "hook", "qk")
 
@@ -47,20 +48,21 @@ def call_with_params(model: Any, params: Optional[dict[str, torch.Tensor]], *arg
 class Capture:
     """What one run (ZSL, ICL or FT) produced for N queries over L layers.
 
-    attn_out:     [N, L, d_model]  attention output at the recorded position
-    scores:       [N, L, H, n_q]   pre-softmax scores of the recorded position over the query tokens
-                                   (n_q differs between queries: stored as a list when lengths differ)
-    logits:       [N, d_vocab]     logits at the position that predicts the label
-    demo_pattern: [N, L, P] or None  pattern (mean over heads) of the recorded position over the context
-                                   tokens after BOS (the demonstrations)
-    attn_in:      [N, L, d_model] or None  the attention layer's input (after ln1) at the recorded position
+    attn_out:     [query, n_layers, d_model]  attention output at the recorded position
+    scores:       query x [n_layers, head_index, q_tokens]  pre-softmax scores of the recorded position
+                  over the query tokens (q_tokens differs between queries, hence one tensor per query)
+    logits:       [query, d_vocab]  logits at the position that predicts the label
+    demo_pattern: [query, n_layers, demo_pos] or None  pattern (mean over heads) of the recorded position
+                  over the context tokens after BOS (the demonstrations)
+    attn_in:      [query, n_layers, d_model] or None  the attention layer's input (after ln1) at the
+                  recorded position
     """
 
-    attn_out: torch.Tensor
-    scores: list[torch.Tensor]
-    logits: torch.Tensor
-    demo_pattern: Optional[torch.Tensor] = None
-    attn_in: Optional[torch.Tensor] = None
+    attn_out: Float[torch.Tensor, "query n_layers d_model"]
+    scores: list[Float[torch.Tensor, "n_layers head_index q_tokens"]]
+    logits: Float[torch.Tensor, "query d_vocab"]
+    demo_pattern: Optional[Float[torch.Tensor, "query n_layers demo_pos"]] = None
+    attn_in: Optional[Float[torch.Tensor, "query n_layers d_model"]] = None
 
     def to_frame(self):
         import pandas as pd
@@ -252,8 +254,10 @@ def _pattern_error(layer: int, hook_err: Optional[float], qk_err: Optional[float
         "changing attention, e.g. top-k?). Disable it or pass check_pattern=False.")
 
 
-def stack_scores(scores: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """[N] x [L, H, n_q] -> [N, L, H, n_q] when every n_q is equal, else None."""
+def stack_scores(scores: Sequence[Float[torch.Tensor, "n_layers head_index q_tokens"]]
+                 ) -> Optional[Float[torch.Tensor, "query n_layers head_index q_tokens"]]:
+    """query x [n_layers, head_index, q_tokens] -> [query, n_layers, head_index, q_tokens] when every
+    q_tokens is equal, else None."""
     if len({s.shape for s in scores}) == 1:
         return torch.stack(list(scores))
     return None

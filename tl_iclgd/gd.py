@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 
 from tl_iclgd.capture import backend_of
 from tl_iclgd.tasks import TokenizedTask
@@ -202,7 +203,7 @@ class FinetuneResult:
     attn_inputs: Optional[list[torch.Tensor]] = None
     layers: dict[str, Optional[int]] = field(default_factory=dict)  # name -> layer (the backend's layer_of)
 
-    def delta_norms(self, n_layers: int) -> torch.Tensor:
+    def delta_norms(self, n_layers: int) -> Float[torch.Tensor, " n_layers"]:
         """[n_layers] L2 norm of each layer's total update."""
         out = torch.zeros(n_layers, dtype=torch.float64)
         for name, d in self.deltas.items():

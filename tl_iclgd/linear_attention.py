@@ -15,10 +15,12 @@ prediction of the model after one GD step. Pure tensors; used by the tests as an
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float
 
 
-def linear_self_attention(E: torch.Tensor, q: torch.Tensor, W_K: torch.Tensor, W_Q: torch.Tensor,
-                          W_V: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+def linear_self_attention(E: Float[torch.Tensor, "n d"], q: Float[torch.Tensor, " d"], W_K: Float[torch.Tensor, "d d"],
+                          W_Q: Float[torch.Tensor, "d d"], W_V: Float[torch.Tensor, "d d"], P: Float[torch.Tensor, "d d"]
+                          ) -> Float[torch.Tensor, " d"]:
     """One linear (no softmax) self-attention update of the query token.
 
     E: [N, d] context tokens, q: [d] query token, W_*: [d, d], P: [d, d] -> [d]:
@@ -31,7 +33,9 @@ def linear_self_attention(E: torch.Tensor, q: torch.Tensor, W_K: torch.Tensor, W
     return q + P @ (values.T @ scores) / N
 
 
-def gd_weights(d_x: int, d_y: int, lr: float, W0: torch.Tensor, dtype=torch.float64):
+def gd_weights(d_x: int, d_y: int, lr: float, W0: Float[torch.Tensor, "d_y d_x"], dtype: torch.dtype = torch.float64
+               ) -> tuple[Float[torch.Tensor, "d d"], Float[torch.Tensor, "d d"], Float[torch.Tensor, "d d"],
+                          Float[torch.Tensor, "d d"]]:
     """(W_K, W_Q, W_V, P) of the construction in the module doc; W0: [d_y, d_x] the starting weights."""
     d = d_x + d_y
     W_K = torch.zeros(d, d, dtype=dtype)

@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from jaxtyping import Bool, Float
 
 # -- cosine with NaN for zero vectors ---------------------------------------------------------------
 
-def cosine(a: torch.Tensor, b: torch.Tensor, *, eps: float = 0.0) -> torch.Tensor:
+def cosine(a: Float[torch.Tensor, "... d"], b: Float[torch.Tensor, "... d"], *, eps: float = 0.0
+           ) -> Float[torch.Tensor, "..."]:
     """Cosine similarity over the last dimension; NaN where either vector has norm <= ``eps``.
 
     a, b: [..., d] (broadcastable) -> [...]. Computed in float64 so that tiny updates are not
@@ -52,8 +54,8 @@ def _unit(h: torch.Tensor) -> torch.Tensor:
 
 # -- SimAOU -----------------------------------------------------------------------------------------
 
-def simaou(h_icl: torch.Tensor, h_zsl: torch.Tensor, h_ft: torch.Tensor, *, normalise: bool = False
-           ) -> torch.Tensor:
+def simaou(h_icl: Float[torch.Tensor, "... d_model"], h_zsl: Float[torch.Tensor, "... d_model"],
+           h_ft: Float[torch.Tensor, "... d_model"], *, normalise: bool = False) -> Float[torch.Tensor, "..."]:
     """Similarity of attention-output updates: cos(h_ICL - h_ZSL, h_FT - h_ZSL).
 
     h_*: [..., d_model] -> [...]. ``normalise=True`` L2-normalises every h first (SimAOU_norm, the
@@ -65,8 +67,8 @@ def simaou(h_icl: torch.Tensor, h_zsl: torch.Tensor, h_ft: torch.Tensor, *, norm
     return cosine(h_icl - h_zsl, h_ft - h_zsl)
 
 
-def random_updates_like(h_zsl: torch.Tensor, h_ft: torch.Tensor, *, generator: Optional[torch.Generator] = None
-                        ) -> torch.Tensor:
+def random_updates_like(h_zsl: Float[torch.Tensor, "... d"], h_ft: Float[torch.Tensor, "... d"], *,
+                        generator: Optional[torch.Generator] = None) -> Float[torch.Tensor, "... d"]:
     """A random FT-side result: h_ZSL plus an isotropic Gaussian direction with the norm of h_FT - h_ZSL.
 
     h_zsl, h_ft: [..., d] -> [..., d]. Feeding it to :func:`simaou` in place of h_FT gives the random
@@ -81,8 +83,9 @@ def random_updates_like(h_zsl: torch.Tensor, h_ft: torch.Tensor, *, generator: O
 
 # -- SimAM ------------------------------------------------------------------------------------------
 
-def simam(m_a: torch.Tensor, m_b: torch.Tensor) -> torch.Tensor:
-    """Cosine between attention-score maps over the query tokens: [..., head, q_tokens] -> [..., head].
+def simam(m_a: Float[torch.Tensor, "... head_index q_tokens"], m_b: Float[torch.Tensor, "... head_index q_tokens"]
+          ) -> Float[torch.Tensor, "... head_index"]:
+    """Cosine between attention-score maps over the query tokens: [..., head_index, q_tokens] -> [..., head_index].
 
     Before FT: ``simam(m_icl, m_zsl)``; after FT: ``simam(m_icl, m_ft)``.
     """
@@ -90,8 +93,9 @@ def simam(m_a: torch.Tensor, m_b: torch.Tensor) -> torch.Tensor:
     return cosine(m_a, m_b)
 
 
-def simam_delta(m_icl: torch.Tensor, m_zsl: torch.Tensor, m_ft: torch.Tensor) -> torch.Tensor:
-    """cos(m_ICL - m_ZSL, m_FT - m_ZSL) per head: [..., head, q_tokens] -> [..., head]."""
+def simam_delta(m_icl: Float[torch.Tensor, "... head_index q_tokens"], m_zsl: Float[torch.Tensor, "... head_index q_tokens"],
+                m_ft: Float[torch.Tensor, "... head_index q_tokens"]) -> Float[torch.Tensor, "... head_index"]:
+    """cos(m_ICL - m_ZSL, m_FT - m_ZSL) per head: [..., head_index, q_tokens] -> [..., head_index]."""
     _same_shape(m_icl=m_icl, m_zsl=m_zsl, m_ft=m_ft)
     return cosine(m_icl - m_zsl, m_ft - m_zsl)
 
@@ -139,7 +143,8 @@ class Rec2FTP:
         return "<b>Rec2FTP</b>" + self.to_frame().to_html(index=False)
 
 
-def rec2ftp(zsl_correct: torch.Tensor, icl_correct: torch.Tensor, ft_correct: torch.Tensor) -> Rec2FTP:
+def rec2ftp(zsl_correct: Bool[torch.Tensor, " n_examples"], icl_correct: Bool[torch.Tensor, " n_examples"],
+            ft_correct: Bool[torch.Tensor, " n_examples"]) -> Rec2FTP:
     """Rec2FTP from boolean correctness vectors [n_examples] of the three runs."""
     _same_shape(zsl_correct=zsl_correct, icl_correct=icl_correct, ft_correct=ft_correct)
     z, i, f = zsl_correct.bool(), icl_correct.bool(), ft_correct.bool()
@@ -153,7 +158,7 @@ def rec2ftp(zsl_correct: torch.Tensor, icl_correct: torch.Tensor, ft_correct: to
 
 # -- Kendall tau ------------------------------------------------------------------------------------
 
-def kendall_tau(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def kendall_tau(x: Float[torch.Tensor, "... n"], y: Float[torch.Tensor, "... n"]) -> Float[torch.Tensor, "..."]:
     """Kendall's tau-b between x and y over the last dimension: [..., n] -> [...].
 
     Ties are handled as in tau-b (same as ``scipy.stats.kendalltau``). NaN when either vector is

@@ -99,14 +99,13 @@ def tl_plugins_attention(
 
     ``call`` is a ``tl_plugins.seams.AttentionCall`` carrying post-rotary ``q`` [batch, query_pos,
     head_index, d_head] and ``k``/``v`` [batch, key_pos, kv_head_index, d_head] (grouped-query K/V are
-    *not* expanded),
-    the masks, the scale and soft-cap, the layer index, the per-model configs of the enabled plugins
-    (``call.config(name)``) and helpers: ``call.dense_scores()`` (scaled, soft-capped, masked scores
+    *not* expanded), the masks, the scale and soft-cap, the layer index, the per-model configs of the
+    enabled plugins (``call.config(name)``) and helpers: ``call.dense_scores()`` (scaled, soft-capped, masked scores
     exactly as TransformerLens computes them), ``call.hook_attn_scores(x)`` / ``call.hook_pattern(x)``
     (fire the module's hook points), ``call.dense_z(pattern)``.
 
-    Return ``z`` [batch, query_pos, head_index, d_head] *before* ``hook_z``; the seam fires ``hook_z``, the
-    output projection and ``hook_result``. The first non-None result wins; the host's built-in
+    Return ``z`` [batch, query_pos, head_index, d_head] *before* ``hook_z``; the seam fires ``hook_z``,
+    the output projection and ``hook_result``. The first non-None result wins; the host's built-in
     implementation (``trylast``) reproduces TransformerLens's dense attention bit-exactly. Plugins
     that only modify inputs or outputs (scale queries, ablate a head) implement this hook as a
     ``wrapper=True`` hookimpl: edit ``call`` before ``yield`` and transform the returned ``z`` after it.

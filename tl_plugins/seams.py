@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import einops
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 
 from tl_plugins.plugins import get_plugin_manager
 from tl_plugins.state import ModelState, get_state, running
@@ -32,11 +33,11 @@ SEAM_OWNER_MLP = "__mlp_seam__"
 class AttentionCall:
     """One call of an attention module, as seen by ``tl_plugins_attention`` implementations.
 
-    Shapes (TransformerLens layout):
-        q: [batch, q_pos, n_heads, d_head], post-rotary (what ``hook_rot_q`` produced).
-        k, v: [batch, k_pos, n_kv_heads, d_head], post-rotary, grouped-query K/V not expanded.
-        attention_mask: [batch, k_pos] int (1 = real token) or None.
-        additive_attention_mask: broadcastable to [batch, 1, 1, k_pos] or None.
+    Shapes (TransformerLens layout and dimension names):
+        q: [batch, query_pos, head_index, d_head], post-rotary (what ``hook_rot_q`` produced).
+        k, v: [batch, key_pos, kv_head_index, d_head], post-rotary, grouped-query K/V not expanded.
+        attention_mask: [batch, key_pos] int (1 = real token) or None.
+        additive_attention_mask: broadcastable to [batch, 1, 1, key_pos] or None.
     Query i sits at absolute key position ``past_kv_pos_offset + i``.
 
     ``custom_mask`` is True when the call's mask is not causal + sliding window + key padding (a
@@ -47,13 +48,13 @@ class AttentionCall:
 
     module: Any
     layer: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"]
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"]
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_head"]
     causal: bool
     past_kv_pos_offset: int
-    attention_mask: Optional[torch.Tensor]
-    additive_attention_mask: Optional[torch.Tensor]
+    attention_mask: Optional[Int[torch.Tensor, "batch key_pos"]]
+    additive_attention_mask: Optional[Float[torch.Tensor, "batch 1 1 key_pos"]]
     state: Optional[ModelState]
 
     # -- facts (backends override) -------------------------------------------------------------
@@ -90,8 +91,8 @@ class AttentionCall:
         return self.k.shape[2]
 
     @property
-    def key_padding_mask(self) -> Optional[torch.Tensor]:
-        """[batch, k_pos] bool, True where the key is a real token; None if there is no padding."""
+    def key_padding_mask(self) -> Optional[Bool[torch.Tensor, "batch key_pos"]]:
+        """[batch, key_pos] bool, True where the key is a real token; None if there is no padding."""
         if self.attention_mask is None:
             return None
         return self.attention_mask[:, -self.k.shape[1] :].bool()
@@ -105,25 +106,29 @@ class AttentionCall:
         """True when someone observes or edits ``hook_attn_scores`` or ``hook_pattern`` now."""
         return _has_hooks(self.module.hook_attn_scores) or _has_hooks(self.module.hook_pattern)
 
-    def hook_attn_scores(self, scores: torch.Tensor) -> torch.Tensor:
+    def hook_attn_scores(self, scores: Float[torch.Tensor, "batch head_index query_pos key_pos"]
+                         ) -> Float[torch.Tensor, "batch head_index query_pos key_pos"]:
         return self.module.hook_attn_scores(scores)
 
-    def hook_pattern(self, pattern: torch.Tensor) -> torch.Tensor:
+    def hook_pattern(self, pattern: Float[torch.Tensor, "batch head_index query_pos key_pos"]
+                     ) -> Float[torch.Tensor, "batch head_index query_pos key_pos"]:
         return self.module.hook_pattern(pattern)
 
     # -- the dense reference, step by step -----------------------------------------------------
-    def dense_scores(self) -> torch.Tensor:
-        """Scaled, soft-capped, masked scores [batch, head, q_pos, k_pos], as the library computes
+    def dense_scores(self) -> Float[torch.Tensor, "batch head_index query_pos key_pos"]:
+        """Scaled, soft-capped, masked scores [batch, head_index, query_pos, key_pos], as the library computes
         them (masked entries -inf or the library's large negative value)."""
         raise NotImplementedError
 
-    def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+    def _softmax(self, scores: Float[torch.Tensor, "batch head_index query_pos key_pos"]
+                 ) -> Float[torch.Tensor, "batch head_index query_pos key_pos"]:
         """The library's softmax of (hooked) scores into a pattern, before ``hook_pattern``."""
         pattern = F.softmax(scores, dim=-1)
         return torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
 
-    def dense_z(self, pattern: torch.Tensor) -> torch.Tensor:
-        """``pattern @ v`` as [batch, q_pos, head, d_head] (before ``hook_z``)."""
+    def dense_z(self, pattern: Float[torch.Tensor, "batch head_index query_pos key_pos"]
+                ) -> Float[torch.Tensor, "batch query_pos head_index d_head"]:
+        """``pattern @ v`` as [batch, query_pos, head_index, d_head] (before ``hook_z``)."""
         v = self.v
         if v.shape[2] != pattern.shape[1]:
             v = torch.repeat_interleave(v, dim=2, repeats=pattern.shape[1] // v.shape[2])
@@ -132,7 +137,9 @@ class AttentionCall:
             pattern @ v_, "batch head_index query_pos d_head -> batch query_pos head_index d_head"
         )
 
-    def dense(self, scores_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def dense(self, scores_transform: Optional[Callable[[Float[torch.Tensor, "batch head_index query_pos key_pos"]],
+                                                        Float[torch.Tensor, "batch head_index query_pos key_pos"]]] = None
+              ) -> Float[torch.Tensor, "batch query_pos head_index d_head"]:
         """The library's dense attention; ``scores_transform`` edits scores after the hook."""
         scores = self.hook_attn_scores(self.dense_scores())
         if scores_transform is not None:
@@ -149,7 +156,7 @@ def _has_hooks(hook_point: Any) -> bool:
     return bool(getattr(hook_point, "fwd_hooks", None) or getattr(hook_point, "_forward_hooks", None))
 
 
-def ask_attention(call: AttentionCall) -> torch.Tensor:
+def ask_attention(call: AttentionCall) -> Float[torch.Tensor, "batch query_pos head_index d_head"]:
     """The ``tl_plugins_attention`` hook's z for ``call`` (the built-in dense one if all pass)."""
     with running(call.state):
         return get_plugin_manager().hook.tl_plugins_attention(call=call)
@@ -161,8 +168,8 @@ class MLPActivationCall:
 
     module: Any
     layer: int
-    pre: torch.Tensor
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    pre: Float[torch.Tensor, "batch pos d_mlp"]
+    act_fn: Callable[[Float[torch.Tensor, "batch pos d_mlp"]], Float[torch.Tensor, "batch pos d_mlp"]]
     state: Optional[ModelState]
 
     def config(self, name: str) -> Any:
@@ -178,7 +185,8 @@ class SeamActFn:
         self.original = original
         self.state = state
 
-    def __call__(self, pre: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pre: Float[torch.Tensor, "batch pos d_mlp"]
+                 ) -> Float[torch.Tensor, "batch pos d_mlp"]:
         call = MLPActivationCall(self.mlp, self.layer, pre, self.original, self.state)
         with running(self.state):
             out = get_plugin_manager().hook.tl_plugins_mlp_activation(call=call)

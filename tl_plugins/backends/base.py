@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
+from jaxtyping import Float, Int
 
 from tl_plugins.errors import UnsupportedModelError
 
@@ -244,10 +245,11 @@ class Backend(ABC):
 
     # -- readouts --------------------------------------------------------------------------------
     @abstractmethod
-    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_model"]:
         """The final norm applied to residual vectors [..., d_model] (identity when there is none)."""
 
-    def output_norm(self, kind: str, layer: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    def output_norm(self, kind: str, layer: int
+                    ) -> Optional[Callable[[Float[torch.Tensor, "... d_model"]], Float[torch.Tensor, "... d_model"]]]:
         """The norm a block applies to its attention (``kind="attn"``) or MLP (``kind="mlp"``) output
         before adding it to the residual (Gemma 2/3's ``ln1_post`` / ``ln2_post``), as a function of
         vectors [..., d_model]; None for the usual pre-norm-only block.
@@ -260,10 +262,10 @@ class Backend(ABC):
         return block._modules.get("ln1_post" if kind == "attn" else "ln2_post")
 
     @abstractmethod
-    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+    def unembed(self, x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """Logits [..., d_vocab] of normalised vectors [..., d_model] (unembedding + its bias)."""
 
-    def readout(self, resid: torch.Tensor) -> torch.Tensor:
+    def readout(self, resid: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "... d_vocab"]:
         """Logits of residual vectors [..., d_model]: final norm, unembedding, output soft-cap."""
         logits = self.unembed(self.final_norm(resid))
         cap = self.output_logits_soft_cap
@@ -272,15 +274,19 @@ class Backend(ABC):
         return logits
 
     @abstractmethod
-    def attention_input_hook(self, layer: int) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    def attention_input_hook(self, layer: int
+                             ) -> tuple[str, Callable[[Float[torch.Tensor, "... d_model"]], Float[torch.Tensor, "... d_model"]]]:
         """(hook name, function): the function maps what that hook point carries [..., d_model] to the
         input of ``layer``'s attention (after ``ln1``, its learned scale included)."""
 
     def attention_scores_from_qk(self, layer: int) -> tuple[
-            str, str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+            str, str, Callable[[Float[torch.Tensor, "batch query_pos head_index d_head"],
+                                Float[torch.Tensor, "batch key_pos kv_head_index d_head"]],
+                               Float[torch.Tensor, "batch head_index query_pos key_pos"]]]:
         """(query hook name, key hook name, function): the function maps what those hook points carry,
-        q [batch, q_pos, n_heads, d_head] and k [batch, k_pos, n_kv_heads, d_head] (after rotary when
-        the model has it), to ``layer``'s attention scores [batch, n_heads, q_pos, k_pos] as the model
+        q [batch, query_pos, head_index, d_head] and k [batch, key_pos, kv_head_index, d_head] (after
+        rotary when the model has it), to ``layer``'s attention scores [batch, head_index, query_pos,
+        key_pos] as the model
         forms them before the mask and the softmax (scale and soft-cap included, grouped K expanded).
         For checking or replacing ``hook_attn_scores`` where it does not hold pre-softmax scores."""
         raise UnsupportedModelError(
@@ -329,8 +335,10 @@ class Backend(ABC):
 
     # -- running ---------------------------------------------------------------------------------
     @abstractmethod
-    def run(self, tokens: torch.Tensor, *, params: Optional[dict[str, torch.Tensor]] = None,
-            stop_at_layer: Optional[int] = None, kv_cache: Any = None) -> torch.Tensor:
+    def run(self, tokens: Int[torch.Tensor, "batch pos"], *,
+            params: Optional[dict[str, torch.Tensor]] = None,
+            stop_at_layer: Optional[int] = None, kv_cache: Any = None
+            ) -> Float[torch.Tensor, "batch pos d_vocab"] | Float[torch.Tensor, "batch pos d_model"]:
         """Forward ``tokens`` [batch, pos] (no padding); logits [batch, pos, d_vocab], or the residual
         stream [batch, pos, d_model] entering block ``stop_at_layer``. ``kv_cache`` (from
         :meth:`prefix_cache` / :meth:`expand_cache`) holds earlier positions; ``params`` replaces
@@ -346,7 +354,8 @@ class Backend(ABC):
         """A cache from :meth:`prefix_cache` for a batch of ``batch`` continuations (no copy where
         the backend allows)."""
 
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+    def generate(self, tokens: Int[torch.Tensor, "batch pos"], max_new_tokens: int, **kwargs: Any
+                 ) -> Int[torch.Tensor, "batch pos_plus_new_tokens"]:
         """Greedy (unless told otherwise) continuation with the model's KV cache; tokens out."""
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("verbose", False)
@@ -367,7 +376,7 @@ class Backend(ABC):
         bos = getattr(tok, "bos_token_id", None) if tok is not None else None
         return int(bos) if bos is not None else None
 
-    def to_tokens(self, text: str, prepend_bos: Optional[bool] = None) -> torch.Tensor:
+    def to_tokens(self, text: str, prepend_bos: Optional[bool] = None) -> Int[torch.Tensor, "1 pos"]:
         """[1, pos] token ids of ``text`` on the model's device."""
         if self.tokenizer is None:
             raise UnsupportedModelError("model: has no tokenizer; pass token ids instead of text")
