@@ -6,22 +6,7 @@ from __future__ import annotations
 import time
 
 from tl_iclgd.gd import DEFAULT_LR
-
-
-def synthetic_task(d_vocab: int, n_demos: int, n_queries: int):
-    """A copy-the-token task on raw ids, for models without a tokenizer (tiny test models)."""
-    import random
-
-    from tl_iclgd.tasks import TokenizedTask
-
-    rng = random.Random(0)
-    arrow = 3
-
-    def pair():
-        x = rng.randrange(10, d_vocab)
-        return ([x, arrow], [x])
-    return TokenizedTask.from_ids([pair() for _ in range(n_demos)], [pair() for _ in range(n_queries)],
-                                  name="copy_token")
+from tl_iclgd.tasks import synthetic_task
 
 
 def bench_iclgd(*, quick: bool = False, model: str = "smollm2-135m", device: str = "cpu", threads: int = 1):

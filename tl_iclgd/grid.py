@@ -34,7 +34,7 @@ from tl_iclgd.compare import (
     task_name,
 )
 from tl_iclgd.gd import GDConfig, check_unprocessed
-from tl_iclgd.tasks import Task, TokenizedTask
+from tl_iclgd.tasks import COPY_TASK, Task, TokenizedTask, synthetic_task
 from tl_iclgd.threads import torch_threads
 
 
@@ -165,16 +165,11 @@ __all__ = ["compare_grid", "grid_file", "grid_units"]
 
 # -- the command line (``tl-plugins iclgd compare`` with several tasks or rates, --out, or torchrun) --
 
-COPY_TASK = "copy_token"
-
-
 def cli_task(name: str, model: Any, n_demos: Optional[int], n_queries: Optional[int]):
     """A CLI task name as compare() takes it: "copy_token" is the raw-id copy task (any model, no
     tokenizer needed; pools of ``n_demos`` and ``n_queries`` pairs), anything else a built-in name."""
     if name != COPY_TASK:
         return name
-    from tl_iclgd.bench import synthetic_task
-
     return synthetic_task(backend_of(model).d_vocab, n_demos or 16, n_queries or 50)
 
 

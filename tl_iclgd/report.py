@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from tl_iclgd.bench import synthetic_task
 from tl_iclgd.gd import DEFAULT_LR
+from tl_iclgd.tasks import synthetic_task
 
 
 def _num(x: Any) -> float:

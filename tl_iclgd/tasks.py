@@ -437,6 +437,22 @@ BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
 }
 
 
+COPY_TASK = "copy_token"
+
+
+def synthetic_task(d_vocab: int, n_demos: int, n_queries: int) -> TokenizedTask:
+    """The raw-id copy task ``copy_token``, for models without a tokenizer (tiny test models): each
+    pair is ``([x, 3], [x])`` with ``x`` drawn in ``[10, d_vocab)`` (seed 0)."""
+    rng = random.Random(0)
+    arrow = 3
+
+    def pair():
+        x = rng.randrange(10, d_vocab)
+        return ([x, arrow], [x])
+    return TokenizedTask.from_ids([pair() for _ in range(n_demos)], [pair() for _ in range(n_queries)],
+                                  name=COPY_TASK)
+
+
 def get_task(name: str) -> Task:
     """A built-in task by name (see :data:`BUILTIN_TASKS`)."""
     if name not in BUILTIN_TASKS:
@@ -445,4 +461,5 @@ def get_task(name: str) -> Task:
 
 
 __all__ = ["Task", "Example", "TokenizedTask", "tokenize_task", "POSITIONS", "BUILTIN_TASKS", "get_task",
+           "COPY_TASK", "synthetic_task",
            "antonyms", "country_capital", "past_tense", "plural", "sentiment", "reviews"]
