@@ -7,7 +7,8 @@
 Modules, bottom to top: ``factored_topk`` (exact streaming top-k of factored products), ``projections``
 (vectors to token scores, filters), ``results`` (dataclasses), ``space`` (the model-aware view),
 ``align`` and ``stitch`` (two models sharing a vocabulary), ``evaluations`` (the paper's checks),
-``sweep`` (rank a whole model to files), ``plugin`` (hookimpls; ``cli``, ``bench``, ``report`` beside it).
+``sweep`` (rank a whole model to files), ``reference`` (the brute-force oracles the results are
+checked against), ``plugin`` (hookimpls; ``cli``, ``bench``, ``report`` beside it).
 """
 
 from tl_embedspace.align import AlignResult, align

@@ -79,7 +79,8 @@ def _bench_find_neurons(res: BenchResult, sp, quick: bool) -> None:
 
 def _bench_vs_materialised(res: BenchResult, ov, k: int, reps: int, n: int) -> None:
     """3. streaming vs materialise-then-threshold on an n x n vocabulary slice that fits densely."""
-    from tl_embedspace.factored_topk import materialized_topk, topk_product
+    from tl_embedspace.factored_topk import topk_product
+    from tl_embedspace.reference import materialized_topk
 
     A, B = ov.A[:n].contiguous(), ov.B[:, :n].contiguous()
     t_stream = median_time(lambda: topk_product(A, B, k, balance=True), repeat=reps, warmup=1)

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tl_embedspace import EmbeddingSpace
-from tl_embedspace.factored_topk import materialized_topk
+from tl_embedspace.reference import materialized_topk
 from tl_plugins.models import tiny
 
 V = 400
