@@ -13,6 +13,18 @@ import torch
 from tl_topk.ops.selection import count_valid, k_per_row, safe_softmax, topk_keep_mask
 
 
+def soft_cap(scores: torch.Tensor, cap: Optional[float], *, inplace: bool = False) -> torch.Tensor:
+    """Attention-score soft-cap ``cap * tanh(scores / cap)`` (Gemma 2's), the one rule every Python
+    backend applies (dense, chunked and the threshold pass, flex's ``score_mod``); None leaves
+    ``scores`` as they are. ``inplace`` overwrites ``scores`` (the chunked backend's score buffer).
+    The Triton kernels spell the same function in-kernel (``_triton_kernels._scores``)."""
+    if cap is None:
+        return scores
+    if inplace:
+        return scores.div_(cap).tanh_().mul_(cap)
+    return torch.tanh(scores / cap) * cap
+
+
 def masked_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -36,8 +48,7 @@ def masked_scores(
     qh = q.permute(0, 2, 1, 3).reshape(b, h_kv, g, n_q, d).to(compute) * scale
     kh = k.permute(0, 2, 3, 1).unsqueeze(2).to(compute)  # [b, h_kv, 1, d, n_k]
     s = (qh @ kh).reshape(b, h, n_q, n_k)
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
+    s = soft_cap(s, softcap)
     valid = valid_mask(torch.arange(n_q, device=q.device) + (n_k - n_q), n_k, causal, key_padding_mask, window)
     if valid is not None:
         s = s.masked_fill(~valid, float("-inf"))

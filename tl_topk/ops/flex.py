@@ -19,6 +19,7 @@ import functools
 import torch
 
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET
+from tl_topk.ops.dense import soft_cap
 from tl_topk.ops.threshold import row_thresholds
 
 
@@ -94,9 +95,7 @@ def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale,
     ninf = float("-inf")
 
     def score_mod(score, bi, hi, qi, ki):
-        s = score
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
+        s = soft_cap(score, softcap)
         keep = (s > lo[bi, hi, qi]) | ((s == tie[bi, hi, qi]) & (ki <= tie_idx[bi, hi, qi]))
         return torch.where(keep, s, ninf)
 
