@@ -122,15 +122,15 @@ def sparsity_cmd(model_name, k, n_tokens) -> None:
 
 
 @topk_group.command("backends")
+@argument_errors_as_usage
 def backends_cmd() -> None:
     """Which backends can run here and what `auto` picks on CPU and CUDA."""
-    import os
-
     import torch
 
     from tl_topk.ops import flex, triton_backend
+    from tl_topk.ops.backend import ENV_BACKEND, backend_from_env
 
-    click.echo(f"TL_TOPK_BACKEND={os.environ.get('TL_TOPK_BACKEND', '') or '(unset)'}")
+    click.echo(f"{ENV_BACKEND}={backend_from_env() or '(unset)'}")
     click.echo("dense    available (oracle; used whenever hook_attn_scores/hook_pattern are hooked)")
     click.echo("chunked  available (linear memory; auto on CPU)")
     click.echo(f"triton   {triton_backend.availability()}")

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from tl_topk.ops.attention import BACKENDS
+from tl_topk.ops.backend import check_backend
 from tl_topk.ops.feedforward import FF_RULES
 from tl_topk.ops.selection import validate_k_value
 
@@ -72,7 +72,9 @@ class TopKConfig:
         ff_rule: "value" (keep the largest pre-activations, the paper's rule) or "magnitude" (keep the
             largest |act(pre)|).
         layers: only these layers get top-k (attention and feed-forward); None = all.
-        backend: "auto", "dense", "chunked", "triton" or "flex" (env TL_TOPK_BACKEND overrides).
+        backend: "auto", "dense", "chunked", "triton" or "flex". A name other than ``auto`` wins;
+            ``auto`` defers to ``tl_topk.ops.use_backend`` around the forward pass, then to the
+            environment variable ``TL_TOPK_BACKEND`` (see ``tl_topk.ops.backend``).
         chunk_size: query rows per chunk for the chunked backend (None: from ``memory_budget_mb``).
         memory_budget_mb: transient buffer budget per chunk, MiB.
     """
@@ -106,8 +108,7 @@ class TopKConfig:
             self._layers = None
         if self.ff_rule not in FF_RULES:
             raise ValueError(f"ff_rule: got {self.ff_rule!r}; accepted: {', '.join(FF_RULES)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: got {self.backend!r}; accepted: {', '.join(BACKENDS)}")
+        check_backend(self.backend)
         if self.chunk_size is not None and (isinstance(self.chunk_size, bool)
                                             or not isinstance(self.chunk_size, numbers.Integral)
                                             or self.chunk_size < 1):

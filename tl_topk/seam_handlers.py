@@ -18,13 +18,13 @@ unless ``sdpa_route`` names a reason for the model's own dense path.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 
 from tl_topk.config import SDPAConfig, TopKConfig
-from tl_topk.ops.attention import ENV_BACKEND, topk_attention
+from tl_topk.ops.attention import topk_attention
+from tl_topk.ops.backend import requested_backend
 from tl_topk.ops.feedforward import check_activation, topk_activation
 from tl_topk.ops.sdpa import sdpa_attention as sdpa_function
 from tl_topk.ops.sdpa import unsupported_reason as sdpa_unsupported_reason
@@ -56,9 +56,8 @@ def scores_transform(spec: tuple):
     return transform
 
 
-def _hooked_route_needed(call: Any, cfg: TopKConfig) -> bool:
-    env = os.environ.get(ENV_BACKEND, "").strip().lower()
-    backend = env or cfg.backend
+def _hooked_route_needed(call: Any, backend: str) -> bool:
+    """``backend``: the call's requested backend (``requested_backend(cfg.backend)``)."""
     return (
         backend == "dense"
         or call.scores_hooked()
@@ -76,7 +75,9 @@ def attention(call: Any) -> Optional[torch.Tensor]:
     if spec is None:
         return None
     n_k = call.k.shape[1]
-    hooked = _hooked_route_needed(call, cfg)
+    # The call's backend is settled once, here: cfg.backend, else use_backend, else TL_TOPK_BACKEND.
+    backend = requested_backend(cfg.backend)
+    hooked = _hooked_route_needed(call, backend)
     if spec_covers_all(spec, n_k) and not hooked:
         return None
     if hooked:
@@ -86,7 +87,7 @@ def attention(call: Any) -> Optional[torch.Tensor]:
         pad = None  # TransformerLens passes an all-ones mask with a KV cache: skip a pass over the scores
     return topk_attention(
         call.q, call.k, call.v, spec, causal=call.causal, key_padding_mask=pad, scale=call.scale,
-        softcap=call.softcap, backend=cfg.backend, chunk_size=cfg.chunk_size,
+        softcap=call.softcap, backend=backend, chunk_size=cfg.chunk_size,
         memory_budget=cfg.memory_budget, window=call.window_size if call.causal else None,
     )
 
@@ -131,12 +132,12 @@ def check_model(model: Any, cfg: TopKConfig) -> None:
         if getattr(mcfg, "attn_only", False):
             raise ValueError("ff_k: the model is attention-only (cfg.attn_only=True); it has no MLPs")
         check_activation(str(mcfg.act_fn))
-    env = os.environ.get(ENV_BACKEND, "").strip().lower()
-    if (env or cfg.backend) == "triton":
+    backend = requested_backend(cfg.backend)  # at enable time; each attention call settles its own
+    if backend == "triton":
         from tl_topk.ops import triton_backend
 
         triton_backend.check_available(torch.empty(0, device=mcfg.device))
-    if (env or cfg.backend) == "flex":
+    if backend == "flex":
         from tl_topk.ops import flex
 
         reason = flex.unsupported_reason(torch.empty(0, device=mcfg.device, dtype=mcfg.dtype))

@@ -4,42 +4,39 @@ Backends: ``dense`` (oracle, quadratic memory), ``chunked`` (linear memory, any 
 path), ``triton`` (GPU kernel: threshold pass + FlashAttention-style pass), ``flex`` (threshold
 pass + FlexAttention with a threshold ``score_mod``; the second GPU path). ``auto`` takes
 ``triton`` on CUDA when it supports the call, else ``flex`` on CUDA, else ``dense`` when its score
-matrices fit the memory budget, and ``chunked`` otherwise; the environment variable
-``TL_TOPK_BACKEND`` overrides both ``auto`` and an explicit choice.
+matrices fit the memory budget, and ``chunked`` otherwise. Which backend a call asks for (the
+``backend=`` argument, ``tl_topk.ops.use_backend`` blocks, ``TL_TOPK_BACKEND``) is settled once at
+the start of ``topk_attention`` by ``tl_topk.ops.backend.requested_backend``; the phases below
+(validate, plan, dispatch) and the backends take the result as an argument.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from tl_topk.ops import flex, triton_backend
+from tl_topk.ops.backend import BACKENDS, ENV_BACKEND, check_backend, requested_backend
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
 from tl_topk.ops.dense import dense_topk_attention
 from tl_topk.ops.mixed import full_attention, mixed_heads_attention
 from tl_topk.ops.selection import KSpec, count_valid, k_per_row, per_head_spec, spec_covers_all
 
-BACKENDS = ("auto", "dense", "chunked", "triton", "flex")
-ENV_BACKEND = "TL_TOPK_BACKEND"
+__all__ = ["BACKENDS", "ENV_BACKEND", "resolve_backend", "topk_attention"]
 
 
 def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_fits: bool = False,
                     flex_ok: bool = False) -> str:
-    """The backend that will run: env override first; ``auto`` -> triton on CUDA when it supports
-    the call, else flex on CUDA (k > 128, other head sizes), else dense when its score
-    matrices fit the memory budget (small n: the gathers of the chunked backend cost n k d memory
-    traffic, more than dense matmuls there), else chunked."""
-    env = os.environ.get(ENV_BACKEND, "").strip().lower()
-    if env:
-        if env not in BACKENDS:
-            raise ValueError(f"{ENV_BACKEND}: got {env!r}; accepted: {', '.join(BACKENDS)}")
-        backend = env
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: got {backend!r}; accepted: {', '.join(BACKENDS)}")
+    """The backend that will run for a requested one (pure: reads no environment). A named backend
+    runs as asked; ``auto`` -> triton on CUDA when it supports the call, else flex on CUDA (k > 128,
+    other head sizes), else dense when its score matrices fit the memory budget (small n: the
+    gathers of the chunked backend cost n k d memory traffic, more than dense matmuls there), else
+    chunked."""
+    check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and triton_ok:
             return "triton"
@@ -50,6 +47,7 @@ def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_f
 
 
 def _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal=True, window=None):
+    """Raise for tensors, masks and options ``topk_attention`` does not accept (the validate phase)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -130,9 +128,11 @@ def topk_attention(
         scale: multiplier of q.k (default 1/sqrt(d_head)); softcap: c * tanh(s / c) after scaling.
         window: sliding-window (local) attention, causal only: query at key position p sees keys
             p - window < j <= p (TransformerLens's local attention layers).
-        backend: "auto", "dense", "chunked", "triton" or "flex" (env TL_TOPK_BACKEND overrides).
-            ``auto``: triton for supported CUDA calls, else flex on CUDA; otherwise dense when ~4
-            score matrices fit ``memory_budget`` (short sequences), else chunked. ``flex`` on CPU
+        backend: "auto", "dense", "chunked", "triton" or "flex". A name other than ``auto`` wins;
+            ``auto`` defers to the innermost ``tl_topk.ops.use_backend`` block, then to the environment
+            variable ``TL_TOPK_BACKEND`` (read once, here, at the start of the call), then to the
+            automatic pick: triton for supported CUDA calls, else flex on CUDA; otherwise dense when
+            ~4 score matrices fit ``memory_budget`` (short sequences), else chunked. ``flex`` on CPU
             runs forward only (FlexAttention has no CPU backward).
         chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked;
             flex's threshold pass takes ``memory_budget`` too).
@@ -146,48 +146,92 @@ def topk_attention(
         (ties to the smaller key index); rows with fewer than k valid keys are dense; rows with no
         valid key are zero.
     """
+    # Validate: the inputs, k_top and the requested backend (the one read of TL_TOPK_BACKEND).
     _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal, window)
-    b, n_q, h, d = q.shape
+    spec = per_head_spec(k_top, q.shape[2])
+    requested = requested_backend(backend)
+    opts = _Options(causal=causal, key_padding_mask=key_padding_mask,
+                    scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
+                    softcap=float(softcap) if softcap is not None else None, chunk_size=chunk_size,
+                    memory_budget=memory_budget, window=window)
+    return _plan_and_run(q, k, v, spec, requested, opts)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The validated options of one ``topk_attention`` call, as every phase below takes them."""
+
+    causal: bool
+    key_padding_mask: Optional[torch.Tensor]
+    scale: float
+    softcap: Optional[float]
+    chunk_size: Optional[int]
+    memory_budget: int
+    window: Optional[int]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one call runs. ``route``: "backend" (every head through ``backend``), "sdpa" (every head
+    keeps every key) or "mixed" (``dense_heads`` through SDPA, the others through ``backend``)."""
+
+    backend: str
+    route: str
+    spec: tuple
+    k_rows: torch.Tensor  # [batch, head_index, query_pos] int64: keys kept per row
+    kk: int  # k_rows.max()
+    dense_heads: tuple
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, spec: tuple, requested: str, opts: _Options) -> _Plan:
+    """The plan phase: k per row, the backend that runs (``resolve_backend``) and the SDPA split."""
+    b, n_q, h, _ = q.shape
     n_k = k.shape[1]
-    spec = per_head_spec(k_top, h)
-    scale = float(scale) if scale is not None else d ** -0.5
-    softcap = float(softcap) if softcap is not None else None
-    if n_k == 0 or n_q == 0 or b == 0:
-        return q.new_zeros(b, n_q, h, v.shape[3])
-    n_valid = count_valid(n_q, n_k, causal, key_padding_mask, b, q.device, window)
+    n_valid = count_valid(n_q, n_k, opts.causal, opts.key_padding_mask, b, q.device, opts.window)
     k_rows = k_per_row(spec, n_valid, n_k)
     kk = int(k_rows.max().item())
     # The dense backend keeps about four [b, h, n_q, n_k] fp32 tensors alive for its backward.
-    dense_fits = b * h * n_q * n_k * 4 * 4 <= memory_budget
-    chosen = resolve_backend(backend, q.device, triton_backend.supports(q, kk, softcap, window), dense_fits,
-                             flex.supports(q))
+    dense_fits = b * h * n_q * n_k * 4 * 4 <= opts.memory_budget
+    chosen = resolve_backend(requested, q.device, triton_backend.supports(q, kk, opts.softcap, opts.window),
+                             dense_fits, flex.supports(q))
     if chosen == "triton":
         triton_backend.check_available(q)
-    dense_heads = [i for i, e in enumerate(spec) if spec_covers_all((e,), n_k)]
-    if chosen != "dense" and dense_heads and softcap is None:
+    dense_heads = tuple(i for i, e in enumerate(spec) if spec_covers_all((e,), n_k))
+    route = "backend"
+    if chosen != "dense" and dense_heads and opts.softcap is None:
         # Heads that keep every key need no selection: SDPA runs them (linear memory when causal
         # and square); only the top-k heads reach the backend, with their own k (see ops/mixed.py).
-        if len(dense_heads) == h:
-            return full_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                                  window=window)
+        route = "sdpa" if len(dense_heads) == h else "mixed"
+    return _Plan(chosen, route, spec, k_rows, kk, dense_heads)
 
+
+def _plan_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: tuple, requested: str,
+                  opts: _Options) -> torch.Tensor:
+    """Plan and dispatch validated inputs; ``requested`` is already resolved against the
+    environment, so the mixed route's second pass over the top-k heads re-plans without re-reading it."""
+    b, n_q, h, _ = q.shape
+    if k.shape[1] == 0 or n_q == 0 or b == 0:
+        return q.new_zeros(b, n_q, h, v.shape[3])
+    return _dispatch(_plan(q, k, spec, requested, opts), q, k, v, requested, opts)
+
+
+def _dispatch(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requested: str,
+              opts: _Options) -> torch.Tensor:
+    """The dispatch phase: call the pure function of ``plan``'s route and backend."""
+    masks = dict(causal=opts.causal, key_padding_mask=opts.key_padding_mask, scale=opts.scale, window=opts.window)
+    if plan.route == "sdpa":
+        return full_attention(q, k, v, **masks)
+    if plan.route == "mixed":
         def sparse_fn(qs, ks, vs, sub_spec):
-            return topk_attention(qs, ks, vs, sub_spec, causal=causal, key_padding_mask=key_padding_mask,
-                                  scale=scale, backend=backend, chunk_size=chunk_size, memory_budget=memory_budget,
-                                  window=window)
+            return _plan_and_run(qs, ks, vs, sub_spec, requested, opts)
 
-        return mixed_heads_attention(q, k, v, spec, dense_heads, causal=causal, key_padding_mask=key_padding_mask,
-                                     scale=scale, sparse_fn=sparse_fn, window=window)
-    if chosen == "dense":
-        return dense_topk_attention(q, k, v, spec, causal=causal, key_padding_mask=key_padding_mask,
-                                    scale=scale, softcap=softcap, window=window)
-    if chosen == "triton":
-        return triton_backend.triton_topk_attention(q, k, v, k_rows, kk, causal=causal,
-                                                    key_padding_mask=key_padding_mask, scale=scale,
-                                                    softcap=softcap, window=window)
-    if chosen == "flex":
-        return flex.flex_topk_attention(q, k, v, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
-                                        scale=scale, softcap=softcap, memory_budget=memory_budget, window=window)
-    return chunked_topk_attention(q, k, v, k_rows, kk, causal=causal, key_padding_mask=key_padding_mask,
-                                  scale=scale, softcap=softcap, chunk_size=chunk_size,
-                                  memory_budget=memory_budget, window=window)
+        return mixed_heads_attention(q, k, v, plan.spec, plan.dense_heads, sparse_fn=sparse_fn, **masks)
+    if plan.backend == "dense":
+        return dense_topk_attention(q, k, v, plan.spec, softcap=opts.softcap, **masks)
+    if plan.backend == "triton":
+        return triton_backend.triton_topk_attention(q, k, v, plan.k_rows, plan.kk, softcap=opts.softcap, **masks)
+    if plan.backend == "flex":
+        return flex.flex_topk_attention(q, k, v, plan.k_rows, plan.kk, softcap=opts.softcap,
+                                        memory_budget=opts.memory_budget, **masks)
+    return chunked_topk_attention(q, k, v, plan.k_rows, plan.kk, softcap=opts.softcap, chunk_size=opts.chunk_size,
+                                  memory_budget=opts.memory_budget, **masks)
