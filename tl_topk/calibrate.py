@@ -165,6 +165,57 @@ def _perplexity(model: Any, tokens: torch.Tensor, spec: Optional[dict], backend:
         return perplexity(model, tokens)
 
 
+def _search_rule(model: Any, tokens: torch.Tensor, curve: torch.Tensor, need: torch.Tensor, r: str, dense: float,
+                 limit: float, backend: str, tried: list) -> dict:
+    """Bisect ``THRESHOLDS`` for rule ``r``: the evaluated entry (row, spec, k) with the smallest mean
+    k among those whose perplexity is within ``limit``, or the largest threshold's entry when even it
+    misses. Each evaluation appends its row to ``tried``."""
+    n = tokens.shape[1]
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    cache: dict[int, dict] = {}
+
+    def evaluate(i: int) -> dict:
+        if i not in cache:
+            k = rule_k(curve, need, r, i)
+            spec = _spec(k, n)
+            ppl = _perplexity(model, tokens, spec, backend)
+            row = dict(rule=r, threshold=THRESHOLDS[i], mean_k=float(k.clamp(max=n).float().mean()),
+                       dense_heads=n_layers * n_heads - len(spec), perplexity=ppl, ratio=ppl / dense,
+                       met=ppl <= limit)
+            cache[i] = dict(row, spec=spec, k=k)
+            tried.append(row)
+        return cache[i]
+
+    lo, hi = 0, len(THRESHOLDS) - 1
+    if not evaluate(hi)["met"]:
+        return cache[hi]
+    # the smallest index that meets the budget, assuming the ratio falls as the threshold rises
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if evaluate(mid)["met"]:
+            hi = mid
+        else:
+            lo = mid + 1
+    met = [c for c in cache.values() if c["met"]]
+    return min(met, key=lambda c: c["mean_k"])
+
+
+def _per_head_rows(k: torch.Tensor, curve: torch.Tensor, need: torch.Tensor, best: dict, n: int) -> list:
+    """``CalibrationResult.rows``: per (layer, head) the chosen k (None = dense), the attention mass
+    it keeps, and each rule's k at that rule's chosen threshold."""
+    n_layers, n_heads = k.shape
+    rows = []
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            kk = int(k[layer, head])
+            row = dict(layer=layer, head=head, k=kk if kk < n else None,
+                       mass_at_k=float(curve[layer, head, min(kk, n) - 1]))
+            for r in best:
+                row[f"k_{r}"] = int(rule_k(curve, need, r, THRESHOLDS.index(best[r]["threshold"]))[layer, head])
+            rows.append(row)
+    return rows
+
+
 def calibrate(model: Any, tokens: torch.Tensor, budget: float = 0.01, *, rule: str = "auto",
               backend: str = "auto", progress: Optional[Callable] = None) -> CalibrationResult:
     """Choose k per (layer, head) to stay within ``budget`` of dense perplexity on ``tokens`` at the
@@ -187,53 +238,15 @@ def calibrate(model: Any, tokens: torch.Tensor, budget: float = 0.01, *, rule: s
         raise ValueError("model: topk is already enabled; calibrate measures the dense model and enables "
                          "topk itself: disable it first")
     n = tokens.shape[1]
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     curve, need = attention_mass(model, tokens)
     dense = _perplexity(model, tokens, None, backend)
-    limit = dense * (1 + budget)
     rules = RULES if rule == "auto" else (rule,)
     tried: list[dict] = []
-    best: dict[str, dict] = {}
-    for r in (progress(rules, "calibrate") if progress else rules):
-        cache: dict[int, dict] = {}
-
-        def evaluate(i: int, r: str = r, cache: dict = cache) -> dict:
-            if i not in cache:
-                k = rule_k(curve, need, r, i)
-                spec = _spec(k, n)
-                ppl = _perplexity(model, tokens, spec, backend)
-                row = dict(rule=r, threshold=THRESHOLDS[i], mean_k=float(k.clamp(max=n).float().mean()),
-                           dense_heads=n_layers * n_heads - len(spec), perplexity=ppl, ratio=ppl / dense,
-                           met=ppl <= limit)
-                cache[i] = dict(row, spec=spec, k=k)
-                tried.append(row)
-            return cache[i]
-
-        lo, hi = 0, len(THRESHOLDS) - 1
-        if not evaluate(hi)["met"]:
-            best[r] = cache[hi]
-            continue
-        # the smallest index that meets the budget, assuming the ratio falls as the threshold rises
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if evaluate(mid)["met"]:
-                hi = mid
-            else:
-                lo = mid + 1
-        met = [c for c in cache.values() if c["met"]]
-        best[r] = min(met, key=lambda c: c["mean_k"])
+    best = {r: _search_rule(model, tokens, curve, need, r, dense, dense * (1 + budget), backend, tried)
+            for r in (progress(rules, "calibrate") if progress else rules)}
     winners = [b for b in best.values() if b["met"]] or list(best.values())
     win = min(winners, key=lambda c: (not c["met"], c["mean_k"] if c["met"] else c["ratio"]))
-    k = win["k"]
-    rows = []
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            kk = int(k[layer, head])
-            row = dict(layer=layer, head=head, k=kk if kk < n else None,
-                       mass_at_k=float(curve[layer, head, min(kk, n) - 1]))
-            for r in best:
-                row[f"k_{r}"] = int(rule_k(curve, need, r, THRESHOLDS.index(best[r]["threshold"]))[layer, head])
-            rows.append(row)
+    rows = _per_head_rows(win["k"], curve, need, best, n)
     return CalibrationResult(
         k=win["spec"], mean_k=win["mean_k"], rule=win["rule"], threshold=win["threshold"], budget=float(budget),
         dense_perplexity=dense, perplexity=win["perplexity"], met=bool(win["met"]), n_tokens=n, rows=rows,

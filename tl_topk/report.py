@@ -48,22 +48,27 @@ def sweep_figure(sweep):
 
 
 def report_section(report) -> None:
-    """Add three sections; ``report.quick`` keeps sizes small (well under a minute)."""
-    import plotly.graph_objects as go
+    """Add three sections (perplexity vs k, pattern sparsity, memory vs n); ``report.quick`` keeps
+    sizes small (well under a minute)."""
+    from tl_topk.analysis import docs_tokens
 
-    from tl_plugins.bench import BenchResult
-    from tl_topk.analysis import docs_tokens, pattern_sparsity, perplexity_sweep
-    from tl_topk.bench import bench_memory
-
-    model, name = report.model, report.model_name
+    model = report.model
     if tl_plugins.active(model).get("topk") is not None:
         report.add_section("Top-k attention", html="<p>skipped: the topk plugin is already enabled on the model</p>",
                            order=30)
         return
-    quick = report.quick
-    n_tokens = 64 if quick else 256
-    ks = [8, 32, "n"] if quick else [4, 8, 16, 32, 64, 128, "n"]
-    tokens = docs_tokens(model, min(n_tokens, model.cfg.n_ctx))
+    tokens = docs_tokens(model, min(64 if report.quick else 256, model.cfg.n_ctx))
+    _perplexity_section(report, tokens)
+    _sparsity_section(report, tokens)
+    _memory_section(report)
+
+
+def _perplexity_section(report, tokens) -> None:
+    """Section "Top-k: perplexity vs k": attention, feed-forward and both, against dense."""
+    from tl_topk.analysis import perplexity_sweep
+
+    model, name = report.model, report.model_name
+    ks = [8, 32, "n"] if report.quick else [4, 8, 16, 32, 64, 128, "n"]
     sweep = perplexity_sweep(model, tokens, ks, model_name=name, progress=report.progress)
     df = sweep.to_frame()
     k_ref = 32 if 32 in ks else [k for k in ks if k != "n"][-1]
@@ -91,8 +96,13 @@ def report_section(report) -> None:
         figures=[sweep_figure(sweep)], tables=[df], table_titles=["perplexity by mode and k"], order=30,
     )
 
-    k_sp = 8 if quick else 32
-    sp = pattern_sparsity(model, tokens, k_sp, model_name=name)
+
+def _sparsity_section(report, tokens) -> None:
+    """Section "Top-k: pattern sparsity per layer": the dense attention mass inside each layer's top k."""
+    from tl_topk.analysis import pattern_sparsity
+
+    k_sp = 8 if report.quick else 32
+    sp = pattern_sparsity(report.model, tokens, k_sp, model_name=report.model_name)
     sdf = sp.to_frame()
     lo = sdf.loc[sdf["dense_mass_in_topk"].idxmin()]
     hi = sdf.loc[sdf["dense_mass_in_topk"].idxmax()]
@@ -113,8 +123,16 @@ def report_section(report) -> None:
         figures=[fig], tables=[sdf], table_titles=["per layer"], order=31,
     )
 
+
+def _memory_section(report) -> None:
+    """Section "Top-k: extra memory vs sequence length": one SmolLM2-shaped layer, top-32 chunked vs dense."""
+    import plotly.graph_objects as go
+
+    from tl_plugins.bench import BenchResult
+    from tl_topk.bench import bench_memory
+
     mem = BenchResult("topk-memory")
-    ns = [128, 256, 512] if quick else [512, 1024, 2048, 4096]
+    ns = [128, 256, 512] if report.quick else [512, 1024, 2048, 4096]
     bench_memory(mem, ns, dense_max_n=ns[-1], k_top=32, device="cpu", progress=report.progress)
     mdf = mem.to_frame()
     big = mdf.iloc[-1]
