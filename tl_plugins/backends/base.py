@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 import torch
 from jaxtyping import Float, Int
 
+from tl_plugins.checks import check_index
 from tl_plugins.errors import UnsupportedModelError
 
 #: The hook kinds every backend names. Per-layer kinds take a layer; ``embed`` and ``final`` do not.
@@ -237,11 +238,7 @@ class Backend(ABC):
 
     def check_layer(self, layer: Any, arg: str = "layer") -> int:
         """``layer`` as an int in [0, n_layers), or ``IndexError`` naming ``arg``."""
-        import numbers
-
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= int(layer) < self.n_layers:
-            raise IndexError(f"{arg}: got {layer!r}; accepted: an int in [0, {self.n_layers - 1}]")
-        return int(layer)
+        return check_index(layer, self.n_layers, arg)
 
     # -- readouts --------------------------------------------------------------------------------
     @abstractmethod
