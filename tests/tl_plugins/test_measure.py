@@ -4,6 +4,7 @@ median_time's runs."""
 
 from __future__ import annotations
 
+import mmap
 import time
 from types import SimpleNamespace
 
@@ -23,17 +24,18 @@ def _about(extra: int, mib: int) -> bool:
 
 
 def _spike(mib: int, hold: float = 0.0) -> None:
-    """Touch ``mib`` MiB (torch.ones writes every page) and free it before returning."""
-    x = torch.ones(mib * MiB // 4)
+    """Write every page of a fresh ``mib`` MiB mapping (as a tensor) and unmap it before returning.
+
+    A mapping of its own, not malloc: a process that already held and freed large blocks (earlier
+    tests loaded models) serves malloc'd buffers from memory that is resident already, so only fresh
+    pages make a buffer of known size grow the resident set whatever ran before."""
+    buf = mmap.mmap(-1, mib * MiB)
+    x = torch.frombuffer(buf, dtype=torch.uint8)
+    x.fill_(1)
     if hold:
         time.sleep(hold)
     del x
-
-
-@pytest.fixture(autouse=True)
-def _mmap_threshold():
-    # freed buffers go back to the system, so each spike grows the resident set again
-    measure.fixed_mmap_threshold()
+    buf.close()
 
 
 def test_kernel_high_water_mark_sees_a_freed_buffer_exactly():
