@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from jaxtyping import Int
 
 from tl_embedspace.projections import read_scores, write_scores
 from tl_plugins.ranking import top_k
@@ -65,7 +66,8 @@ def _batched_topk(vectors: torch.Tensor, proj, k: int, batch: int = 256) -> torc
     return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 
 
-def hidden_state_overlap(space: Any, tokens: torch.Tensor, *, layers: Sequence[int] | None = None,
+def hidden_state_overlap(space: Any, tokens: Int[torch.Tensor, "batch pos"] | Int[torch.Tensor, " pos"], *,
+                         layers: Sequence[int] | None = None,
                          n_neurons: int = 5, k: int = 50, seed: int = 0) -> EvalResult:
     """Overlap of the top neurons' value tokens with the hidden state's top tokens, per layer.
 

@@ -30,6 +30,7 @@ from functools import cached_property
 from typing import Any, Union
 
 import torch
+from jaxtyping import Complex, Float, Int
 
 import tl_plugins
 from tl_embedspace import factored_topk as _topk
@@ -249,7 +250,7 @@ class EmbeddingSpace:
             return int(ids[0])
         raise TypeError(f"{arg}: got {token!r} of type {type(token).__name__}; accepted: an int id or a str")
 
-    def to_ids(self, tokens: Any, arg: str = "tokens") -> torch.Tensor | None:
+    def to_ids(self, tokens: Any, arg: str = "tokens") -> Int[torch.Tensor, " n"] | None:
         """Ids of a token collection (ids, strings, a bool mask or a filter spec); None stays None."""
         if tokens is None:
             return None
@@ -264,7 +265,7 @@ class EmbeddingSpace:
         except (ValueError, IndexError) as exc:
             raise type(exc)(f"{arg}: {exc}") from None
 
-    def candidate_ids(self, ids: Any, arg: str) -> torch.Tensor | None:
+    def candidate_ids(self, ids: Any, arg: str) -> Int[torch.Tensor, " n"] | None:
         """Explicit ids, else the space-wide filter."""
         got = self.to_ids(ids, arg)
         return got if got is not None else self.filter_ids
@@ -282,13 +283,14 @@ class EmbeddingSpace:
         return check_index(neuron, self.w.d_mlp, "neuron")
 
     # -- vectors to tokens ---------------------------------------------------------------------
-    def token_scores(self, scores: torch.Tensor, k: int, label: str, tokens: Any = None) -> TokenScores:
+    def token_scores(self, scores: Float[torch.Tensor, " d_vocab"], k: int, label: str, tokens: Any = None
+                     ) -> TokenScores:
         ids = self.candidate_ids(tokens, "tokens")
         tv, ti, bv, bi = top_bottom(scores, k, ids)
         return TokenScores(label, ti, tv, [self.token_str(i) for i in ti.tolist()], bi, bv,
                            [self.token_str(i) for i in bi.tolist()], dict(self.basis))
 
-    def project(self, vector: torch.Tensor, k: int = 10, *, side: str = "write", label: str = "vector",
+    def project(self, vector: Float[torch.Tensor, " d_model"], k: int = 10, *, side: str = "write", label: str = "vector",
                 tokens: Any = None) -> TokenScores:
         """Top/bottom-k tokens of any direction ``vector [d_model]`` (a steering vector, an SAE
         decoder row (side="write"), an SAE encoder column or probe (side="read"), a weight difference).
@@ -363,7 +365,8 @@ class EmbeddingSpace:
         B = (self.R @ self.w.W_K_layer(layer)[head]).T
         return VocabMatrix(self, A, B, f"QK L{layer}H{head}", "qk", layer, head)
 
-    def matrix(self, A: torch.Tensor, B: torch.Tensor, label: str = "matrix") -> VocabMatrix:
+    def matrix(self, A: Float[torch.Tensor, "d_vocab r"], B: Float[torch.Tensor, "r d_vocab"], label: str = "matrix"
+               ) -> VocabMatrix:
         """Wrap any vocab x vocab product ``A [d_vocab, r] @ B [r, d_vocab]`` (e.g. W_E @ W_U)."""
         return VocabMatrix(self, A, B, label, "custom", None, None)
 
@@ -447,8 +450,8 @@ class EmbeddingSpace:
         _, idx = _topk.select_topk(key, torch.arange(key.numel(), device=key.device), min(k, key.numel()))
         return idx // per_layer, idx % per_layer, scores[idx]
 
-    def copying_scores(self) -> torch.Tensor:
-        """Eigenvalue copying score of every head's OV circuit: ``[n_layers, n_heads]``."""
+    def copying_scores(self) -> Float[torch.Tensor, "n_layers head_index"]:
+        """Eigenvalue copying score of every head's OV circuit: ``[n_layers, head_index]``."""
         out = torch.empty(self.n_layers, self.n_heads)
         WV, WO = self._attn_stack["W_V"], self._attn_stack["W_O"]
         # eigenvalues of the small product (W_O W R) W_V [d_head, d_head] equal the nonzero ones of OV
@@ -527,11 +530,11 @@ class VocabMatrix:
         t = self.space.to_id(token)
         return self.space.token_scores(self.A @ self.B[:, t], k, f"{self.label} col {self.space.token_str(t)}", tokens)
 
-    def diag(self) -> torch.Tensor:
+    def diag(self) -> Float[torch.Tensor, " d_vocab"]:
         """The diagonal ``[d_vocab]`` (entry (t, t) for every token), from the factors."""
         return _topk.diag_product(self.A, self.B)
 
-    def eigenvalues(self) -> torch.Tensor:
+    def eigenvalues(self) -> Complex[torch.Tensor, " r"]:
         """Nonzero eigenvalues (complex ``[r]``): those of the small product ``B @ A``."""
         return torch.linalg.eigvals((self.B @ self.A).double())
 
