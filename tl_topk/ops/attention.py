@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from jaxtyping import Float, Shaped
 
 from tl_topk.ops import flex, triton_backend
 from tl_topk.ops.backend import BACKENDS, ENV_BACKEND, check_backend, requested_backend
@@ -99,32 +100,33 @@ def _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal=True, window
 
 
 def topk_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
     k_top: KSpec,
     *,
     causal: bool,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]] = None,
     scale: Optional[float] = None,
     softcap: Optional[float] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     window: Optional[int] = None,
-) -> torch.Tensor:
+) -> Float[torch.Tensor, "batch query_pos head_index d_v"]:
     """Top-k attention in TransformerLens layout; differentiable.
 
     Args:
-        q: [batch, q_pos, n_heads, d_head] (post-rotary queries).
-        k: [batch, k_pos, n_kv_heads, d_head]; n_heads must be a multiple of n_kv_heads (grouped-
-            query attention: query head h reads K/V head h // (n_heads // n_kv_heads); never repeated).
-        v: [batch, k_pos, n_kv_heads, d_v].
+        q: [batch, query_pos, head_index, d_head] (post-rotary queries).
+        k: [batch, key_pos, kv_head_index, d_head]; the number of query heads must be a multiple of
+            the number of K/V heads (grouped-query attention: query head h reads K/V head h // group;
+            never repeated).
+        v: [batch, key_pos, kv_head_index, d_v].
         k_top: int >= 1, fraction in (0, 1] of each row's valid keys (rounded up), or one entry per
             query head (int, fraction or None for a dense head).
-        causal: mask keys after the query; query i sits at key position i + k_pos - q_pos (so a KV-
-            cache decode step with q_pos = 1 sees every key).
-        key_padding_mask: [batch, k_pos] bool/int, true for real tokens.
+        causal: mask keys after the query; query i sits at key position i + key_pos - query_pos (so a
+            KV-cache decode step with query_pos = 1 sees every key).
+        key_padding_mask: [batch, key_pos] bool/int, true for real tokens.
         scale: multiplier of q.k (default 1/sqrt(d_head)); softcap: c * tanh(s / c) after scaling.
         window: sliding-window (local) attention, causal only: query at key position p sees keys
             p - window < j <= p (TransformerLens's local attention layers).
@@ -137,12 +139,12 @@ def topk_attention(
         chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked;
             flex's threshold pass takes ``memory_budget`` too).
 
-    Heads whose k keeps every key (None, k >= k_pos) need no selection: unless the backend is
+    Heads whose k keeps every key (None, k >= key_pos) need no selection: unless the backend is
     ``dense`` or there is a soft-cap, they run through ``scaled_dot_product_attention`` and only the
     other heads reach the backend (``tl_topk.ops.mixed``).
 
     Returns:
-        z: [batch, q_pos, n_heads, d_v]. Row i mixes the V rows of its k largest valid scores
+        z: [batch, query_pos, head_index, d_v]. Row i mixes the V rows of its k largest valid scores
         (ties to the smaller key index); rows with fewer than k valid keys are dense; rows with no
         valid key are zero.
     """

@@ -6,9 +6,10 @@ Quadratic memory; every other backend is tested against it. Differentiable with 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+from jaxtyping import Float, Shaped
 
 from tl_topk.ops.selection import count_valid, k_per_row, safe_softmax, topk_keep_mask
 
@@ -26,20 +27,21 @@ def soft_cap(scores: torch.Tensor, cap: Optional[float], *, inplace: bool = Fals
 
 
 def masked_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
     *,
     causal: bool,
-    key_padding_mask: Optional[torch.Tensor],
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]],
     scale: float,
     softcap: Optional[float],
     window: Optional[int] = None,
-) -> torch.Tensor:
-    """Scaled, soft-capped, masked scores [batch, head, q_pos, k_pos] (invalid keys at -inf).
+) -> Float[torch.Tensor, "batch head_index query_pos key_pos"]:
+    """Scaled, soft-capped, masked scores [batch, head_index, query_pos, key_pos] (invalid keys at -inf).
 
-    q: [batch, q_pos, head, d]; k: [batch, k_pos, kv_head, d] with head = group * kv_head (query head
-    h reads K/V head h // group, as TransformerLens's repeat_interleave does). Computed per K/V group
-    without repeating K. Causal alignment is bottom-right (query i at key position i + k_pos - q_pos).
+    q: [batch, query_pos, head_index, d_head]; k: [batch, key_pos, kv_head_index, d_head] with
+    head_index = group * kv_head_index (query head h reads K/V head h // group, as TransformerLens's
+    repeat_interleave does). Computed per K/V group without repeating K. Causal alignment is
+    bottom-right (query i at key position i + key_pos - query_pos).
     """
     b, n_q, h, d = q.shape
     n_k, h_kv = k.shape[1], k.shape[2]
@@ -77,19 +79,26 @@ def valid_mask(query_positions: torch.Tensor, k_end: int, causal: bool,
 
 
 def dense_topk_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
     spec: tuple,
     *,
     causal: bool,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]] = None,
     scale: float,
     softcap: Optional[float] = None,
     return_pattern: bool = False,
     window: Optional[int] = None,
-):
-    """Top-k attention by brute force. Returns z [batch, q_pos, head, d_v] (and the pattern).
+) -> Union[
+    Float[torch.Tensor, "batch query_pos head_index d_v"],
+    tuple[
+        Float[torch.Tensor, "batch query_pos head_index d_v"],
+        Float[torch.Tensor, "batch head_index query_pos key_pos"],
+    ],
+]:
+    """Top-k attention by brute force. Returns z [batch, query_pos, head_index, d_v] (and, with
+    ``return_pattern``, the pattern [batch, head_index, query_pos, key_pos]).
 
     ``spec``: per-head k tuple (see ``tl_topk.ops.selection.per_head_spec``).
     """

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from jaxtyping import Float
 
 from tl_topk.ops.selection import topk_keep_mask
 
@@ -46,8 +47,12 @@ def topk_units_mask(pre: torch.Tensor, k_units: int) -> torch.Tensor:
 FF_RULES = ("value", "magnitude")
 
 
-def topk_activation(pre: torch.Tensor, k_units: int, act_fn: Callable[[torch.Tensor], torch.Tensor],
-                    rule: str = "value"):
+def topk_activation(
+    pre: Float[torch.Tensor, "batch pos d_mlp"],
+    k_units: int,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    rule: str = "value",
+) -> Float[torch.Tensor, "batch pos d_mlp"]:
     """``act_fn(pre)`` with all but each row's ``k_units`` selected units zeroed.
 
     pre: [batch, pos, d_mlp] (for gated MLPs the gate pre-activation). Returns the same shape.

@@ -15,8 +15,10 @@ each other (about 1e-7 relative in fp32); exact ties resolve by key index as the
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
+from jaxtyping import Float, Int, Shaped
 
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET
 from tl_topk.ops.dense import soft_cap
@@ -65,12 +67,24 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-def flex_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap,
-                        memory_budget: int = DEFAULT_MEMORY_BUDGET, compile: bool | None = None,
-                        window: int | None = None):
-    """z [batch, q_pos, n_heads, d_v] from pass 1 + FlexAttention.
+def flex_topk_attention(
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
+    k_rows: Int[torch.Tensor, "batch head_index query_pos"],
+    kk: int,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]],
+    scale: float,
+    softcap: Optional[float],
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    compile: bool | None = None,
+    window: int | None = None,
+) -> Float[torch.Tensor, "batch query_pos head_index d_v"]:
+    """z [batch, query_pos, head_index, d_v] from pass 1 + FlexAttention.
 
-    ``k_rows`` [batch, n_heads, q_pos] int64 and ``kk`` its maximum, as the other backends take
+    ``k_rows`` [batch, head_index, query_pos] int64 and ``kk`` its maximum, as the other backends take
     them. ``compile``: run ``torch.compile(flex_attention)`` (default: on CUDA only). Raises
     ``ValueError`` for unsupported calls and ``RuntimeError`` for a backward on CPU.
     """

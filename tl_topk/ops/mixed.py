@@ -13,17 +13,25 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Shaped
 
 from tl_topk.ops.dense import valid_mask
 
 
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                   key_padding_mask: Optional[torch.Tensor], scale: float,
-                   window: Optional[int] = None) -> torch.Tensor:
+def full_attention(
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]],
+    scale: float,
+    window: Optional[int] = None,
+) -> Float[torch.Tensor, "batch query_pos head_index d_v"]:
     """Plain softmax attention in TransformerLens layout; rows without a valid key give zeros.
 
-    q [batch, q_pos, n_heads, d]; k, v [batch, k_pos, n_kv_heads, d] (n_kv_heads divides n_heads;
-    not repeated). Causal alignment is bottom-right, as everywhere in tl_topk. Causal attention over
+    q [batch, query_pos, head_index, d_head]; k, v [batch, key_pos, kv_head_index, d_head or d_v]
+    (kv_head_index divides head_index; not repeated). Causal alignment is bottom-right, as everywhere in tl_topk. Causal attention over
     a square call without padding runs SDPA's causal kernel (linear memory); other calls pass a
     boolean [batch, 1, q_pos, k_pos] mask (one byte per score).
     """
@@ -57,10 +65,20 @@ def _select_heads(q, k, v, heads: Sequence[int]):
     return q.index_select(2, idx), k.index_select(2, kv), v.index_select(2, kv)
 
 
-def mixed_heads_attention(q, k, v, spec: tuple, dense_heads: Sequence[int], *, causal: bool,
-                          key_padding_mask, scale: float, sparse_fn: Callable,
-                          window: Optional[int] = None) -> torch.Tensor:
-    """z [batch, q_pos, n_heads, d_v]: ``dense_heads`` through ``full_attention``, the others through
+def mixed_heads_attention(
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
+    spec: tuple,
+    dense_heads: Sequence[int],
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]],
+    scale: float,
+    sparse_fn: Callable,
+    window: Optional[int] = None,
+) -> Float[torch.Tensor, "batch query_pos head_index d_v"]:
+    """z [batch, query_pos, head_index, d_v]: ``dense_heads`` through ``full_attention``, the others through
     ``sparse_fn(q, k, v, spec)`` (``tl_topk.topk_attention`` with the caller's options)."""
     h = q.shape[2]
     dense = sorted(dense_heads)

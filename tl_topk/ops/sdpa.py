@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from jaxtyping import Float, Shaped
 
 from tl_topk.ops.mixed import full_attention
 
@@ -28,17 +29,26 @@ def unsupported_reason(softcap: Optional[float]) -> Optional[str]:
     return None
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                   key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                   window: Optional[int] = None) -> torch.Tensor:
-    """Softmax attention z [batch, q_pos, head_index, d_head] through SDPA.
+def sdpa_attention(
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]] = None,
+    scale: Optional[float] = None,
+    window: Optional[int] = None,
+) -> Float[torch.Tensor, "batch query_pos head_index d_v"]:
+    """Softmax attention z [batch, query_pos, head_index, d_v] through SDPA.
 
     Args:
-        q: [batch, q_pos, head_index, d_head], post-rotary.
-        k, v: [batch, k_pos, n_kv_heads, d_head]; n_kv_heads divides head_index (query head h reads
-            K/V head h // group, TransformerLens's ``repeat_interleave`` order); not repeated.
-        causal: query i sits at key position i + k_pos - q_pos (bottom-right, as with a KV cache).
-        key_padding_mask: [batch, k_pos] bool/int, true for real tokens, or None.
+        q: [batch, query_pos, head_index, d_head], post-rotary.
+        k, v: [batch, key_pos, kv_head_index, d_head] and [..., d_v]; kv_head_index divides
+            head_index (query head h reads K/V head h // group, TransformerLens's
+            ``repeat_interleave`` order); not repeated.
+        causal: query i sits at key position i + key_pos - query_pos (bottom-right, as with a KV
+            cache).
+        key_padding_mask: [batch, key_pos] bool/int, true for real tokens, or None.
         scale: multiplier of q.k (default 1/sqrt(d_head)); window: sliding-window size (causal).
     """
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5

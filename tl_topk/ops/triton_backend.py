@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
+from jaxtyping import Float, Int, Shaped
 
 MAX_K = 128  # per-row top-k buffer = one key tile; larger k does not fit registers
 HEAD_DIMS = (16, 32, 64, 128)
@@ -62,8 +64,21 @@ def supports(q: torch.Tensor, kk: int, softcap, window=None) -> bool:
     return q.device.type == "cuda" and installed() and unsupported_reason(q, kk, softcap, window) is None
 
 
-def triton_topk_attention(q, k, v, k_rows, kk, *, causal, key_padding_mask, scale, softcap, window=None):
-    """z [b, q_pos, h, d] from the kernels; raises ``ValueError`` for calls they do not support."""
+def triton_topk_attention(
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
+    k_rows: Int[torch.Tensor, "batch head_index query_pos"],
+    kk: int,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]],
+    scale: float,
+    softcap: Optional[float],
+    window: Optional[int] = None,
+) -> Float[torch.Tensor, "batch query_pos head_index d_v"]:
+    """z [batch, query_pos, head_index, d_v] from the kernels; ``k_rows`` keys kept per row, ``kk``
+    its maximum. Raises ``ValueError`` for calls the kernels do not support."""
     check_available(q)
     reason = unsupported_reason(q, kk, softcap, window)
     if reason is not None:
