@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence
 import torch
 from jaxtyping import Float
 
+from tl_plugins.checks import check_positive_int
+
 SCORES_FROM = ("auto", "hook", "qk")
 
 
@@ -115,16 +117,36 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
     always rebuilds the scores from the query/key hooks (checked against the pattern); "auto" reads
     the hook and rebuilds from q/k only where the hook fails the check.
     """
-    if len(queries) == 0:
-        raise ValueError("queries: got an empty list; accepted: at least one query")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: got {batch_size!r}; accepted: a positive int")
-    if scores_from not in SCORES_FROM:
-        raise ValueError(f"scores_from: got {scores_from!r}; accepted: {', '.join(SCORES_FROM)}")
+    _check_capture_args(queries, batch_size, scores_from)
     be = backend_of(model)
     context = list(context)
     P = len(context)
-    n_ctx = be.n_ctx
+    _check_lengths(be.n_ctx, P, queries, predict_offset)
+    cache = be.prefix_cache(context, params) if (use_prefix_cache and P > 0) else None
+    hooks = _CaptureHooks(be, want_attn_in, scores_from)
+    out = _CaptureBuffers(len(queries), be.n_layers, be.d_model, P, demo_start, want_attn_in)
+    for n_q, idx in _length_batches(queries, batch_size):
+        toks, rec, kv = _batch_inputs(be, context, queries, idx, cache)
+        store: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), be.hooks(hooks.forward_hooks(rec, n_q, store)):
+            # stop before the final norm: unembedding every position would cost as much as a block
+            resid = be.run(toks, params=params, stop_at_layer=be.n_layers, kv_cache=kv)
+            pred = be.readout(resid[:, predict_offset]).float()
+        out.add_batch(be, hooks, idx, n_q, store, pred, scores_from=scores_from, check_pattern=check_pattern,
+                      atol=atol)
+    return out.result()
+
+
+def _check_capture_args(queries: Sequence[Sequence[int]], batch_size: Any, scores_from: str) -> None:
+    if len(queries) == 0:
+        raise ValueError("queries: got an empty list; accepted: at least one query")
+    check_positive_int(batch_size, "batch_size")
+    if scores_from not in SCORES_FROM:
+        raise ValueError(f"scores_from: got {scores_from!r}; accepted: {', '.join(SCORES_FROM)}")
+
+
+def _check_lengths(n_ctx: int, P: int, queries: Sequence[Sequence[int]], predict_offset: int) -> None:
+    """Every context + query fits the model's context, and every query reaches ``predict_offset``."""
     longest = P + max(len(q) for q in queries)
     if longest > n_ctx:
         raise ValueError(f"queries: context ({P} tokens) plus the longest query is {longest} tokens, longer than "
@@ -132,92 +154,108 @@ def capture(model: Any, context: Sequence[int], queries: Sequence[Sequence[int]]
     for i, q in enumerate(queries):
         if len(q) < -predict_offset:
             raise ValueError(f"queries[{i}]: {len(q)} tokens; at least {-predict_offset} needed")
-    L = be.n_layers
-    device = be.device
-    cache = be.prefix_cache(context, params) if (use_prefix_cache and P > 0) else None
 
-    # hook names and functions, asked of the backend once
-    attn_out_name = [be.hook_name("attn_out", layer) for layer in range(L)]
-    scores_name = [be.hook_name("attn_scores", layer) for layer in range(L)]
-    pattern_name = [be.hook_name("pattern", layer) for layer in range(L)]
-    attn_in_hook = [be.attention_input_hook(layer) for layer in range(L)] if want_attn_in else None
-    qk_hook = [be.attention_scores_from_qk(layer) for layer in range(L)] if scores_from != "hook" else None
 
+def _length_batches(queries: Sequence[Sequence[int]], batch_size: int):
+    """(query length, query indices) per batch: queries grouped by length (no padding), shortest first."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i, q in enumerate(queries):
         groups[len(q)].append(i)
-
-    N = len(queries)
-    attn_out = torch.empty(N, L, be.d_model)
-    logits_out: Optional[torch.Tensor] = None
-    scores_out: list[Optional[torch.Tensor]] = [None] * N
-    pattern_out = torch.empty(N, L, P - demo_start) if demo_start is not None else None
-    attn_in = torch.empty(N, L, be.d_model) if want_attn_in else None
-
     for n_q, idx_all in sorted(groups.items()):
         for s in range(0, len(idx_all), batch_size):
-            idx = idx_all[s:s + batch_size]
-            B = len(idx)
-            q_toks = torch.tensor([list(queries[i]) for i in idx], dtype=torch.long, device=device)
-            if cache is not None:
-                toks, offset, kv = q_toks, 0, be.expand_cache(cache, B)
-            else:
-                ctx = torch.tensor([context] * B, dtype=torch.long, device=device).reshape(B, P)
-                toks, offset, kv = torch.cat([ctx, q_toks], dim=1), P, None
-            rec = offset + n_q - 1  # recorded position, in the positions of this forward
-            store: dict[str, torch.Tensor] = {}
+            yield n_q, idx_all[s:s + batch_size]
 
-            # keyed by our own names: the bridge reports an aliased hook point's canonical name
-            def keep_pos(key, rec=rec, store=store):  # [B, T, d] -> [B, d]
-                def fn(x, hook):
-                    store[key] = x[:, rec].detach()
-                return fn
 
-            def keep_query_row(key, rec=rec, store=store):  # [B, H, T, K] -> [B, H, K]
-                def fn(x, hook):
-                    store[key] = x[:, :, rec].detach()
-                return fn
+def _batch_inputs(be: Any, context: list[int], queries: Sequence[Sequence[int]], idx: list[int], cache: Any):
+    """(tokens to run, recorded position in them, KV cache or None) for one batch of equal-length queries."""
+    B, P = len(idx), len(context)
+    q_toks = torch.tensor([list(queries[i]) for i in idx], dtype=torch.long, device=be.device)
+    if cache is not None:
+        return q_toks, q_toks.shape[1] - 1, be.expand_cache(cache, B)
+    ctx = torch.tensor([context] * B, dtype=torch.long, device=be.device).reshape(B, P)
+    return torch.cat([ctx, q_toks], dim=1), P + q_toks.shape[1] - 1, None
 
-            def keep_last(key, n, store=store):  # [B, T, h, d] -> [B, n, h, d]: the query's tokens
-                def fn(x, hook):
-                    store[key] = x[:, -n:].detach()
-                return fn
 
-            fwd = []
-            for layer in range(L):
-                fwd.append((attn_out_name[layer], keep_pos(f"out{layer}")))
-                fwd.append((scores_name[layer], keep_query_row(f"scores{layer}")))
-                fwd.append((pattern_name[layer], keep_query_row(f"pattern{layer}")))
-                if attn_in_hook is not None:
-                    fwd.append((attn_in_hook[layer][0], keep_pos(f"in{layer}")))
-                if qk_hook is not None:
-                    fwd.append((qk_hook[layer][0], keep_last(f"q{layer}", 1)))   # the recorded position
-                    fwd.append((qk_hook[layer][1], keep_last(f"k{layer}", n_q)))  # the query's keys
-            with torch.no_grad(), be.hooks(fwd):
-                # stop before the final norm: unembedding every position would cost as much as a block
-                resid = be.run(toks, params=params, stop_at_layer=L, kv_cache=kv)
-                pred = be.readout(resid[:, predict_offset]).float()
-            if logits_out is None:
-                logits_out = torch.empty(N, pred.shape[-1])
-            idx_t = torch.tensor(idx)
-            logits_out[idx_t] = pred.cpu()
-            for layer in range(L):
-                attn_out[idx_t, layer] = store[f"out{layer}"].float().cpu()
-                sc = store[f"scores{layer}"].float()
-                pat = store[f"pattern{layer}"].float()
-                q_scores = _query_scores(be, layer, store, qk_hook, sc, pat, n_q, scores_from,
-                                         check_pattern, atol).cpu()
-                for j, i in enumerate(idx):
-                    if scores_out[i] is None:
-                        scores_out[i] = torch.empty(L, q_scores.shape[1], n_q)
-                    scores_out[i][layer] = q_scores[j]  # type: ignore[index]
-                if pattern_out is not None:
-                    pattern_out[idx_t, layer] = pat[:, :, demo_start:P].mean(1).cpu()
-                if attn_in is not None:
-                    to_input = attn_in_hook[layer][1]  # type: ignore[index]
-                    attn_in[idx_t, layer] = to_input(store[f"in{layer}"]).detach().float().cpu()
-    assert logits_out is not None
-    return Capture(attn_out, [s for s in scores_out], logits_out, pattern_out, attn_in)  # type: ignore[misc]
+class _CaptureHooks:
+    """The hook names and functions of one capture, asked of the backend once."""
+
+    def __init__(self, be: Any, want_attn_in: bool, scores_from: str):
+        L = be.n_layers
+        self.n_layers = L
+        self.attn_out = [be.hook_name("attn_out", layer) for layer in range(L)]
+        self.scores = [be.hook_name("attn_scores", layer) for layer in range(L)]
+        self.pattern = [be.hook_name("pattern", layer) for layer in range(L)]
+        self.attn_in = [be.attention_input_hook(layer) for layer in range(L)] if want_attn_in else None
+        self.qk = [be.attention_scores_from_qk(layer) for layer in range(L)] if scores_from != "hook" else None
+
+    def forward_hooks(self, rec: int, n_q: int, store: dict) -> list:
+        """(hook name, function) pairs that keep, in ``store``, the slices of one batch's forward;
+        keyed by our own names: the bridge reports an aliased hook point's canonical name."""
+        def keep_pos(key):  # [B, T, d] -> [B, d]
+            def fn(x, hook):
+                store[key] = x[:, rec].detach()
+            return fn
+
+        def keep_query_row(key):  # [B, H, T, K] -> [B, H, K]
+            def fn(x, hook):
+                store[key] = x[:, :, rec].detach()
+            return fn
+
+        def keep_last(key, n):  # [B, T, h, d] -> [B, n, h, d]: the query's tokens
+            def fn(x, hook):
+                store[key] = x[:, -n:].detach()
+            return fn
+
+        fwd = []
+        for layer in range(self.n_layers):
+            fwd.append((self.attn_out[layer], keep_pos(f"out{layer}")))
+            fwd.append((self.scores[layer], keep_query_row(f"scores{layer}")))
+            fwd.append((self.pattern[layer], keep_query_row(f"pattern{layer}")))
+            if self.attn_in is not None:
+                fwd.append((self.attn_in[layer][0], keep_pos(f"in{layer}")))
+            if self.qk is not None:
+                fwd.append((self.qk[layer][0], keep_last(f"q{layer}", 1)))   # the recorded position
+                fwd.append((self.qk[layer][1], keep_last(f"k{layer}", n_q)))  # the query's keys
+        return fwd
+
+
+class _CaptureBuffers:
+    """The outputs of one capture (see :class:`Capture`), filled batch by batch on the CPU."""
+
+    def __init__(self, N: int, L: int, d_model: int, P: int, demo_start: Optional[int], want_attn_in: bool):
+        self.L, self.P, self.demo_start = L, P, demo_start
+        self.attn_out = torch.empty(N, L, d_model)
+        self.logits: Optional[torch.Tensor] = None
+        self.scores: list[Optional[torch.Tensor]] = [None] * N
+        self.pattern = torch.empty(N, L, P - demo_start) if demo_start is not None else None
+        self.attn_in = torch.empty(N, L, d_model) if want_attn_in else None
+
+    def add_batch(self, be: Any, hooks: _CaptureHooks, idx: list[int], n_q: int, store: dict,
+                  pred: torch.Tensor, *, scores_from: str, check_pattern: bool, atol: float) -> None:
+        if self.logits is None:
+            self.logits = torch.empty(len(self.scores), pred.shape[-1])
+        idx_t = torch.tensor(idx)
+        self.logits[idx_t] = pred.cpu()
+        for layer in range(self.L):
+            self.attn_out[idx_t, layer] = store[f"out{layer}"].float().cpu()
+            sc = store[f"scores{layer}"].float()
+            pat = store[f"pattern{layer}"].float()
+            q_scores = _query_scores(be, layer, store, hooks.qk, sc, pat, n_q, scores_from,
+                                     check_pattern, atol).cpu()
+            for j, i in enumerate(idx):
+                if self.scores[i] is None:
+                    self.scores[i] = torch.empty(self.L, q_scores.shape[1], n_q)
+                self.scores[i][layer] = q_scores[j]  # type: ignore[index]
+            if self.pattern is not None:
+                self.pattern[idx_t, layer] = pat[:, :, self.demo_start:self.P].mean(1).cpu()
+            if self.attn_in is not None:
+                to_input = hooks.attn_in[layer][1]  # type: ignore[index]
+                self.attn_in[idx_t, layer] = to_input(store[f"in{layer}"]).detach().float().cpu()
+
+    def result(self) -> "Capture":
+        assert self.logits is not None
+        return Capture(self.attn_out, [s for s in self.scores], self.logits, self.pattern,  # type: ignore[misc]
+                       self.attn_in)
 
 
 def _query_scores(be: Any, layer: int, store: dict, qk_hook: Optional[list], sc: torch.Tensor, pat: torch.Tensor,
