@@ -265,89 +265,40 @@ def run_finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: boo
     once per run, not per variant, seed and method)."""
     be = backend_of(model)
     seqs = _sequences(demos, config.loss)
-    n_ctx = be.n_ctx
-    for i, (s, _) in enumerate(seqs):
-        if len(s) > n_ctx:
-            raise ValueError(f"demos[{i}]: {len(s)} tokens, longer than the model's context n_ctx={n_ctx}")
-    if config.loss == "label_only":
-        for i, (s, m) in enumerate(seqs):
-            if not any(m[1:]):  # type: ignore[index]
-                raise ValueError(f"demos[{i}]: no label token after the first position; label_only has nothing "
-                                 "to predict")
+    _check_sequences(seqs, be.n_ctx, config.loss)
     selected, where = _select(be, config.params, config.layers)
     L = be.n_layers
-    device = be.device
     P = {n: p.detach().clone().requires_grad_(True) for n, p in selected.items()}
     layer_idx = [where[n] for n in P]
     order = list(range(len(seqs)))
     if config.order == "reverse":
         order = order[::-1]
     order = order * config.epochs
+    hooks = _FinetuneHooks(be, config.readout, record_inputs)
 
     losses, gnorms, layer_losses, inputs = [], [], [], []
-    readout = config.readout
-    if readout == "resid_mid" and be.attn_only:
-        readout = "resid_post"  # attention-only blocks have no mid point: the block output is it
-    in_hooks = [be.attention_input_hook(layer) for layer in range(L)] if record_inputs else None
-    resid_pre = [be.hook_name("resid_pre", layer) for layer in range(L)]
-    readout_at = [be.hook_name(readout, layer) for layer in range(L)]
     for j in order:
         s, m = seqs[j]
-        toks = torch.tensor([s], dtype=torch.long, device=device)
+        toks = torch.tensor([s], dtype=torch.long, device=be.device)
         mask = None
         if config.loss == "label_only":
-            mask = torch.tensor(m[1:], dtype=torch.float32, device=device)  # type: ignore[index]
+            mask = torch.tensor(m[1:], dtype=torch.float32, device=be.device)  # type: ignore[index]
         store: dict[str, torch.Tensor] = {}
-        fwd = []
-        if in_hooks is not None:
-            def keep_in(layer, store=store):  # keyed by layer: the bridge renames aliased hook points
-                def fn(x, hook):
-                    store[f"in{layer}"] = x.detach()
-                return fn
-            fwd += [(in_hooks[layer][0], keep_in(layer)) for layer in range(L)]
         with torch.enable_grad():
-            if not config.layer_causal:
-                with be.hooks(fwd):
-                    logits = be.run(toks, params=P)
-                loss = _ce(logits[0], toks[0], mask)
-                per_layer = None
-            else:
-                def cut(x, hook):
-                    return x.detach()
-
-                def keep_readout(layer, store=store):
-                    def fn(x, hook):
-                        store[f"readout{layer}"] = x
-                    return fn
-                fwd_lc = fwd + [(resid_pre[layer], cut) for layer in range(L)]
-                fwd_lc += [(readout_at[layer], keep_readout(layer)) for layer in range(L)]
-                with be.hooks(fwd_lc):
-                    be.run(toks, params=P, stop_at_layer=L)
-                resid = torch.cat([store[f"readout{layer}"] for layer in range(L)], dim=0)  # [L, T, d]
-                per_layer = _ce(be.readout(resid), toks[0], mask)  # [L] (logit lens)
-                loss = per_layer.sum()
+            loss, per_layer = _step_loss(be, hooks, P, toks, mask, store, config.layer_causal)
             grads = torch.autograd.grad(loss, list(P.values()), allow_unused=True)
-        sq = [torch.zeros((), dtype=torch.float32) for _ in range(L)]
-        new = {}
-        with torch.no_grad():
-            for (name, p), g, layer in zip(P.items(), grads, layer_idx):
-                if g is None:
-                    g = torch.zeros_like(p)
-                if layer is not None:
-                    sq[layer] = sq[layer] + torch.linalg.vector_norm(g.float()) ** 2
-                new[name] = (p.detach() - config.lr * g).requires_grad_(True)
-        gn = torch.stack(sq).double()
+        new, gn = _sgd_step(P, grads, layer_idx, L, config.lr)
         if not (math.isfinite(float(loss.detach())) and all(bool(torch.isfinite(t).all()) for t in new.values())):
             raise FloatingPointError(
                 f"lr: fine-tuning diverged at step {len(losses) + 1} of {len(order)} (loss {float(loss):.4g}, "
                 f"parameters no longer finite) with lr={config.lr}; accepted: a smaller learning rate")
         P = new
         losses.append(float(loss.detach()))
-        gnorms.append(gn.sqrt())
+        gnorms.append(gn)
         if per_layer is not None:
             layer_losses.append(per_layer.detach().double().cpu())
-        if in_hooks is not None:
-            inputs.append(torch.stack([in_hooks[layer][1](store[f"in{layer}"])[0] for layer in range(L)],
+        if hooks.attn_in is not None:
+            inputs.append(torch.stack([hooks.attn_in[layer][1](store[f"in{layer}"])[0] for layer in range(L)],
                                       dim=1).detach().float().cpu())  # [T, L, d]
     final = {n: p.detach() for n, p in P.items()}
     deltas = {n: final[n] - selected[n].detach() for n in final}
@@ -355,6 +306,86 @@ def run_finetune(model: Any, demos: Any, config: GDConfig, *, record_inputs: boo
                   torch.stack(layer_losses) if layer_losses else None)
     return FinetuneResult(final, deltas, trace, config, len(seqs), inputs if record_inputs else None,
                           dict(where))
+
+
+def _check_sequences(seqs: list, n_ctx: int, loss: str) -> None:
+    for i, (s, _) in enumerate(seqs):
+        if len(s) > n_ctx:
+            raise ValueError(f"demos[{i}]: {len(s)} tokens, longer than the model's context n_ctx={n_ctx}")
+    if loss == "label_only":
+        for i, (s, m) in enumerate(seqs):
+            if not any(m[1:]):  # type: ignore[index]
+                raise ValueError(f"demos[{i}]: no label token after the first position; label_only has nothing "
+                                 "to predict")
+
+
+class _FinetuneHooks:
+    """Hook names and functions of one fine-tuning run, asked of the backend once."""
+
+    def __init__(self, be: Any, readout: str, record_inputs: bool):
+        L = be.n_layers
+        if readout == "resid_mid" and be.attn_only:
+            readout = "resid_post"  # attention-only blocks have no mid point: the block output is it
+        self.n_layers = L
+        self.attn_in = [be.attention_input_hook(layer) for layer in range(L)] if record_inputs else None
+        self.resid_pre = [be.hook_name("resid_pre", layer) for layer in range(L)]
+        self.readout_at = [be.hook_name(readout, layer) for layer in range(L)]
+
+    def keep_inputs(self, store: dict) -> list:
+        """Hooks keeping each layer's attention input in ``store`` (none unless inputs are recorded)."""
+        if self.attn_in is None:
+            return []
+
+        def keep_in(layer):  # keyed by layer: the bridge renames aliased hook points
+            def fn(x, hook):
+                store[f"in{layer}"] = x.detach()
+            return fn
+        return [(self.attn_in[layer][0], keep_in(layer)) for layer in range(self.n_layers)]
+
+    def layer_causal(self, store: dict) -> list:
+        """Hooks that cut the gradient at every block's input and keep every layer's readout point."""
+        def cut(x, hook):
+            return x.detach()
+
+        def keep_readout(layer):
+            def fn(x, hook):
+                store[f"readout{layer}"] = x
+            return fn
+        L = self.n_layers
+        return ([(self.resid_pre[layer], cut) for layer in range(L)]
+                + [(self.readout_at[layer], keep_readout(layer)) for layer in range(L)])
+
+
+def _step_loss(be: Any, hooks: _FinetuneHooks, P: dict, toks: torch.Tensor, mask: Optional[torch.Tensor],
+               store: dict, layer_causal: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(loss, per-layer losses or None) of one sequence: the model's loss, or for layer-causal GD the
+    sum over layers of each layer's logit-lens loss with the gradient cut at every block's input."""
+    fwd = hooks.keep_inputs(store)
+    if not layer_causal:
+        with be.hooks(fwd):
+            logits = be.run(toks, params=P)
+        return _ce(logits[0], toks[0], mask), None
+    L = hooks.n_layers
+    with be.hooks(fwd + hooks.layer_causal(store)):
+        be.run(toks, params=P, stop_at_layer=L)
+    resid = torch.cat([store[f"readout{layer}"] for layer in range(L)], dim=0)  # [L, T, d]
+    per_layer = _ce(be.readout(resid), toks[0], mask)  # [L] (logit lens)
+    return per_layer.sum(), per_layer
+
+
+def _sgd_step(P: dict, grads: Sequence[Optional[torch.Tensor]], layer_idx: list, L: int,
+              lr: float) -> tuple[dict, torch.Tensor]:
+    """(parameters after one SGD step, [L] gradient norm per layer); an unused parameter's gradient is 0."""
+    sq = [torch.zeros((), dtype=torch.float32) for _ in range(L)]
+    new = {}
+    with torch.no_grad():
+        for (name, p), g, layer in zip(P.items(), grads, layer_idx):
+            if g is None:
+                g = torch.zeros_like(p)
+            if layer is not None:
+                sq[layer] = sq[layer] + torch.linalg.vector_norm(g.float()) ** 2
+            new[name] = (p.detach() - lr * g).requires_grad_(True)
+    return new, torch.stack(sq).double().sqrt()
 
 
 __all__ = ["GDConfig", "FinetuneResult", "Trace", "finetune", "select_params", "check_unprocessed",
