@@ -10,20 +10,21 @@ Models are reached only through their backend (``tl_plugins.backends.detect``), 
 and a TransformerBridge (transformer-lens 3.x and 4.x) both work.
 
 Layout: ``metrics`` (pure tensor functions), ``linear_attention`` (the von Oswald et al. identity),
-``tasks`` (tasks and token ids), ``capture`` (hooks), ``gd`` (vanilla and layer-causal SGD), ``baselines``
-(untrained models), ``compare`` (the pipeline), ``lr_select`` (learning rate on held-out demonstrations),
-``grid`` (tasks x rates, sharded under torchrun), ``threads`` (a torch thread-count context manager);
-``plugin`` (hookimpls) on top, with ``cli``, ``bench`` and ``report`` beside it.
+``tasks`` (tasks and token ids), ``capture`` (hooks), ``gd`` (vanilla and layer-causal SGD),
+``baselines`` (the references: untrained models, random updates), ``compare`` (the pipeline),
+``lr_select`` (learning rate on held-out demonstrations), ``grid`` (tasks x rates, sharded under
+torchrun), ``threads`` (a torch thread-count context manager); ``plugin`` (hookimpls) on top, with
+``cli``, ``bench`` and ``report`` beside it.
 """
 
-from tl_iclgd.baselines import untrained_like
+from tl_iclgd.baselines import random_updates_like, untrained_like
 from tl_iclgd.capture import Capture, capture
 from tl_iclgd.compare import AccuracyCurve, Comparison, compare, icl_accuracy_curve
 from tl_iclgd.gd import FinetuneResult, GDConfig, Trace, check_unprocessed, finetune, select_params
 from tl_iclgd.grid import compare_grid
 from tl_iclgd.linear_attention import gd_weights, linear_self_attention
 from tl_iclgd.lr_select import LRSelection, select_lr
-from tl_iclgd.metrics import kendall_tau, random_updates_like, rec2ftp, simam, simam_delta, simaou
+from tl_iclgd.metrics import kendall_tau, rec2ftp, simam, simam_delta, simaou
 from tl_iclgd.tasks import BUILTIN_TASKS, Task, TokenizedTask, get_task, tokenize_task
 from tl_iclgd.threads import torch_threads
 

@@ -1,4 +1,6 @@
-"""Untrained baselines (Deutch et al.): the same architecture with random weights.
+"""The references ICL-vs-GD results are read against, in one module.
+
+Untrained models (Deutch et al.): the same architecture with random weights.
 
 ``untrained_like(model, keep="none")`` is the "no training" baseline: every weight random.
 ``keep="embeddings"`` is "trained embeddings": token and position embeddings, every norm and the
@@ -10,15 +12,22 @@ The copy is the backend's (``Backend.untrained_copy``): a HookedTransformer gets
 initialisation, a TransformerBridge a Hugging Face model of the same config with Hugging Face's
 initialisation, booted as a bridge. So the two backends draw different random weights for the same
 seed; what they keep from the trained model (``keep="embeddings"``) is the same.
+
+Random updates: :func:`random_updates_like` is the FT side of SimAOU's random baseline.
+
+The exact identity of von Oswald et al. 2023 (one linear self-attention layer = one GD step on least
+squares) is a pure-tensor test oracle and sits at the bottom, in :mod:`tl_iclgd.linear_attention`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from jaxtyping import Float
 
 from tl_iclgd.capture import backend_of
+from tl_iclgd.metrics import same_shape
 
 KEEPS = ("none", "embeddings")
 
@@ -36,4 +45,20 @@ def untrained_like(model: Any, keep: str = "none", seed: int = 0):
     return new
 
 
-__all__ = ["untrained_like", "KEEPS"]
+# -- random updates ----------------------------------------------------------------------------------
+
+def random_updates_like(h_zsl: Float[torch.Tensor, "... d"], h_ft: Float[torch.Tensor, "... d"], *,
+                        generator: Optional[torch.Generator] = None) -> Float[torch.Tensor, "... d"]:
+    """A random FT-side result: h_ZSL plus an isotropic Gaussian direction with the norm of h_FT - h_ZSL.
+
+    h_zsl, h_ft: [..., d] -> [..., d]. Feeding it to :func:`tl_iclgd.metrics.simaou` in place of h_FT
+    gives the random baseline (near 0 raw; the normalised variant inflates it like any other update).
+    """
+    same_shape(h_zsl=h_zsl, h_ft=h_ft)
+    r = torch.randn(h_zsl.shape, generator=generator, dtype=torch.float64)
+    size = (h_ft.double() - h_zsl.double()).norm(dim=-1, keepdim=True)
+    r = r / r.norm(dim=-1, keepdim=True) * size
+    return (h_zsl.double() + r).to(h_zsl.dtype)
+
+
+__all__ = ["untrained_like", "KEEPS", "random_updates_like"]

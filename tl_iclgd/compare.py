@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from tl_iclgd import metrics as M
-from tl_iclgd.baselines import untrained_like
+from tl_iclgd.baselines import random_updates_like, untrained_like
 from tl_iclgd.capture import Capture, backend_of, capture
 from tl_iclgd.gd import GDConfig, check_unprocessed, run_finetune
 from tl_iclgd.tasks import Task, TokenizedTask, draw_subset, get_task, tokenize_task
@@ -233,7 +233,7 @@ def run_variant(model: Any, ttask: TokenizedTask, configs: Sequence[GDConfig], *
         ft = capture(model, bos, queries, params=ft_res.params, predict_offset=off, batch_size=batch_size,
                      want_attn_in=kendall)
         ft_ok = predictions(ft, ttask.label_ids) == gold
-        h_rand = M.random_updates_like(zsl.attn_out, ft.attn_out, generator=gen)
+        h_rand = random_updates_like(zsl.attn_out, ft.attn_out, generator=gen)
         per = {
             "SimAOU": M.simaou(icl.attn_out, zsl.attn_out, ft.attn_out),
             "SimAOU_norm": M.simaou(icl.attn_out, zsl.attn_out, ft.attn_out, normalise=True),

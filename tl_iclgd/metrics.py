@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from jaxtyping import Bool, Float
@@ -61,24 +60,10 @@ def simaou(h_icl: Float[torch.Tensor, "... d_model"], h_zsl: Float[torch.Tensor,
     h_*: [..., d_model] -> [...]. ``normalise=True`` L2-normalises every h first (SimAOU_norm, the
     original codes' variant). NaN where an update is exactly zero.
     """
-    _same_shape(h_icl=h_icl, h_zsl=h_zsl, h_ft=h_ft)
+    same_shape(h_icl=h_icl, h_zsl=h_zsl, h_ft=h_ft)
     if normalise:
         h_icl, h_zsl, h_ft = _unit(h_icl), _unit(h_zsl), _unit(h_ft)
     return cosine(h_icl - h_zsl, h_ft - h_zsl)
-
-
-def random_updates_like(h_zsl: Float[torch.Tensor, "... d"], h_ft: Float[torch.Tensor, "... d"], *,
-                        generator: Optional[torch.Generator] = None) -> Float[torch.Tensor, "... d"]:
-    """A random FT-side result: h_ZSL plus an isotropic Gaussian direction with the norm of h_FT - h_ZSL.
-
-    h_zsl, h_ft: [..., d] -> [..., d]. Feeding it to :func:`simaou` in place of h_FT gives the random
-    baseline (near 0 raw; the normalised variant inflates it like any other update).
-    """
-    _same_shape(h_zsl=h_zsl, h_ft=h_ft)
-    r = torch.randn(h_zsl.shape, generator=generator, dtype=torch.float64)
-    size = (h_ft.double() - h_zsl.double()).norm(dim=-1, keepdim=True)
-    r = r / r.norm(dim=-1, keepdim=True) * size
-    return (h_zsl.double() + r).to(h_zsl.dtype)
 
 
 # -- SimAM ------------------------------------------------------------------------------------------
@@ -89,14 +74,14 @@ def simam(m_a: Float[torch.Tensor, "... head_index q_tokens"], m_b: Float[torch.
 
     Before FT: ``simam(m_icl, m_zsl)``; after FT: ``simam(m_icl, m_ft)``.
     """
-    _same_shape(m_a=m_a, m_b=m_b)
+    same_shape(m_a=m_a, m_b=m_b)
     return cosine(m_a, m_b)
 
 
 def simam_delta(m_icl: Float[torch.Tensor, "... head_index q_tokens"], m_zsl: Float[torch.Tensor, "... head_index q_tokens"],
                 m_ft: Float[torch.Tensor, "... head_index q_tokens"]) -> Float[torch.Tensor, "... head_index"]:
     """cos(m_ICL - m_ZSL, m_FT - m_ZSL) per head: [..., head_index, q_tokens] -> [..., head_index]."""
-    _same_shape(m_icl=m_icl, m_zsl=m_zsl, m_ft=m_ft)
+    same_shape(m_icl=m_icl, m_zsl=m_zsl, m_ft=m_ft)
     return cosine(m_icl - m_zsl, m_ft - m_zsl)
 
 
@@ -146,7 +131,7 @@ class Rec2FTP:
 def rec2ftp(zsl_correct: Bool[torch.Tensor, " n_examples"], icl_correct: Bool[torch.Tensor, " n_examples"],
             ft_correct: Bool[torch.Tensor, " n_examples"]) -> Rec2FTP:
     """Rec2FTP from boolean correctness vectors [n_examples] of the three runs."""
-    _same_shape(zsl_correct=zsl_correct, icl_correct=icl_correct, ft_correct=ft_correct)
+    same_shape(zsl_correct=zsl_correct, icl_correct=icl_correct, ft_correct=ft_correct)
     z, i, f = zsl_correct.bool(), icl_correct.bool(), ft_correct.bool()
     fixed = f & ~z
     wrong = ~z
@@ -165,7 +150,7 @@ def kendall_tau(x: Float[torch.Tensor, "... n"], y: Float[torch.Tensor, "... n"]
     constant (no ranking to compare) or n < 2. Memory O(n^2) per leading element: meant for the few
     hundred demonstration tokens of a prompt.
     """
-    _same_shape(x=x, y=y)
+    same_shape(x=x, y=y)
     for name, t in (("x", x), ("y", y)):
         if t.is_floating_point() and bool(torch.isnan(t).any()):
             raise ValueError(f"{name}: contains NaN; accepted: values without NaN (a NaN has no rank: it is "
@@ -188,13 +173,14 @@ def kendall_tau(x: Float[torch.Tensor, "... n"], y: Float[torch.Tensor, "... n"]
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-def _same_shape(**tensors: torch.Tensor) -> None:
+def same_shape(**tensors: torch.Tensor) -> None:
+    """A ``ValueError`` naming every argument and its shape unless all the shapes are equal."""
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"shapes must match; got {shapes}")
 
 
 __all__ = [
-    "cosine", "simaou", "random_updates_like", "simam", "simam_delta", "NanMean", "nan_mean",
+    "cosine", "simaou", "same_shape", "simam", "simam_delta", "NanMean", "nan_mean",
     "Rec2FTP", "rec2ftp", "kendall_tau",
 ]
