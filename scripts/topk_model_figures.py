@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     topk_ns = {int(x) for x in args.topk_ns.split(",") if x}
     if not fixed_mmap_threshold():
         print("warning: could not fix glibc's mmap threshold; memory figures may be understated")
-    model = tl_plugins.models.load("smollm2-135m")
+    # TransformerLens sizes the rotary tables by n_ctx (the loader's default is 2048; SmolLM2 allows 8192).
+    model = tl_plugins.models.load("smollm2-135m", n_ctx=max(2048, max(ns)))
     model.eval()
 
     def forward(tokens, plugin):
