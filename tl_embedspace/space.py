@@ -450,8 +450,8 @@ class EmbeddingSpace:
         _, idx = _topk.select_topk(key, torch.arange(key.numel(), device=key.device), min(k, key.numel()))
         return idx // per_layer, idx % per_layer, scores[idx]
 
-    def copying_scores(self) -> Float[torch.Tensor, "n_layers head_index"]:
-        """Eigenvalue copying score of every head's OV circuit: ``[n_layers, head_index]``."""
+    def copying_scores(self) -> Float[torch.Tensor, "n_layers n_heads"]:
+        """Eigenvalue copying score of every head's OV circuit: ``[n_layers, n_heads]``."""
         out = torch.empty(self.n_layers, self.n_heads)
         WV, WO = self._attn_stack["W_V"], self._attn_stack["W_O"]
         # eigenvalues of the small product (W_O W R) W_V [d_head, d_head] equal the nonzero ones of OV

@@ -24,6 +24,7 @@ from functools import cached_property
 from typing import Any, Optional
 
 import torch
+from jaxtyping import Float
 
 from tl_plugins import backends as _backends
 from tl_plugins.checks import check_index
@@ -172,28 +173,28 @@ class WeightView:
 
     # -- embeddings ----------------------------------------------------------------------------
     @property
-    def W_E(self) -> torch.Tensor:
+    def W_E(self) -> Float[torch.Tensor, "d_vocab d_model"]:
         return self._out(self._backend.weight("W_E"))
 
     @property
-    def W_U(self) -> torch.Tensor:
+    def W_U(self) -> Float[torch.Tensor, "d_model d_vocab"]:
         return self._out(self._backend.weight("W_U"))
 
     @property
-    def b_U(self) -> torch.Tensor:
+    def b_U(self) -> Float[torch.Tensor, " d_vocab"]:
         return self._out(self._backend.weight("b_U"))
 
     @property
-    def W_pos(self) -> Optional[torch.Tensor]:
+    def W_pos(self) -> Optional[Float[torch.Tensor, "n_ctx d_model"]]:
         return self._out(self._backend.weight("W_pos"))
 
     # -- per layer: W_Q_layer(l) ... b_out_layer(l) are defined below ---------------------------
     @property
-    def W_gate(self) -> Optional[torch.Tensor]:
+    def W_gate(self) -> Optional[Float[torch.Tensor, "n_layers d_model d_mlp"]]:
         return self._stack(self.W_gate_layer) if self.gated_mlp else None
 
     # -- norms ---------------------------------------------------------------------------------
-    def ln_final_w(self) -> Optional[torch.Tensor]:
+    def ln_final_w(self) -> Optional[Float[torch.Tensor, " d_model"]]:
         """Scale of the final norm, or None when it was folded or is absent."""
         return self._out(self._backend.weight("ln_final_w"))
 
