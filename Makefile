@@ -98,7 +98,7 @@ docs: $(STAMP)
 # plugin's hookimpls (plugin.py), and the jaxtyped tensor APIs whose bodies check clean.
 MYPY_FILES := tl_plugins/hookspecs.py tl_plugins/plugins.py tl_plugins/api.py tl_plugins/builtins \
 	tl_plugins/seams.py tl_plugins/state.py tl_plugins/errors.py tl_plugins/cli_checks.py \
-	tl_plugins/report.py tl_plugins/bench.py tl_plugins/measure.py \
+	tl_plugins/report.py tl_plugins/bench.py tl_plugins/ranking.py tl_plugins/measure.py \
 	tl_topk/plugin.py tl_embedspace/plugin.py tl_iclgd/plugin.py \
 	tl_plugins/backends/base.py tl_iclgd/metrics.py tl_iclgd/linear_attention.py tl_iclgd/capture.py \
 	tl_embedspace/projections.py
