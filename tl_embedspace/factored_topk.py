@@ -5,13 +5,17 @@ two thin factors, ``A [n, r]`` and ``B [r, m]`` with ``r`` (d_head or d_model) m
 ``n`` and ``m`` (the vocabulary). The functions here find the exact top-k entries, row maxima or
 per-row top-k of such a product while holding only a chunk of rows at a time:
 
-* rows of ``A`` are visited in order of decreasing norm, columns of ``B`` are sorted by norm;
+* rows are visited in order of decreasing (centred) norm, chunk by chunk;
 * a running k-th best value (``threshold``) is kept; by Cauchy-Schwarz an entry satisfies
-  ``|a_i . b_j| <= |a_i| |b_j|``, so once ``|a_i| max_j |b_j|`` falls below the threshold no later
-  row can contribute and the scan stops, and inside a chunk only the prefix of columns with
-  ``|a_first| |b_j| >= threshold`` is multiplied;
-* filters on rows/columns are applied by slicing the factors *before* multiplying, so a filtered
-  top-k is exact (thresholding first and filtering afterwards is not).
+  ``a_i . b_j <= |a_i - c| |b_j| + c . b_j`` (c the mean row), so once the first remaining row's
+  bound falls below the threshold for every column the scan stops, and inside a chunk only the
+  columns whose bound reaches the threshold are multiplied;
+* with ``balance`` the bound is taken in the balanced SVD basis of the product (``A Ta = U S^1/2``,
+  ``Tb B = S^1/2 V^T``; r x r work), where it is far tighter, while the entries ranked are still
+  computed from the caller's own factors; the rotation's rounding is part of the allowance;
+* rows and columns are gathered from the factors per chunk (filters included), so the working
+  memory is the chunk budget plus a few floats per row and column, never a copy of a factor; a
+  filtered top-k is exact (thresholding first and filtering afterwards is not).
 
 Ties are broken deterministically: by value, then row id, then column id (ascending). The bound is
 inflated by a rounding allowance so that float rounding in the chunk products cannot make the
@@ -182,17 +186,7 @@ def check_flag(value, arg: str) -> bool:
 def _prepare(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal=False):
     """Validate the arguments shared by the top-k scans; return the factors sliced to the selected
     rows/columns and the selected ids ``(A[rows], B[:, cols], row_ids, col_ids)`` (all ids if None)."""
-    check_flag(exclude_diagonal, "exclude_diagonal")
-    check_mode(mode)
-    check_k(k)
-    _check_factors(A, B)
-    if budget_bytes <= 0:
-        raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive number of bytes")
-    n, m = A.shape[0], B.shape[1]
-    row_ids = as_index(rows, n, "rows")
-    col_ids = as_index(cols, m, "cols")
-    row_ids = torch.arange(n) if row_ids is None else row_ids
-    col_ids = torch.arange(m) if col_ids is None else col_ids
+    row_ids, col_ids = _prepare_ids(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal)
     return A[row_ids.to(A.device)], B[:, col_ids.to(B.device)], row_ids, col_ids
 
 
@@ -214,120 +208,261 @@ def topk_product(
     ``mode``: "largest" (greatest values), "smallest" (most negative) or "abs" (greatest
     magnitude; returned values keep their sign). ``rows``/``cols``: ids (or bool masks) that
     restrict the candidates. ``exclude_diagonal`` drops entries with row id == column id.
-    ``budget_bytes`` bounds the chunk of the product held at once. ``balance`` searches with the
-    balanced SVD factors of the product (same entries, much tighter pruning; see
-    :func:`balance_factors`); reported values are then recomputed from ``A`` and ``B``. When fewer than ``k`` entries
-    are candidates, all of them are returned. Returns values/rows/cols sorted best first, ties by
-    (row id, column id) ascending.
+    ``budget_bytes`` bounds the working memory: a chunk of the product and the factor rows and
+    columns gathered for it (the factors themselves are never copied whole). ``balance`` takes the
+    pruning bound in the balanced SVD basis of the product (:func:`svd_transforms`; much tighter for
+    real weights); the entries ranked and reported are always those of ``A @ B``. When fewer than
+    ``k`` entries are candidates, all of them are returned. Returns values/rows/cols sorted best
+    first, ties by (row id, column id) ascending.
     """
-    A_in, B_in = A, B
-    A, B, row_ids, col_ids = _prepare(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal)
-    r, m = A.shape[1], B_in.shape[1]
-    if balance and min(A.shape[0], B.shape[1]) > r:
-        A, B = balance_factors(A, B)
-    if mode == "smallest":
-        A = -A
-    nr, nc = A.shape[0], B.shape[1]
-    stats = TopkStats(rows_total=nr, cols_total=nc)
+    row_ids, col_ids = _prepare_ids(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal)
+    T = None
+    if balance and min(row_ids.numel(), col_ids.numel()) > A.shape[1]:
+        T = svd_transforms(A, B, row_ids, col_ids, budget_bytes)  # None: rank-deficient, plain bound
+    bound = _norm_bound(A, B, row_ids, col_ids, T, mode, prune, budget_bytes)
+    vals, keys, stats = _topk_norm_scan(A, B, k, mode, col_ids, exclude_diagonal, budget_bytes, prune, bound)
+    return _finish(vals, keys, stats, A, B, B.shape[1], mode)
 
-    # Norms and offsets in float64 so that the pruning bound itself is not a source of error.
-    Ad, Bd = A.double(), B.double()
-    a_norm = Ad.norm(dim=1)
-    b_norm = Bd.norm(dim=0)
-    _check_finite(a_norm, b_norm)
-    # Centre the rows: a.b = (a - c).b + c.b <= |a - c| |b| + c.b. With c the mean row this
-    # removes a component shared by all rows, which otherwise makes the plain Cauchy-Schwarz
-    # bound |a| |b| useless (an OV circuit whose entries are mostly large and negative).
-    c = Ad.mean(0) if (prune and nr > 1) else torch.zeros(r, dtype=torch.float64, device=A.device)
-    rho = (Ad - c).norm(dim=1).cpu()
-    offset = (c @ Bd).cpu()
-    if mode == "abs":
-        offset = offset.abs()
-    del Ad, Bd
-    order = torch.argsort(-rho, stable=True)
-    A, rho, row_ids = A[order.to(A.device)], rho[order], row_ids[order]
-    # entry(i, j) <= rho_i * slope_j + intercept_j, with the float rounding of the chunk product
-    # (relative to |a_i| |b_j|) added to the intercept
-    slope = b_norm.cpu()
-    intercept = offset + (rounding_slack(r, A.dtype) - 1.0) * float(a_norm.max()) * slope
-    row_ids_dev = row_ids.to(A.device)
-    col_ids_dev = col_ids.to(A.device)
-    n_candidates = nr * nc
-    if exclude_diagonal:
-        n_candidates -= int(torch.isin(row_ids, col_ids).sum())
 
-    chunk = chunk_rows_for(nc, A.element_size(), budget_bytes)
-    stats.chunk_rows = chunk
-    best_vals = torch.empty(0, dtype=torch.float64)
-    best_keys = torch.empty(0, dtype=torch.long)
-    threshold = -math.inf
-    rho_neg = (-rho).tolist()
-    budget_elems = chunk * nc
-    i = 0
-    first = True
-    while i < nr:
-        if prune and threshold > -math.inf:
-            r0 = float(rho[i])
-            bound = slope * r0 + intercept
-            if float(bound.max()) < threshold:
-                break  # rows are sorted by rho: no remaining row can reach the threshold
-            sel = (bound >= threshold).nonzero().flatten()
-            ncols = sel.numel()
-            # Rows further down need fewer columns; end the chunk where a row needs less than
-            # half of these, so that little of the chunk is computed in vain.
-            r_cut = r0
-            for f in (0.9, 0.75, 0.5, 0.25, 0.0):
-                if int((slope * (r0 * f) + intercept >= threshold).sum()) * 2 < ncols:
-                    break
-                r_cut = r0 * f
-            rows_ok = bisect.bisect_right(rho_neg, -r_cut) - i
-            # ... but never so few rows that the per-chunk bookkeeping (a few passes over the
-            # columns) outweighs the product itself
-            rows = min(budget_elems // max(1, ncols), max(rows_ok, MIN_CHUNK_ROWS))
-            stop = min(nr, i + max(1, rows))
-            Bc, cid = B[:, sel.to(B.device)], col_ids_dev[sel.to(A.device)]
-        else:
-            ncols = nc
-            # a small first chunk seeds the threshold cheaply from the rows of largest norm
-            stop = min(nr, i + (min(chunk, max(64, -(-2 * k // max(1, nc)))) if first else chunk))
-            Bc, cid = B, col_ids_dev
-        if ncols == 0:
-            break
-        C = A[i:stop] @ Bc
-        stats.chunks += 1
-        stats.entries_computed += C.numel()
-        stats.rows_visited = stop
-        if mode == "abs":
-            C.abs_()
-        if exclude_diagonal:
-            _mask_diagonal(C, row_ids_dev[i:stop], cid)
-        if first and n_candidates > k:
-            kk = min(k, ncols)
-            seeds = C.topk(kk, dim=1).values.flatten()
-            seeds = seeds[seeds > -math.inf]
-            if seeds.numel() >= k:
-                threshold = float(torch.topk(seeds, k).values[-1])
-            first = False
-        best_vals, best_keys = _scan_chunk(C, threshold, row_ids_dev[i:stop], cid, m,
-                                           best_vals, best_keys, k, budget_bytes)
-        if best_vals.numel() >= k:
-            threshold = max(threshold, float(best_vals[k - 1]))
-        del C
-        i = stop
+def _prepare_ids(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal):
+    """Validate the top-k arguments; the selected row and column ids (all ids where None)."""
+    check_flag(exclude_diagonal, "exclude_diagonal")
+    check_mode(mode)
+    check_k(k)
+    _check_factors(A, B)
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes: got {budget_bytes!r}; accepted: a positive number of bytes")
+    n, m = A.shape[0], B.shape[1]
+    row_ids = as_index(rows, n, "rows")
+    col_ids = as_index(cols, m, "cols")
+    row_ids = torch.arange(n) if row_ids is None else row_ids
+    col_ids = torch.arange(m) if col_ids is None else col_ids
+    return row_ids, col_ids
 
+
+def _finish(best_vals, best_keys, stats, A, B, m, mode):
+    """Ids and reported values of the ranked keys: signed entries of the caller's ``A @ B``."""
     rows_out = best_keys // m
     cols_out = best_keys % m
     values = best_vals.to(A.dtype)
     if mode == "smallest":
         values = -values
-    if balance and values.numel():
-        # report the entries of the product of the caller's own factors
-        values = (A_in[rows_out.to(A.device)] * B_in[:, cols_out.to(B.device)].T).sum(-1).cpu()
     elif mode == "abs" and values.numel():
         # recover signs from a fresh dot product of the chosen entries (magnitude kept as ranked)
-        signed = (A_in[rows_out.to(A.device)] * B_in[:, cols_out.to(B.device)].T).sum(-1)
+        signed = (A[rows_out.to(A.device)] * B[:, cols_out.to(B.device)].T).sum(-1)
         values = torch.where(signed < 0, -values.to(signed.device), values.to(signed.device))
     return TopkPairsRaw(values.cpu(), rows_out, cols_out, stats)
+
+
+def _topk_norm_scan(A, B, k, mode, col_ids, exclude_diagonal, budget_bytes, prune, st: "_NormBound"):
+    """The row scan: rows by decreasing bound radius, each chunk multiplying only the columns whose
+    bound reaches the running k-th value (module docstring). Rows and columns are gathered from the
+    caller's factors chunk by chunk. Returns ``(values, keys, stats)``, keys ``row_id * m + col_id``."""
+    nr, nc, m = st.row_ids.numel(), col_ids.numel(), B.shape[1]
+    stats = TopkStats(rows_total=nr, cols_total=nc)
+    n_candidates = nr * nc - (int(torch.isin(st.row_ids, col_ids).sum()) if exclude_diagonal else 0)
+    # a third of the budget for the product chunk (with its mask and scratch), a quarter for the
+    # gathered columns; the rest for the rows a chunk keeps while it is scanned
+    chunk = chunk_rows_for(nc, A.element_size(), budget_bytes // 3)
+    stats.chunk_rows = chunk
+    best_vals, best_keys = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)
+    threshold, i, first = -math.inf, 0, True
+    while i < nr:
+        if prune and threshold > -math.inf:
+            span = _pruned_span(st, i, nr, threshold, chunk * nc)
+            if span is None:
+                break  # rows are sorted by rho: no remaining row can reach the threshold
+            stop, sel = span
+            cid = col_ids[sel]
+        else:
+            # a small first chunk seeds the threshold cheaply from the rows of largest radius
+            stop = min(nr, i + (min(chunk, max(64, -(-2 * k // max(1, nc)))) if first else chunk))
+            cid = col_ids
+        rid = st.row_ids[i:stop]
+        C = _product_chunk(A, B, rid, cid, nc, m, budget_bytes // 4)
+        stats.chunks, stats.entries_computed, stats.rows_visited = stats.chunks + 1, stats.entries_computed + C.numel(), stop
+        if mode == "smallest":
+            C.neg_()
+        _mode_and_diagonal(C, mode, exclude_diagonal, rid.to(C.device), cid.to(C.device))
+        if first and n_candidates > k:
+            threshold = _seed_threshold(C, k)
+            first = False
+        best_vals, best_keys = _scan_chunk(C, threshold, rid.to(C.device), cid.to(C.device), m, best_vals,
+                                           best_keys, k, budget_bytes)
+        if best_vals.numel() >= k:
+            threshold = max(threshold, float(best_vals[k - 1]))
+        del C
+        i = stop
+    return best_vals, best_keys, stats
+
+
+def _product_chunk(A, B, rid, cid, nc, m, gather_bytes) -> torch.Tensor:
+    """``A[rid] @ B[:, cid]``, gathering the columns in pieces of at most ``gather_bytes`` (a view of
+    B when every column of B is wanted)."""
+    Ar = A.index_select(0, rid.to(A.device))
+    if cid.numel() == m and nc == m:
+        return Ar @ B
+    piece = max(1, gather_bytes // (B.shape[0] * B.element_size()))
+    if cid.numel() <= piece:
+        return Ar @ B.index_select(1, cid.to(B.device))
+    C = torch.empty(Ar.shape[0], cid.numel(), dtype=torch.result_type(Ar, B), device=A.device)
+    for s in range(0, cid.numel(), piece):
+        C[:, s:s + piece] = Ar @ B.index_select(1, cid[s:s + piece].to(B.device))
+    return C
+
+
+@dataclass
+class _NormBound:
+    """entry(i, j) <= rho[i] * slope[j] + intercept[j] for the rows ``row_ids`` (sorted by rho, down)."""
+
+    row_ids: torch.Tensor
+    rho: torch.Tensor
+    rho_neg: list
+    slope: torch.Tensor
+    intercept: torch.Tensor
+
+
+def _norm_bound(A, B, row_ids, col_ids, T, mode, prune, budget_bytes) -> _NormBound:
+    """The centred Cauchy-Schwarz bound, in the SVD basis when ``T`` is given.
+
+    Rows a = A_i Ta and columns b = Tb B_j (or A_i, B_j), centred on the mean row c:
+    a.b = (a - c).b + c.b <= |a - c| |b| + c.b. With c the mean this removes a component shared by
+    all rows, which otherwise makes the plain bound |a| |b| useless (an OV circuit whose entries are
+    mostly large and negative). The float rounding of the chunk products and of the rotation,
+    ``kappa |A_i| |B_j|``, is added to the intercept. Norms and offsets in float64."""
+    Ta, Tb = (T.Ta, T.Tb.T) if T is not None else (None, None)
+    kappa = T.kappa if T is not None else rounding_slack(A.shape[1], A.dtype) - 1.0
+    c = _mean_row(A, row_ids, Ta, budget_bytes) if (prune and row_ids.numel() > 1) else None
+    rho, a_norm = _rotated_norms(A, row_ids, Ta, c, budget_bytes, cols=False)
+    slope, b_norm, offset = _rotated_norms(B, col_ids, Tb, None, budget_bytes, cols=True, dot=c)
+    _check_finite(a_norm, b_norm, rho, slope)
+    offset = {"largest": offset, "smallest": -offset, "abs": offset.abs()}[mode]
+    order = torch.argsort(-rho, stable=True)
+    intercept = offset + kappa * float(a_norm.max()) * b_norm
+    return _NormBound(row_ids[order], rho[order], (-rho[order]).tolist(), slope, intercept)
+
+
+def _mean_row(X, ids, T, budget_bytes) -> torch.Tensor:
+    """Mean of the selected rows of X (rotated by T when given), float64 [r]."""
+    total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    step = _row_step(X.shape[1], budget_bytes)
+    for s in range(0, ids.numel(), step):
+        total += _gather(X, ids[s:s + step], False).double().sum(0)
+    mean = total / ids.numel()
+    return (mean.to(X.dtype) @ T).double() if T is not None else mean
+
+
+def _row_step(r, budget_bytes) -> int:
+    """Rows per pass of the setup (a float32 slice and three float64 copies: an eighth of the budget)."""
+    return max(1, (budget_bytes // 8) // (r * 32))
+
+
+def _rotated_norms(X, ids, T, c, budget_bytes, cols: bool, dot=None):
+    """For each selected row (``cols``: column) x of X, rotated y = x T (or y = x): ``(|y - c|, |x|)``
+    and, with ``dot``, also ``y . dot`` (zeros without); float64 on the CPU."""
+    n = ids.numel()
+    rad, norm = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    proj = torch.zeros(n, dtype=torch.float64)
+    step = _row_step(X.shape[0] if cols else X.shape[1], budget_bytes)
+    for s in range(0, n, step):
+        Xc = _gather(X, ids[s:s + step], cols)
+        Y = (Xc @ T if T is not None else Xc).double()
+        norm[s:s + step] = Xc.double().norm(dim=1).cpu()
+        if dot is not None:
+            proj[s:s + step] = (Y @ dot).cpu()
+        rad[s:s + step] = (Y - c if c is not None else Y).norm(dim=1).cpu()
+    return (rad, norm) if not cols else (rad, norm, proj)
+
+
+def _pruned_span(st: _NormBound, i, nr, threshold, budget_elems):
+    """The next chunk of the norm scan from row i: ``(stop, selected columns)``, None when done."""
+    r0 = float(st.rho[i])
+    bound = st.slope * r0 + st.intercept
+    if float(bound.max()) < threshold:
+        return None
+    sel = (bound >= threshold).nonzero().flatten()
+    ncols = sel.numel()
+    # Rows further down need fewer columns; end the chunk where a row needs less than half of
+    # these, so that little of the chunk is computed in vain ...
+    r_cut = r0
+    for f in (0.9, 0.75, 0.5, 0.25, 0.0):
+        if int((st.slope * (r0 * f) + st.intercept >= threshold).sum()) * 2 < ncols:
+            break
+        r_cut = r0 * f
+    rows_ok = bisect.bisect_right(st.rho_neg, -r_cut) - i
+    # ... but never so few rows that the per-chunk bookkeeping (a few passes over the columns)
+    # outweighs the product itself
+    rows = min(budget_elems // max(1, ncols), max(rows_ok, MIN_CHUNK_ROWS))
+    return min(nr, i + max(1, rows)), sel
+
+
+def _mode_and_diagonal(C, mode, exclude_diagonal, rid, cid) -> None:
+    """In place: C -> |C| for abs mode, excluded diagonal entries -> -inf."""
+    if mode == "abs":
+        C.abs_()
+    if exclude_diagonal:
+        _mask_diagonal(C, rid, cid)
+
+
+def _seed_threshold(C, k) -> float:
+    """The k-th best of the row maxima of a first chunk (a lower bound on the final k-th value)."""
+    seeds = C.topk(min(k, C.shape[1]), dim=1).values.flatten()
+    seeds = seeds[seeds > -math.inf]
+    return float(torch.topk(seeds, k).values[-1]) if seeds.numel() >= k else -math.inf
+
+
+# -- the SVD basis of the product, for the bound ---------------------------------------------
+
+
+@dataclass
+class _Transforms:
+    """r x r maps with (A Ta)(Tb B) = A B up to rounding, and the certified allowance ``kappa``:
+    |fl(A_i . B_j) - a'_i . b'_j| <= kappa |A_i| |B_j| for the float32 rotated rows/columns."""
+
+    Ta: torch.Tensor
+    Tb: torch.Tensor
+    kappa: float
+
+
+def _gram(X, ids, budget_bytes, cols: bool) -> torch.Tensor:
+    """X^T X over the selected rows of X (or X X^T over selected columns), accumulated in float64."""
+    r = X.shape[1] if not cols else X.shape[0]
+    G = torch.zeros(r, r, dtype=torch.float64, device=X.device)
+    step = max(1, (budget_bytes // 4) // (r * 8))
+    for s in range(0, ids.numel(), step):
+        Y = _gather(X, ids[s:s + step], cols)
+        G += (Y.T @ Y).double()  # float32 is enough: exactness rests on Ta Tb = I, not on G
+    return G
+
+
+def _gather(X, ids, cols: bool) -> torch.Tensor:
+    """Selected rows of X as [len(ids), r]; for cols the selected columns of X [r, m] transposed."""
+    ids = ids.to(X.device)
+    return X.index_select(1, ids).T if cols else X.index_select(0, ids)
+
+
+def svd_transforms(A, B, row_ids, col_ids, budget_bytes) -> _Transforms | None:
+    """The maps into the balanced SVD basis of ``A[rows] @ B[:, cols]`` (None if a factor is not
+    of full rank r); r x r work after two chunked Gram matrices, no copy of the factors."""
+    with _small_ops():
+        Ea, Va = torch.linalg.eigh(_gram(A, row_ids, budget_bytes, cols=False))
+        Eb, Vb = torch.linalg.eigh(_gram(B, col_ids, budget_bytes, cols=True))
+        if float(Ea.min()) <= float(Ea.max()) * 1e-10 or float(Eb.min()) <= float(Eb.max()) * 1e-10:
+            return None
+        Ra = Ea.sqrt()[:, None] * Va.T
+        Rb = Eb.sqrt()[:, None] * Vb.T
+        U, S, Vh = torch.linalg.svd(Ra @ Rb.T)
+        root = S.sqrt()
+        Ta = ((Va / Ea.sqrt()) @ U * root).to(A.dtype)
+        Tb = ((root[:, None] * Vh) @ (Vb / Eb.sqrt()).T).to(A.dtype)
+        Ta64, Tb64 = Ta.double(), Tb.double()
+        r = A.shape[1]
+        gam = (r + 4) * torch.finfo(A.dtype).eps
+        fa, fb = float(torch.linalg.matrix_norm(Ta64)), float(torch.linalg.matrix_norm(Tb64))
+        sa, sb = float(torch.linalg.matrix_norm(Ta64, 2)), float(torch.linalg.matrix_norm(Tb64, 2))
+        resid = float(torch.linalg.matrix_norm(Ta64 @ Tb64 - torch.eye(r, dtype=torch.float64), 2))
+        kappa = 2.0 * (gam * (fa * sb + sa * fb) + 3 * gam * gam * fa * fb + resid + gam) + 1e-12
+    return _Transforms(Ta, Tb, kappa)
 
 
 def _mask_diagonal(C: torch.Tensor, rid: torch.Tensor, cid: torch.Tensor) -> None:
