@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from jaxtyping import Float, Shaped
@@ -220,20 +220,27 @@ def _plan_and_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: tuple
 def _dispatch(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, requested: str,
               opts: _Options) -> torch.Tensor:
     """The dispatch phase: call the pure function of ``plan``'s route and backend."""
-    masks = dict(causal=opts.causal, key_padding_mask=opts.key_padding_mask, scale=opts.scale, window=opts.window)
+    causal, pad, scale, window, softcap = opts.causal, opts.key_padding_mask, opts.scale, opts.window, opts.softcap
     if plan.route == "sdpa":
-        return full_attention(q, k, v, **masks)
+        return full_attention(q, k, v, causal=causal, key_padding_mask=pad, scale=scale, window=window)
     if plan.route == "mixed":
         def sparse_fn(qs, ks, vs, sub_spec):
             return _plan_and_run(qs, ks, vs, sub_spec, requested, opts)
 
-        return mixed_heads_attention(q, k, v, plan.spec, plan.dense_heads, sparse_fn=sparse_fn, **masks)
+        return mixed_heads_attention(q, k, v, plan.spec, plan.dense_heads, causal=causal, key_padding_mask=pad,
+                                     scale=scale, sparse_fn=sparse_fn, window=window)
     if plan.backend == "dense":
-        return dense_topk_attention(q, k, v, plan.spec, softcap=opts.softcap, **masks)
+        z = dense_topk_attention(q, k, v, plan.spec, causal=causal, key_padding_mask=pad, scale=scale,
+                                 softcap=softcap, window=window)
+        return cast(torch.Tensor, z)  # z alone: return_pattern is False
     if plan.backend == "triton":
-        return triton_backend.triton_topk_attention(q, k, v, plan.k_rows, plan.kk, softcap=opts.softcap, **masks)
+        return triton_backend.triton_topk_attention(q, k, v, plan.k_rows, plan.kk, causal=causal,
+                                                    key_padding_mask=pad, scale=scale, softcap=softcap,
+                                                    window=window)
     if plan.backend == "flex":
-        return flex.flex_topk_attention(q, k, v, plan.k_rows, plan.kk, softcap=opts.softcap,
-                                        memory_budget=opts.memory_budget, **masks)
-    return chunked_topk_attention(q, k, v, plan.k_rows, plan.kk, softcap=opts.softcap, chunk_size=opts.chunk_size,
-                                  memory_budget=opts.memory_budget, **masks)
+        return flex.flex_topk_attention(q, k, v, plan.k_rows, plan.kk, causal=causal, key_padding_mask=pad,
+                                        scale=scale, softcap=softcap, memory_budget=opts.memory_budget,
+                                        window=window)
+    return chunked_topk_attention(q, k, v, plan.k_rows, plan.kk, causal=causal, key_padding_mask=pad, scale=scale,
+                                  softcap=softcap, chunk_size=opts.chunk_size, memory_budget=opts.memory_budget,
+                                  window=window)
