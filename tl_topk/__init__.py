@@ -7,6 +7,8 @@
     result = tl_topk.calibrate(model, tokens, budget=0.01)  # k per (layer, head) for a perplexity budget
     tl_plugins.enable(model, "topk", k=result.k)
     tl_plugins.enable(model, "sdpa")                   # exact dense attention through SDPA
+    with tl_topk.use_backend("chunked"):               # calls that name no backend use this one
+        logits = model(tokens)
 
 Layout: ``ops/`` pure tensor functions (selection rule, dense oracle, chunked autograd op, Triton
 kernel, FlexAttention path, top-k feed-forward); ``config.py`` and ``seam_handlers.py`` (model-aware); ``plugin.py``
@@ -17,9 +19,11 @@ from tl_topk.analysis import PatternSparsity, PerplexitySweep, pattern_sparsity,
 from tl_topk.calibrate import CalibrationResult, calibrate
 from tl_topk.config import SDPAConfig, TopKConfig
 from tl_topk.ops.attention import BACKENDS, topk_attention
+from tl_topk.ops.backend import use_backend
 from tl_topk.ops.feedforward import topk_activation
 from tl_topk.ops.selection import topk_keep_mask
 
 __all__ = ["topk_attention", "topk_activation", "topk_keep_mask", "TopKConfig", "SDPAConfig", "BACKENDS",
+           "use_backend",
            "calibrate", "CalibrationResult",
            "perplexity", "perplexity_sweep", "PerplexitySweep", "pattern_sparsity", "PatternSparsity"]
