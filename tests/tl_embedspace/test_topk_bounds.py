@@ -131,7 +131,7 @@ def test_gemma_head_top100_matches_chunked_brute_force():
     from tl_embedspace.space import EmbeddingSpace
 
     sp = EmbeddingSpace(tl_plugins.models.load("gemma3-270m"))
-    ov = sp.ov(sp.n_layers - 1, 1)
+    ov = sp.ov(15, 3)  # a head whose bound prunes to 0.5 % of the entries: about a minute on 2 cores
     A, B = ov.A, ov.B
     rows = torch.randperm(A.shape[0], generator=torch.Generator().manual_seed(0))[:4096].sort().values
     res = topk_product(A, B, 100, rows=rows, balance=True)
