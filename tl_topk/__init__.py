@@ -12,7 +12,8 @@
 
 Layout: ``ops/`` pure tensor functions (selection rule, dense oracle, chunked autograd op, Triton
 kernel, FlexAttention path, top-k feed-forward); ``config.py`` and ``seam_handlers.py`` (model-aware); ``plugin.py``
-(hookimpls); ``cli.py``, ``bench.py``, ``analysis.py``, ``report.py`` on top.
+(hookimpls); ``reference.py`` (the baselines: SDPA, the dense math path, the paper's shape);
+``cli.py``, ``bench.py``, ``analysis.py``, ``report.py`` on top.
 """
 
 from tl_topk.analysis import PatternSparsity, PerplexitySweep, pattern_sparsity, perplexity, perplexity_sweep

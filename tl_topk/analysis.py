@@ -15,6 +15,7 @@ import torch
 
 import tl_plugins
 from tl_plugins.corpus import docs_text, docs_tokens  # noqa: F401 - the text the analyses read, re-exported
+from tl_topk.reference import paper_style_topk  # noqa: F401 - the paper's baseline, re-exported
 
 MODES = ("attention", "feed-forward", "both")
 
@@ -135,25 +136,3 @@ def pattern_sparsity(model: Any, tokens: torch.Tensor, k: int, model_name: str =
             worst_head_mass=float(mass.mean(dim=(0, 2)).min()),
         ))
     return out
-
-
-def paper_style_topk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_top: int, *, causal: bool,
-                     chunk: int = 1024) -> torch.Tensor:
-    """Gupta et al.'s reference shape: per query chunk, dense scores, torch.topk, softmax over the k
-    values, scatter into a dense zero buffer, dense matmul with (repeated) V. Plain autograd.
-    A benchmark baseline only (ties are not broken by index)."""
-    b, n_q, h, d = q.shape
-    n_k, h_kv = k.shape[1], k.shape[2]
-    kr = k.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
-    vr = v.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
-    qt = q.transpose(1, 2)
-    outs = []
-    for q0 in range(0, n_q, chunk):
-        s = qt[:, :, q0:q0 + chunk] @ kr.transpose(-1, -2) * d ** -0.5
-        if causal:
-            rows = torch.arange(q0, min(n_q, q0 + chunk), device=q.device) + n_k - n_q
-            s = s.masked_fill(torch.arange(n_k, device=q.device)[None, :] > rows[:, None], float("-inf"))
-        vals, idx = s.topk(min(k_top, n_k), dim=-1)
-        dense = torch.zeros_like(s).scatter(-1, idx, vals.softmax(-1))
-        outs.append(dense @ vr)
-    return torch.cat(outs, 2).transpose(1, 2)

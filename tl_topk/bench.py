@@ -17,7 +17,6 @@ baseline measured in the same run.
 from __future__ import annotations
 
 import gc
-import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from tl_plugins.bench import BenchResult, device_description
 from tl_plugins.measure import fixed_mmap_threshold, median_time, peak_cpu_extra, peak_cuda_extra
 from tl_topk.ops.attention import topk_attention
+from tl_topk.reference import dense_math_attention, sdpa_attention  # noqa: F401 - the baselines
 
 LAYER = dict(n_heads=9, n_kv_heads=3, d_head=64)
 
@@ -35,28 +35,6 @@ def _inputs(n: int, device: str, dtype=torch.float32, n_heads=9, n_kv_heads=3, d
     k = torch.randn(1, n, n_kv_heads, d_head, generator=g, dtype=dtype).to(device).requires_grad_(True)
     v = torch.randn(1, n, n_kv_heads, d_head, generator=g, dtype=dtype).to(device).requires_grad_(True)
     return q, k, v
-
-
-def dense_math_attention(q, k, v, *, causal: bool = True) -> torch.Tensor:
-    """TransformerLens's dense path: repeat K/V, full scores, causal mask, softmax, pattern @ V."""
-    h, h_kv = q.shape[2], k.shape[2]
-    qt = q.transpose(1, 2)
-    kt = k.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
-    vt = v.repeat_interleave(h // h_kv, dim=2).transpose(1, 2)
-    s = qt @ kt.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if causal:
-        n = s.shape[-1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return (s.softmax(-1) @ vt).transpose(1, 2)
-
-
-def sdpa_attention(q, k, v, *, causal: bool = True) -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention`` in TransformerLens layout, K/V not
-    repeated (``enable_gqa``): on the CPU torch's fused (flash) kernel, linear memory."""
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-        enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
 
 
 def _fwd_bwd(fn: Callable, q, k, v) -> Callable[[], None]:
@@ -71,7 +49,7 @@ def _fwd_bwd(fn: Callable, q, k, v) -> Callable[[], None]:
 
 
 def _methods(k_top: int, device: str) -> dict[str, Callable]:
-    from tl_topk.analysis import paper_style_topk
+    from tl_topk.reference import paper_style_topk
 
     backend = "triton" if device.startswith("cuda") else "chunked"
     m = {
@@ -269,7 +247,7 @@ def bench_gpu(result: BenchResult, device: str, ns, k_top: int = 32, paper_max_n
     """
     import torch._dynamo
 
-    from tl_topk.analysis import paper_style_topk
+    from tl_topk.reference import paper_style_topk
 
     # 2 dtypes x 6 lengths of compiled FlexAttention: keep dynamo from falling back to eager.
     for limit in ("recompile_limit", "cache_size_limit"):

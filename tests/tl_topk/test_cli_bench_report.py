@@ -182,7 +182,7 @@ def test_gpu_benchmark_bookkeeping_with_cpu_stand_ins(monkeypatch):
         "sdpa-flash": bench.dense_math_attention})
     monkeypatch.setattr(bench, "peak_cuda_extra", lambda run, device: (run(), 2**20)[1])
     monkeypatch.setattr(bench, "median_time", lambda fn, **kw: (fn(), 0.5)[1])
-    monkeypatch.setattr("tl_topk.analysis.paper_style_topk", paper_style_runs_out)
+    monkeypatch.setattr("tl_topk.reference.paper_style_topk", paper_style_runs_out)
     result = BenchResult("topk-gpu", device="cpu stand-in")
     bench.bench_gpu(result, "cpu", [64], k_top=8)
     methods = {r["method"] for r in result.rows}
