@@ -23,16 +23,8 @@ import time
 import torch
 
 import tl_plugins
+from tl_plugins.measure import PeakMemory, fixed_mmap_threshold
 from tl_topk.analysis import docs_tokens
-from tl_topk.bench import fixed_mmap_threshold
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def loadavg() -> str:
@@ -41,14 +33,12 @@ def loadavg() -> str:
 
 
 def timed_peak(run):
-    """(wall seconds, peak extra resident bytes from the kernel's VmHWM, result) of ``run()``."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    start = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    out = run()
-    wall = time.perf_counter() - t0
-    return wall, (_status_kib("VmHWM") - start) * 1024, out
+    """(wall seconds, peak extra resident bytes (the kernel's high-water mark), result) of ``run()``."""
+    with PeakMemory("cpu") as mem:
+        t0 = time.perf_counter()
+        out = run()
+        wall = time.perf_counter() - t0
+    return wall, mem.peak_extra, out
 
 
 def main(argv=None) -> int:
