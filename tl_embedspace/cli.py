@@ -30,7 +30,7 @@ def _space(model_name, read_basis, write_basis, ln, filter_, device="cpu"):
 
     model = models.load(model_name, **({} if device == "cpu" else {"device": device}))
     kw = dict(read_basis=read_basis, write_basis=write_basis, ln=ln)
-    from tl_embedspace.filters import resolve_filter, space_with_filter
+    from tl_embedspace.space import resolve_filter, space_with_filter
 
     return space_with_filter(model, resolve_filter(filter_, model), auto=filter_ == "auto", **kw)
 

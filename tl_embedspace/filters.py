@@ -65,29 +65,9 @@ def describe(spec, n_kept: int | None) -> str:
     return f"{name} ({n_kept:,} tokens)" if n_kept is not None else name
 
 
-def space_with_filter(model, filt, *, auto: bool, **kw):
-    """An EmbeddingSpace with ``filt``; under "auto" a corpus filter that keeps no token of this
-    vocabulary (a toy tokenizer) falls back to no filter instead of failing."""
-    from tl_embedspace.projections import EmptyFilterError
-    from tl_embedspace.space import EmbeddingSpace
-
-    try:
-        return EmbeddingSpace(model, filters=filt, **kw)
-    except EmptyFilterError:
-        if not auto:
-            raise
-        return EmbeddingSpace(model, filters=None, **kw)
+class EmptyFilterError(ValueError):
+    """A token filter that keeps no token of the vocabulary it was applied to."""
 
 
-def resolve_filter(name, model):
-    """A filter name as the CLI and the report take it: "none" -> None, "auto" -> "corpus" where the
-    model has token strings (else None), anything else unchanged."""
-    if name in (None, "none"):
-        return None
-    if name == "auto":
-        return "corpus" if getattr(model, "tokenizer", None) is not None else None
-    return name
-
-
-__all__ = ["CORPUS_NAME", "CORPUS_SOURCE", "corpus_filter", "corpus_words", "describe", "resolve_filter",
-           "space_with_filter", "token_word"]
+__all__ = ["CORPUS_NAME", "CORPUS_SOURCE", "EmptyFilterError", "corpus_filter", "corpus_words", "describe",
+           "token_word"]

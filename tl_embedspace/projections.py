@@ -16,6 +16,8 @@ from typing import Union
 import torch
 from jaxtyping import Float, Int
 
+from tl_embedspace.filters import EmptyFilterError, corpus_filter  # noqa: F401 - EmptyFilterError re-exported
+
 _VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
 
 
@@ -79,8 +81,6 @@ NAMED_FILTERS = {
 
 
 def _corpus_predicate():
-    from tl_embedspace.filters import corpus_filter
-
     return corpus_filter()
 
 
@@ -132,10 +132,6 @@ def build_filter(spec: FilterLike, d_vocab: int, token_strings: Callable[[], lis
         raise EmptyFilterError(f"filters: {spec!r} keeps no token of this vocabulary ({d_vocab} tokens); "
                                "accepted: a filter that keeps at least one token, or None")
     return ids
-
-
-class EmptyFilterError(ValueError):
-    """A token filter that keeps no token of the vocabulary it was applied to."""
 
 
 def copying_score_from_eigenvalues(eig: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ def report_section(report) -> None:
 
     from tl_embedspace.config import space_for
     from tl_embedspace.evaluations import hidden_state_overlap, related_pairs
-    from tl_embedspace.filters import resolve_filter, space_with_filter
+    from tl_embedspace.space import resolve_filter, space_with_filter
     from tl_plugins.corpus import docs_tokens
 
     quick = report.quick

@@ -34,7 +34,9 @@ from jaxtyping import Complex, Float, Int
 
 import tl_plugins
 from tl_embedspace import factored_topk as _topk
+from tl_embedspace.filters import describe
 from tl_embedspace.projections import (
+    EmptyFilterError,
     FilterLike,
     build_filter,
     copying_score_from_eigenvalues,
@@ -170,8 +172,6 @@ class EmbeddingSpace:
     @property
     def basis(self) -> dict:
         """What every result records: the two bases, the layer-norm mode and the weight processing."""
-        from tl_embedspace.filters import describe
-
         n = None if self.filter_ids is None else int(self.filter_ids.numel())
         return {"read_basis": self.read_basis, "write_basis": self.write_basis, "ln": self.ln,
                 "weights": self.w.processing.describe(), "filter": describe(self.filter_spec, n)}
@@ -551,3 +551,24 @@ class VocabMatrix:
 
     def __repr__(self) -> str:
         return f"VocabMatrix({self.label}, shape={self.shape}, rank<={self.A.shape[1]}, {self.basis})"
+
+
+def space_with_filter(model, filt, *, auto: bool, **kw):
+    """An EmbeddingSpace with ``filt``; under "auto" a corpus filter that keeps no token of this
+    vocabulary (a toy tokenizer) falls back to no filter instead of failing."""
+    try:
+        return EmbeddingSpace(model, filters=filt, **kw)
+    except EmptyFilterError:
+        if not auto:
+            raise
+        return EmbeddingSpace(model, filters=None, **kw)
+
+
+def resolve_filter(name, model):
+    """A filter name as the CLI and the report take it: "none" -> None, "auto" -> "corpus" where the
+    model has token strings (else None), anything else unchanged."""
+    if name in (None, "none"):
+        return None
+    if name == "auto":
+        return "corpus" if getattr(model, "tokenizer", None) is not None else None
+    return name

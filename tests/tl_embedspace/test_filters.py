@@ -78,7 +78,7 @@ def test_describe_records_the_source_and_the_count():
 
 
 def test_auto_falls_back_to_no_filter_on_a_word_tokenizer_and_explicit_corpus_raises():
-    from tl_embedspace.filters import resolve_filter, space_with_filter
+    from tl_embedspace.space import resolve_filter, space_with_filter
     from tl_plugins.models import tiny
 
     model = tiny.tiny_bridge("llama")  # word tokenizer: "w4", "w5", ... none of them corpus words
