@@ -323,8 +323,7 @@ def load(*, processed: bool = False, n_ctx: int = 2048, dtype: Optional[torch.dt
          device: str = "cpu", progress: bool = True, backend: str = "auto"):
     """Gemma 3 270M (the base model) as a HookedTransformer or, with ``backend="bridge"`` (the default
     on transformer-lens 4.x), a TransformerBridge; unprocessed weights unless ``processed=True``."""
-    from tl_plugins.models.local import check_load_options, hf_to_bridge
-    from tl_plugins.models.tiny import resolve_backend
+    from tl_plugins.models.local import check_load_options, hf_to_bridge, resolve_backend
 
     kind = resolve_backend(backend)
     check_load_options(processed=processed, n_ctx=n_ctx, dtype=dtype or torch.float32, device=device)

@@ -21,6 +21,40 @@ from tl_plugins.errors import ModelFetchError, UnsupportedModelError
 _FIX_HINT = "pip install 'tl-plugins[gguf]'  (gguf, transformers, safetensors)"
 
 
+BACKENDS = ("auto", "hooked", "bridge")
+
+
+def _tl_major() -> int:
+    from importlib import metadata
+
+    return int(metadata.version("transformer-lens").split(".")[0])
+
+
+def hooked_available() -> bool:
+    """True when transformer-lens has HookedTransformer (3.x). An ImportError for any other reason
+    (a broken install, a missing dependency) is raised with its own message, not guessed at."""
+    if _tl_major() >= 4:
+        return False
+    from transformer_lens import HookedTransformer  # noqa: F401
+
+    return True
+
+
+def resolve_backend(backend: Any) -> str:
+    """``"hooked"`` or ``"bridge"`` for a zoo ``backend`` option (``"auto"``: hooked where it exists)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}; accepted: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "hooked" if hooked_available() else "bridge"
+    if backend == "hooked" and not hooked_available():
+        import importlib.metadata as md
+
+        raise ImportError(
+            f"backend='hooked': transformer-lens {md.version('transformer-lens')} has no HookedTransformer "
+            "(4.0 removed it); use backend='bridge' or 'auto', or install transformer-lens 3.x")
+    return backend
+
+
 def check_load_options(*, processed: Any, n_ctx: Any, dtype: Any, device: Any) -> None:
     """Validate the options every loader shares (by type, not by truthiness: ``n_ctx=0`` and
     ``processed="no"`` are errors, not defaults)."""
@@ -201,7 +235,6 @@ def load_hf_folder(path: str | os.PathLike, *, processed: bool = False, n_ctx: O
                    dtype=torch.float32, device: str = "cpu", backend: str = "auto"):
     """Load a local Hugging Face folder as a HookedTransformer (Llama or GPT-2 family) or, with
     ``backend="bridge"`` (the default on transformer-lens 4.x), as a TransformerBridge."""
-    from tl_plugins.models.tiny import resolve_backend
 
     check_load_options(processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)
     kind = resolve_backend(backend)
@@ -254,7 +287,6 @@ def load_gguf(path: str | os.PathLike, *, processed: bool = False, n_ctx: Option
               dtype=torch.float32, device: str = "cpu", backend: str = "auto"):
     """Load a local GGUF file as a HookedTransformer (Llama or GPT-2 family) or a TransformerBridge
     (``backend``, as in :func:`load_hf_folder`); weights dequantised."""
-    from tl_plugins.models.tiny import resolve_backend
 
     check_load_options(processed=processed, n_ctx=n_ctx, dtype=dtype, device=device)
     kind = resolve_backend(backend)

@@ -121,8 +121,7 @@ def load(*, processed: bool = False, n_ctx: int = 2048, dtype: Optional[torch.dt
     """SmolLM2-135M-Instruct as a HookedTransformer or, with ``backend="bridge"`` (the default on
     transformer-lens 4.x), a TransformerBridge; unprocessed weights unless ``processed=True``
     (compatibility mode on a bridge)."""
-    from tl_plugins.models.local import check_load_options, hf_to_bridge, hf_to_hooked
-    from tl_plugins.models.tiny import resolve_backend
+    from tl_plugins.models.local import check_load_options, hf_to_bridge, hf_to_hooked, resolve_backend
 
     kind = resolve_backend(backend)
     check_load_options(processed=processed, n_ctx=n_ctx, dtype=dtype or torch.float32, device=device)

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from tl_plugins.models.local import BACKENDS, hf_to_bridge, hf_to_hooked, hooked_available, resolve_backend  # noqa: F401
+
 
 def _hooked_transformer():
     resolve_backend("hooked")  # explains a transformer-lens without HookedTransformer
@@ -148,40 +150,6 @@ def tiny_llama(*, backend: str = "auto", **options: Any):
     return build(TINY_LLAMA, **options)
 
 
-BACKENDS = ("auto", "hooked", "bridge")
-
-
-def _tl_major() -> int:
-    from importlib import metadata
-
-    return int(metadata.version("transformer-lens").split(".")[0])
-
-
-def hooked_available() -> bool:
-    """True when transformer-lens has HookedTransformer (3.x). An ImportError for any other reason
-    (a broken install, a missing dependency) is raised with its own message, not guessed at."""
-    if _tl_major() >= 4:
-        return False
-    from transformer_lens import HookedTransformer  # noqa: F401
-
-    return True
-
-
-def resolve_backend(backend: Any) -> str:
-    """"hooked" or "bridge" for a zoo ``backend`` option ("auto": hooked where it exists)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: got {backend!r}; accepted: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "hooked" if hooked_available() else "bridge"
-    if backend == "hooked" and not hooked_available():
-        import importlib.metadata as md
-
-        raise ImportError(
-            f"backend='hooked': transformer-lens {md.version('transformer-lens')} has no HookedTransformer "
-            "(4.0 removed it); use backend='bridge' or 'auto', or install transformer-lens 3.x")
-    return backend
-
-
 def hf_model(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
     """The tiny model as a random Hugging Face model (``kind`` "llama" or "gpt2"), seeded."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -286,7 +254,6 @@ def tiny_bridge(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                 compatibility_mode: bool = False, **overrides: Any):
     """The tiny model of ``kind`` ("llama", "gpt2", "gemma2", "gemma3", "qwen2") as a
     TransformerBridge booted offline with TransformerLens's own ``boot_transformers``."""
-    from tl_plugins.models.local import hf_to_bridge
 
     hf = hf_model(kind, seed=seed, dtype=dtype, **overrides)
     tok = word_tokenizer(hf.config.vocab_size)
@@ -304,7 +271,6 @@ def hf_pair(kind: str, *, seed: int = 0, **overrides: Any):
     """(HookedTransformer, TransformerBridge) on the same random weights (transformer-lens 3.x)."""
     import copy
 
-    from tl_plugins.models.local import hf_to_bridge, hf_to_hooked
 
     hf = hf_model(kind, seed=seed, **overrides)
     tok = word_tokenizer(hf.config.vocab_size)
