@@ -61,7 +61,12 @@ def test_plugins_make_their_tensors_on_the_inputs_device(model, name, config):
 def test_weight_readouts_meet_on_the_models_device_when_layers_are_split(name):
     """Layer 1 on another device (meta stands in for a second accelerator): every readout, stacked
     ones included, lands on cfg.device, and the view still reads the layer that stayed put."""
-    m = tl_plugins.models.load(name)
+    from tl_plugins.models import tiny
+
+    if not tiny.hooked_available():
+        pytest.skip("TransformerLens 4.x bridges refuse to read weights on the meta device, which this test "
+                    "uses as the second device; the view's code path is the same for both backends")
+    m = tl_plugins.models.load(name, backend="hooked")
     ref = tl_plugins.weights(m).W_Q_layer(0)
     m.blocks[1].to("meta")
     m.cfg.device = "meta"  # the device the embedding would sit on after a split
