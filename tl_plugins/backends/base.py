@@ -298,7 +298,7 @@ class Backend(ABC):
 
     @abstractmethod
     def processing(self) -> Any:
-        """A :class:`tl_plugins.weights.Processing` saying how the weights were processed."""
+        """A :class:`tl_plugins.processing.Processing` saying how the weights were processed."""
 
     # -- training --------------------------------------------------------------------------------
     @abstractmethod

@@ -42,6 +42,7 @@ import torch
 
 from tl_plugins.backends.base import Backend
 from tl_plugins.errors import UnsupportedModelError
+from tl_plugins.processing import infer_processing
 from tl_plugins.seams import SEAM_OWNER_ATTN, SEAM_OWNER_MLP, AttentionCall, SeamActFn, ask_attention
 from tl_plugins.state import BoundMethod, ModelState, set_instance_attr
 
@@ -693,8 +694,6 @@ class BridgeBackend(Backend):
         raise KeyError(f"name: unknown weight {name!r}")
 
     def processing(self) -> Any:
-        from tl_plugins.weights import infer_processing
-
         return infer_processing(self.model, self)
 
     # -- training --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tl_plugins.backends.base import Backend
 from tl_plugins.errors import UnsupportedModelError
+from tl_plugins.processing import infer_processing, record_processing
 from tl_plugins.seams import SEAM_OWNER_ATTN, SEAM_OWNER_MLP, AttentionCall, SeamActFn, ask_attention
 from tl_plugins.state import BoundMethod, ModelState, set_instance_attr
 
@@ -275,8 +276,6 @@ class HookedBackend(Backend):
         raise KeyError(f"name: unknown weight {name!r}")
 
     def processing(self) -> Any:
-        from tl_plugins.weights import infer_processing
-
         return infer_processing(self.model, self)
 
     # -- training --------------------------------------------------------------------------------
@@ -299,8 +298,6 @@ class HookedBackend(Backend):
 
     def untrained_copy(self, *, seed: int, keep_embeddings: bool) -> Any:
         from transformer_lens import HookedTransformer
-
-        from tl_plugins.weights import record_processing
 
         model = self.model
         cfg = copy.deepcopy(model.cfg)

@@ -141,7 +141,7 @@ def hooked_from_state_dict(cfg: Any, state_dict: dict, tokenizer: Any = None, *,
     is left as it was (construction draws no random init: loading overwrites it)."""
     from transformer_lens import HookedTransformer
 
-    from tl_plugins.weights import record_processing
+    from tl_plugins.processing import record_processing
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -170,7 +170,7 @@ def hf_to_bridge(hf_model: Any, tokenizer: Any = None, *, processed: bool = Fals
     ``boot_transformers``); ``processed=True`` turns on compatibility mode (TransformerLens's weight
     processing: fold_ln, centering). The bridge rewires ``hf_model``: pass a copy you do not reuse."""
     from tl_plugins.backends.bridge import boot
-    from tl_plugins.weights import record_processing
+    from tl_plugins.processing import record_processing
 
     bridge = boot(hf_model, tokenizer, device=device)
     if n_ctx is not None:

@@ -63,7 +63,7 @@ def build(base: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32, devi
         cfg = HookedTransformerConfig(seed=seed, dtype=dtype, device=device, **fields)
         model = HookedTransformer(cfg)
     model.eval()
-    from tl_plugins.weights import record_processing
+    from tl_plugins.processing import record_processing
 
     record_processing(model, fold_ln=False, center_writing_weights=False, center_unembed=False,
                       fold_value_biases=False)
