@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -34,6 +33,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from tl_plugins.checks import is_int
 from tl_plugins.ranking import top_k, top_k_keyed
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
@@ -76,7 +76,7 @@ def check_mode(mode: str) -> None:
 
 
 def check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+    if not is_int(k) or k <= 0:
         raise ValueError(f"k: got {k!r}; accepted: a positive int")
     return int(k)
 

@@ -9,7 +9,6 @@ gate key, a column of W_Q/W_K/W_V, an unembedding) is read as ``R @ k`` with a r
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Union
 
@@ -17,6 +16,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_embedspace.filters import EmptyFilterError, corpus_filter  # noqa: F401 - EmptyFilterError re-exported
+from tl_plugins.checks import is_int
 
 _VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
 
@@ -56,7 +56,7 @@ def top_bottom(scores: Float[torch.Tensor, " d_vocab"], k: int, ids: Int[torch.T
     Returns ``(top_values, top_ids, bottom_values, bottom_ids)``, each ``[min(k, n)]``; ties go to the
     smaller id.
     """
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+    if not is_int(k) or k <= 0:
         raise ValueError(f"k: got {k!r}; accepted: a positive int")
     if ids is None:
         ids = torch.arange(scores.shape[-1])
@@ -95,7 +95,7 @@ def build_filter(spec: FilterLike, d_vocab: int, token_strings: Callable[[], lis
     """
     if spec is None:
         return None
-    if isinstance(spec, list) and spec and not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in spec):
+    if isinstance(spec, list) and spec and not all(is_int(x) for x in spec):
         out: torch.Tensor | None = None
         for part in spec:
             ids = build_filter(part, d_vocab, token_strings)

@@ -18,13 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from tl_plugins.checks import is_int
 from tl_topk.ops.backend import check_backend
 from tl_topk.ops.feedforward import FF_RULES
 from tl_topk.ops.selection import validate_k_value
 
 
 def _check_index(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+    if not is_int(value) or int(value) < 0:
         raise TypeError(f"{argument}: got {value!r}; accepted: a layer/head index, an int >= 0")
     return int(value)
 
@@ -109,9 +110,7 @@ class TopKConfig:
         if self.ff_rule not in FF_RULES:
             raise ValueError(f"ff_rule: got {self.ff_rule!r}; accepted: {', '.join(FF_RULES)}")
         check_backend(self.backend)
-        if self.chunk_size is not None and (isinstance(self.chunk_size, bool)
-                                            or not isinstance(self.chunk_size, numbers.Integral)
-                                            or self.chunk_size < 1):
+        if self.chunk_size is not None and (not is_int(self.chunk_size) or self.chunk_size < 1):
             raise ValueError(f"chunk_size: got {self.chunk_size!r}; accepted: an int >= 1 or None")
         mb = self.memory_budget_mb
         if isinstance(mb, bool) or not isinstance(mb, numbers.Real) or not math.isfinite(mb) or not mb > 0:

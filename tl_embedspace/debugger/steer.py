@@ -43,6 +43,7 @@ from tl_embedspace.debugger.model import (
     resolve_token,
     unit_label,
 )
+from tl_plugins.checks import is_int
 
 PLUGIN = "steer"
 COEF_OPS = ("set", "scale", "add")
@@ -62,7 +63,7 @@ def _positions(p: Any, where: str) -> Any:
         if m:
             return [int(m.group(1)) if m.group(1) else None, int(m.group(2)) if m.group(2) else None]
     if isinstance(p, (list, tuple)) and len(p) == 2 and all(
-            x is None or (isinstance(x, numbers.Integral) and not isinstance(x, bool)) for x in p):
+            x is None or is_int(x) for x in p):
         return [None if x is None else int(x) for x in p]
     raise ValueError(f"{where}positions: got {p!r}; accepted: 'all', 'last', an int, [start, stop] or 'start:stop'")
 
@@ -84,14 +85,14 @@ class Intervention:
         where = f"intervention {self.describe()}: "
         if self.op not in OPS:
             raise ValueError(f"{where}op: got {self.op!r}; accepted: {', '.join(OPS)}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral):
+        if not is_int(self.layer):
             raise ValueError(f"{where}layer: got {self.layer!r}; accepted: an int")
         if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real) or not torch.isfinite(
                 torch.tensor(float(self.value))):
             raise ValueError(f"{where}value: got {self.value!r}; accepted: a finite number")
         self.value = float(self.value)
         if self.op in COEF_OPS:
-            if isinstance(self.unit, bool) or not isinstance(self.unit, numbers.Integral):
+            if not is_int(self.unit):
                 raise ValueError(f"{where}unit: got {self.unit!r}; accepted: an int (op {self.op!r} edits a "
                                  "coefficient)")
             if self.vector is not None or self.token is not None:

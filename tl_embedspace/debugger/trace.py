@@ -27,7 +27,6 @@ The forward pass is one run with observation hooks added by name for that call o
 from __future__ import annotations
 
 import html
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
@@ -43,6 +42,7 @@ from tl_embedspace.debugger.model import (
     unit_label,
 )
 from tl_embedspace.projections import visible
+from tl_plugins.checks import is_int
 from tl_plugins.ranking import top_k
 
 
@@ -99,7 +99,7 @@ def _positions(position: Any, n: int) -> list[int]:
     vals = position if isinstance(position, (list, tuple, range)) else [position]
     out = []
     for p in vals:
-        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not -n <= int(p) < n:
+        if not is_int(p) or not -n <= int(p) < n:
             raise IndexError(f"position: got {p!r}; accepted: an int in [{-n}, {n - 1}] for a prompt of "
                              f"{n} tokens, or a list of them")
         out.append(int(p) % n)
@@ -107,7 +107,7 @@ def _positions(position: Any, n: int) -> list[int]:
 
 
 def _check_k(k: Any, arg: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
+    if not is_int(k) or k <= 0:
         raise ValueError(f"{arg}: got {k!r}; accepted: a positive int")
     return int(k)
 
@@ -170,7 +170,7 @@ def trace(model: Any, prompt_or_tokens: Any, position: Union[int, Sequence[int]]
     ``k`` cheap on a large vocabulary). ``heads``: include attention-head outputs.
     """
     k = _check_k(k)
-    if not (isinstance(n_tokens, numbers.Integral) and not isinstance(n_tokens, bool) and n_tokens >= 0):
+    if not (is_int(n_tokens) and n_tokens >= 0):
         raise ValueError(f"n_tokens: got {n_tokens!r}; accepted: an int >= 0 (0: no promoted tokens)")
     n_tokens = int(n_tokens)
     lens_k = _check_k(lens_k, "lens_k")

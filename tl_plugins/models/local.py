@@ -8,7 +8,6 @@ and gradient-descent comparisons need; ``processed=True`` applies TransformerLen
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from tl_plugins.checks import is_int
 from tl_plugins.errors import ModelFetchError, UnsupportedModelError
 
 _FIX_HINT = "pip install 'tl-plugins[gguf]'  (gguf, transformers, safetensors)"
@@ -60,7 +60,7 @@ def check_load_options(*, processed: Any, n_ctx: Any, dtype: Any, device: Any) -
     ``processed="no"`` are errors, not defaults)."""
     if not isinstance(processed, bool):
         raise TypeError(f"processed: got {processed!r}; accepted: True or False")
-    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, numbers.Integral) or n_ctx <= 0):
+    if n_ctx is not None and (not is_int(n_ctx) or n_ctx <= 0):
         raise ValueError(f"n_ctx: got {n_ctx!r}; accepted: a positive int or None (the model's own)")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: got {dtype!r}; accepted: a floating torch.dtype such as torch.float32")

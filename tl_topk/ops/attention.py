@@ -20,6 +20,7 @@ from typing import Optional, cast
 import torch
 from jaxtyping import Float, Shaped
 
+from tl_plugins.checks import is_int
 from tl_topk.ops import flex, triton_backend
 from tl_topk.ops.backend import BACKENDS, ENV_BACKEND, check_backend, requested_backend
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
@@ -92,7 +93,7 @@ def _check_inputs(q, k, v, key_padding_mask, scale, softcap, causal=True, window
             raise ValueError(f"{name}: contains NaN or infinite values; accepted: finite tensors (top-k "
                              "selection is undefined on NaN scores)")
     if window is not None:
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        if not is_int(window) or window < 1:
             raise ValueError(f"window: got {window!r}; accepted: an int >= 1 (sliding-window size) or None")
         if not causal:
             raise ValueError(f"window: got {window!r} with causal=False; a sliding window is causal: "
