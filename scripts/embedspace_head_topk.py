@@ -18,12 +18,7 @@ import time
 import torch
 
 import tl_plugins
-from tl_plugins.measure import PeakMemory
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+from tl_plugins.measure import PeakMemory, load_average
 
 
 def main() -> None:
@@ -39,7 +34,7 @@ def main() -> None:
     for spec in args.heads:
         layer, head = (int(x) for x in spec.split(","))
         ov = sp.ov(layer, head)
-        before, times = loadavg(), []
+        before, times = load_average(), []
         for _ in range(args.repeat):
             with PeakMemory() as mem:
                 t = time.perf_counter()
@@ -49,7 +44,7 @@ def main() -> None:
                               times_s=[round(x, 1) for x in times], fraction_computed=res.stats.fraction_computed,
                               peak_extra_mib=round(mem.peak_extra / 2**20), kth_value=float(res.values[-1]),
                               first_value=float(res.values[0]), threads=torch.get_num_threads(),
-                              loadavg_before=before, loadavg_after=loadavg())), flush=True)
+                              loadavg_before=before, loadavg_after=load_average())), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,8 @@ import time
 import torch
 
 import tl_plugins
-from tl_plugins.measure import PeakMemory, fixed_mmap_threshold
+from tl_plugins.measure import PeakMemory, fixed_mmap_threshold, load_average
 from tl_topk.analysis import docs_tokens
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as fh:
-        return " ".join(fh.read().split()[:3])
 
 
 def timed_peak(run):
@@ -79,7 +74,7 @@ def main(argv=None) -> int:
         tokens = docs_tokens(model, n)
         chosen = {m: p for m, p in plugins.items() if not m.startswith("topk") or n in topk_ns}
         repeat = args.repeat_big if n >= args.big else args.repeat
-        before = loadavg()
+        before = load_average()
         walls: dict[str, list[float]] = {m: [] for m in chosen}
         peaks: dict[str, list[int]] = {m: [] for m in chosen}
         ref = None
@@ -95,9 +90,9 @@ def main(argv=None) -> int:
                 elif ref is not None and m not in diffs:
                     diffs[m] = float((logits - ref).abs().max())
                 del logits
-                print(f"  n={n} {m}: {wall:.2f} s, {peak / 2**20:.0f} MiB extra (load {loadavg()})", flush=True)
+                print(f"  n={n} {m}: {wall:.2f} s, {peak / 2**20:.0f} MiB extra (load {load_average()})", flush=True)
         del ref
-        after = loadavg()
+        after = load_average()
         base_t = statistics.median(walls["stock"])
         base_m = statistics.median(peaks["stock"])
         for m in chosen:

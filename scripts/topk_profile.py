@@ -21,13 +21,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from tl_plugins.measure import load_average
 from tl_topk.bench import _inputs, sdpa_attention
 from tl_topk.ops.attention import topk_attention
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as fh:
-        return " ".join(fh.read().split()[:3])
 
 
 def one_profile(fn, q, k, v) -> dict[str, float]:
@@ -64,7 +60,7 @@ def main(argv=None) -> int:
         "chunked": lambda q, k, v: topk_attention(q, k, v, args.k, causal=True, backend="chunked"),
         "sdpa": sdpa_attention,
     }
-    before = loadavg()
+    before = load_average()
     print(f"n={args.n} k={args.k} torch {torch.__version__} {torch.get_num_threads()} threads; "
           f"{time.strftime('%H:%M:%S', time.gmtime())} UTC, load before {before}")
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
@@ -73,7 +69,7 @@ def main(argv=None) -> int:
     for _ in range(args.repeat):
         for m, fn in methods.items():
             runs[m].append(one_profile(fn, q, k, v))
-    print(f"load after {loadavg()}")
+    print(f"load after {load_average()}")
     for m, rs in runs.items():
         keys = sorted({key for r in rs for key in r})
         med = {key: statistics.median(r.get(key, 0.0) for r in rs) for key in keys}

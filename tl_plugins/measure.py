@@ -233,3 +233,9 @@ def peak_extra(run: Callable[[], Any], device: str = "cpu") -> int:
     """Peak extra memory of ``run()`` on ``device`` (bytes): the CUDA allocator's peak on a CUDA device,
     the resident set's elsewhere."""
     return peak_cuda_extra(run, device) if str(device).startswith("cuda") else peak_cpu_extra(run)
+
+
+def load_average() -> str:
+    """The machine's 1-, 5- and 15-minute load averages as ``"1.20 0.90 0.75"``, for the line a figure
+    is printed with (a figure from a shared machine says how shared it was)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
