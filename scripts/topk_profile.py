@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tl_plugins.measure import load_average
-from tl_topk.bench import _inputs, sdpa_attention
+from tl_topk.bench import layer_inputs, sdpa_attention
 from tl_topk.ops.attention import topk_attention
 
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
-    q, k, v = _inputs(args.n, "cpu")
+    q, k, v = layer_inputs(args.n, "cpu")
     methods = {
         "chunked": lambda q, k, v: topk_attention(q, k, v, args.k, causal=True, backend="chunked"),
         "sdpa": sdpa_attention,

@@ -29,7 +29,9 @@ from tl_topk.reference import dense_math_attention, sdpa_attention  # noqa: F401
 LAYER = dict(n_heads=9, n_kv_heads=3, d_head=64)
 
 
-def _inputs(n: int, device: str, dtype=torch.float32, n_heads=9, n_kv_heads=3, d_head=64, seed=0):
+def layer_inputs(n: int, device: str, dtype=torch.float32, n_heads=9, n_kv_heads=3, d_head=64, seed=0):
+    """Seeded q [1, n, n_heads, d_head] and k, v [1, n, n_kv_heads, d_head] (requiring grad) for one
+    attention layer; the defaults are SmolLM2's shape (9 heads over 3 K/V heads, d_head 64)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(1, n, n_heads, d_head, generator=g, dtype=dtype).to(device).requires_grad_(True)
     k = torch.randn(1, n, n_kv_heads, d_head, generator=g, dtype=dtype).to(device).requires_grad_(True)
@@ -114,13 +116,13 @@ def _bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device:
     if not device.startswith("cuda") and not fixed_mmap_threshold():
         result.notes.append("could not fix glibc's mmap threshold: CPU memory figures may be understated")
     # First calls allocate thread pools and allocator arenas once: keep them out of the figures.
-    wq, wk, wv = _inputs(min(ns), device)
+    wq, wk, wv = layer_inputs(min(ns), device)
     for name in (topk_name, "dense-math") + ((sdpa_name,) if sdpa_name else ()):
         _fwd_bwd(methods[name], wq, wk, wv)()
     del wq, wk, wv
     sdpa_ratio: dict[int, float] = {}
     for n in (progress(ns, "memory vs n") if progress else ns):
-        q, k, v = _inputs(n, device)
+        q, k, v = layer_inputs(n, device)
         top = peak_extra(methods[topk_name], q, k, v, device)
         measured[n] = top
         sdpa = peak_extra(methods[sdpa_name], q, k, v, device) if sdpa_name else float("nan")
@@ -205,7 +207,7 @@ def bench_time(result: BenchResult, n, k_top: int, device: str, repeat: int, den
     base = "sdpa-flash" if "sdpa-flash" in methods else ("sdpa" if "sdpa" in methods else "dense-math")
     ns = [n] if isinstance(n, int) else list(n)
     for n in ns:
-        q, k, v = _inputs(n, device)
+        q, k, v = layer_inputs(n, device)
         chosen = {name: fn for name, fn in methods.items()
                   if not ((name == "dense-math" and n > dense_max_n and base != name)
                           or (name == "paper-style" and n > paper_max_n))}
@@ -262,7 +264,7 @@ def bench_gpu(result: BenchResult, device: str, ns, k_top: int = 32, paper_max_n
            "paper-style": lambda q, k, v: paper_style_topk(q, k, v, k_top, causal=True)}
     for dtype in (torch.bfloat16, torch.float32):
         for n in ns:
-            q, k, v = _inputs(n, device, dtype=dtype, n_heads=12, n_kv_heads=12, d_head=64)
+            q, k, v = layer_inputs(n, device, dtype=dtype, n_heads=12, n_kv_heads=12, d_head=64)
             got = {}
             for name, fn in fns.items():
                 if name == "paper-style" and n > paper_max_n:

@@ -117,9 +117,9 @@ def test_quick_bench_on_tiny_model_reports_ratios():
 def test_bench_sdpa_baseline_equals_dense_math_path():
     """The SDPA baseline computes the same attention as the dense math path (an independent oracle:
     repeated K/V, explicit scores and mask), forward and gradients, with grouped K/V heads."""
-    from tl_topk.bench import _inputs, dense_math_attention, sdpa_attention
+    from tl_topk.bench import dense_math_attention, layer_inputs, sdpa_attention
 
-    q, k, v = _inputs(40, "cpu", n_heads=6, n_kv_heads=2, d_head=8)
+    q, k, v = layer_inputs(40, "cpu", n_heads=6, n_kv_heads=2, d_head=8)
     z = sdpa_attention(q, k, v)
     z.pow(2).sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
