@@ -9,7 +9,7 @@ baseline measured in the same run.
    has) measured at every n, and against the dense math path, measured where it fits and
    extrapolated quadratically (labelled) beyond.
 3. Time at n = 4096, 8192, 16384, k = 32: forward + backward, and forward only under
-   ``torch.no_grad()``: chunked top-k vs SDPA (the baseline of every ratio) vs the dense math path
+   ``torch.no_grad()``: top-k (cpp, and chunked) vs SDPA (the baseline of every ratio) vs the dense math path
    (where it fits) and a paper-style chunked implementation that scatters into dense buffers.
 4. With ``device="cuda"``: Triton vs SDPA (flash) vs the paper-style implementation, bf16 and fp32.
 """
@@ -50,15 +50,28 @@ def _fwd_bwd(fn: Callable, q, k, v) -> Callable[[], None]:
     return run
 
 
+def topk_backends(device: str) -> list[str]:
+    """The top-k backends the benchmark times, the first one being what ``auto`` runs at these sizes:
+    triton on CUDA; on the CPU cpp (where its extension builds) and chunked."""
+    from tl_topk.ops import cpp_backend
+
+    if device.startswith("cuda"):
+        return ["triton"]
+    return ["cpp", "chunked"] if cpp_backend.available() else ["chunked"]
+
+
+def _topk_method(k_top: int, backend: str) -> Callable:
+    return lambda q, k, v: topk_attention(q, k, v, k_top, causal=True, backend=backend)
+
+
 def _methods(k_top: int, device: str) -> dict[str, Callable]:
     from tl_topk.reference import paper_style_topk
 
-    backend = "triton" if device.startswith("cuda") else "chunked"
-    m = {
-        f"topk-{backend}": lambda q, k, v: topk_attention(q, k, v, k_top, causal=True, backend=backend),
+    m = {f"topk-{b}": _topk_method(k_top, b) for b in topk_backends(device)}
+    m.update({
         "dense-math": dense_math_attention,
         "paper-style": lambda q, k, v: paper_style_topk(q, k, v, k_top, causal=True),
-    }
+    })
     if not device.startswith("cuda"):
         m["sdpa"] = sdpa_attention
     if device.startswith("cuda"):
@@ -109,8 +122,8 @@ def _memory_in_fresh_process(ns, dense_max_n, k_top, device) -> BenchResult:
 
 def _bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device: str, progress=None):
     dense_ref: Optional[tuple[int, int]] = None
-    topk_name = "topk-triton" if device.startswith("cuda") else "topk-chunked"
     methods = _methods(k_top, device)
+    topk_name = [m for m in methods if m.startswith("topk")][0]
     sdpa_name = "sdpa" if "sdpa" in methods else ("sdpa-flash" if "sdpa-flash" in methods else None)
     measured: dict[int, float] = {}
     if not device.startswith("cuda") and not fixed_mmap_threshold():

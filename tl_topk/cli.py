@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from tl_plugins.cli_checks import argument_errors_as_usage, model_name, output_file
+from tl_topk.ops.backend import BACKENDS
 
 
 def _parse_k(values):
@@ -56,7 +57,7 @@ def _parse_layers(text):
 @click.option("--tokens", "n_tokens", default=1024, show_default=True, type=click.IntRange(min=2),
               help="Tokens of the stdlib Python docs text to score.")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "dense", "chunked", "triton", "flex"]), help="Attention backend.")
+              type=click.Choice(list(BACKENDS)), help="Attention backend.")
 @click.option("--ff-rule", default="value", show_default=True, type=click.Choice(["value", "magnitude"]),
               help="Feed-forward selection: largest pre-activations (paper) or largest |act(pre)|.")
 @click.option("--layers", "layers_text", default=None,
@@ -127,12 +128,13 @@ def backends_cmd() -> None:
     """Which backends can run here and what `auto` picks on CPU and CUDA."""
     import torch
 
-    from tl_topk.ops import flex, triton_backend
+    from tl_topk.ops import cpp_backend, flex, triton_backend
     from tl_topk.ops.backend import ENV_BACKEND, backend_from_env
 
     click.echo(f"{ENV_BACKEND}={backend_from_env() or '(unset)'}")
     click.echo("dense    available (oracle; used whenever hook_attn_scores/hook_pattern are hooked)")
-    click.echo("chunked  available (linear memory; auto on CPU)")
+    click.echo(f"cpp      {cpp_backend.availability()}")
+    click.echo("chunked  available (linear memory in ATen calls, any device; auto on CPU where cpp is not built)")
     click.echo(f"triton   {triton_backend.availability()}")
     click.echo(f"flex     {flex.availability()}")
     click.echo(f"cuda     {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")

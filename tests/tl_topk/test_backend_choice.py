@@ -18,7 +18,7 @@ from tl_plugins.cli import build_cli
 from tl_topk.ops import attention as attention_module
 from tl_topk.ops.backend import BACKENDS, requested_backend, use_backend
 
-ACCEPTED = "accepted: auto, dense, chunked, triton, flex"
+ACCEPTED = "accepted: auto, dense, chunked, cpp, triton, flex"
 
 
 @pytest.fixture

@@ -12,6 +12,25 @@ from hypothesis import strategies as st
 from tl_topk import topk_attention
 
 CPU_BACKENDS = ["chunked"]
+# The linear-memory CPU backends, each held to the dense oracle by the same tests.
+SPARSE = ["chunked", "cpp"]
+
+
+def need(backend):
+    """Skip, saying why, when ``backend`` cannot run here (the cpp extension did not build)."""
+    if backend == "cpp":
+        from tl_topk.ops import cpp_backend
+
+        if not cpp_backend.available():
+            pytest.skip(f"cpp backend: {cpp_backend.availability()}")
+    return backend
+
+
+def built(backends):
+    """``backends`` without the ones that cannot run here."""
+    from tl_topk.ops import cpp_backend
+
+    return [b for b in backends if b != "cpp" or cpp_backend.available()]
 
 
 def naive(q, k, v, k_top, causal, pad, scale, softcap=None, window=None):
@@ -90,10 +109,10 @@ def run(backend, q, k, v, c, pad, **kw):
                           softcap=c["softcap"], window=c["window"], backend=backend, **kw)
 
 
-def assert_chunked_equals_dense(q, k, v, c, pad):
-    """Forward and gradients (float64) of the chunked backend against dense, no NaN anywhere."""
+def assert_backend_equals_dense(backend, q, k, v, c, pad):
+    """Forward and gradients (float64) of ``backend`` against dense, no NaN anywhere."""
     ref = run("dense", q, k, v, c, pad)
-    out = run("chunked", q, k, v, c, pad, chunk_size=c["chunk"])
+    out = run(backend, q, k, v, c, pad, **({"chunk_size": c["chunk"]} if backend == "chunked" else {}))
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     w = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
@@ -104,27 +123,31 @@ def assert_chunked_equals_dense(q, k, v, c, pad):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("backend", SPARSE)
 @settings(max_examples=60, deadline=None)
-@given(cases())
-def test_chunked_equals_dense_forward_and_backward(c):
+@given(c=cases())
+def test_sparse_backend_equals_dense_forward_and_backward(backend, c):
+    need(backend)
     q, k, v, pad = make(c)
     for t in (q, k, v):
         t.requires_grad_(True)
-    assert_chunked_equals_dense(q, k, v, c, pad)
+    assert_backend_equals_dense(backend, q, k, v, c, pad)
 
 
+@pytest.mark.parametrize("backend", SPARSE)
 @settings(max_examples=40, deadline=None)
-@given(cases(), st.data())
-def test_heads_mixing_dense_and_topk_equal_dense_forward_and_backward(c, data):
+@given(c=cases(), data=st.data())
+def test_heads_mixing_dense_and_topk_equal_dense_forward_and_backward(backend, c, data):
     """Per-head specs with dense heads (None, k >= n): those heads go through SDPA, the rest through
-    the chunked backend; whole and partial K/V groups, padding with fully masked rows."""
+    ``backend``; whole and partial K/V groups, padding with fully masked rows."""
+    need(backend)
     h = c["h_kv"] * c["g"]
     entries = st.sampled_from([None, 1, 2, 0.5, c["n_k"], c["n_k"] + 1])
     c = dict(c, k_top=tuple(data.draw(st.lists(entries, min_size=h, max_size=h))), softcap=None)
     q, k, v, pad = make(c)
     for t in (q, k, v):
         t.requires_grad_(True)
-    assert_chunked_equals_dense(q, k, v, c, pad)
+    assert_backend_equals_dense(backend, q, k, v, c, pad)
 
 
 def test_dense_heads_do_not_make_the_chunked_backend_quadratic():
@@ -161,10 +184,10 @@ def test_gradcheck_float64(causal):
     k = torch.randn(1, 7, 2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     v = torch.randn(1, 7, 2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     pad = torch.tensor([[0, 1, 1, 1, 1, 1, 1]]).bool()
-    for backend in ["dense", "chunked"]:
+    for backend in built(["dense", *SPARSE]):
         def f(q, k, v, backend=backend):
             return topk_attention(q, k, v, 3, causal=causal, key_padding_mask=pad, softcap=2.0,
-                                  backend=backend, chunk_size=4)
+                                  backend=backend, chunk_size=4 if backend == "chunked" else None)
         assert torch.autograd.gradcheck(f, (q, k, v))
 
 
@@ -177,7 +200,7 @@ def test_k1_is_hard_attention():
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     best = scores.argmax(-1)  # [b, h, q]
     expected = torch.gather(v.permute(0, 2, 1, 3), 2, best.unsqueeze(-1).expand(-1, -1, -1, 4))
-    for backend in ["dense", "chunked"]:
+    for backend in built(["dense", *SPARSE]):
         out = topk_attention(q, k, v, 1, causal=True, backend=backend)
         torch.testing.assert_close(out, expected.permute(0, 2, 1, 3), atol=0, rtol=0)
 
@@ -187,7 +210,7 @@ def test_ties_pick_smaller_key_index_in_every_backend():
     q = torch.randn(1, 5, 2, 4)
     k = torch.ones(1, 6, 1, 4)
     v = torch.arange(6.0).view(1, 6, 1, 1).expand(1, 6, 1, 4).contiguous()
-    for backend in ["dense", "chunked"]:
+    for backend in built(["dense", *SPARSE]):
         out = topk_attention(q, k, v, 2, causal=False, backend=backend)
         torch.testing.assert_close(out, torch.full_like(out, 0.5))  # mean of v rows 0 and 1
 
@@ -197,7 +220,7 @@ def test_fully_masked_rows_give_zeros_without_nan():
     k = torch.randn(1, 4, 2, 4, requires_grad=True, dtype=torch.float64)
     v = torch.randn(1, 4, 2, 4, requires_grad=True, dtype=torch.float64)
     pad = torch.tensor([[0, 0, 1, 1]]).bool()
-    for backend in ["dense", "chunked"]:
+    for backend in built(["dense", *SPARSE]):
         out = topk_attention(q, k, v, 2, causal=True, key_padding_mask=pad, backend=backend)
         assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
         grads = torch.autograd.grad(out.sum(), (q, k, v))
@@ -210,15 +233,17 @@ def test_k_at_least_n_valid_equals_dense_softmax_fp32():
     q, k, v = (torch.randn(2, 16, 4, 8, generator=gen) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
-    for backend in ["dense", "chunked"]:
-        out = topk_attention(q, k, v, 16, causal=True, backend=backend, chunk_size=5)
+    for backend in built(["dense", *SPARSE]):
+        out = topk_attention(q, k, v, 16, causal=True, backend=backend, chunk_size=5 if backend == "chunked" else None)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
 
 
-def test_bf16_inputs_keep_dtype_and_match_fp32_selection():
+@pytest.mark.parametrize("backend", SPARSE)
+def test_bf16_inputs_keep_dtype_and_match_fp32_selection(backend):
+    need(backend)
     gen = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 12, 2, 8, generator=gen).bfloat16() for _ in range(3))
-    out = topk_attention(q, k, v, 4, causal=True, backend="chunked")
+    out = topk_attention(q, k, v, 4, causal=True, backend=backend)
     ref = topk_attention(q.float(), k.float(), v.float(), 4, causal=True, backend="dense")
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)

@@ -348,17 +348,35 @@ def test_composes_with_saelens(tokens):
     tl_plugins.disable(model, "topk")
 
 
-def test_auto_backend_dense_for_short_chunked_for_long(monkeypatch):
+@pytest.mark.parametrize("cpp_built", [True, False])
+def test_auto_backend_dense_for_short_cpp_or_chunked_for_long(monkeypatch, cpp_built):
+    """auto on the CPU: dense while its score matrices fit the budget, then the compiled cpp kernels,
+    or chunked (with one warning naming the reason) where the extension cannot be built."""
     import tl_topk.ops.attention as att
+    from tl_topk.ops import cpp_backend
 
+    if cpp_built and not cpp_backend.available():
+        pytest.skip(f"the cpp extension does not build here: {cpp_backend.availability()}")
     seen = []
-    real = att.chunked_topk_attention
-    monkeypatch.setattr(att, "chunked_topk_attention", lambda *a, **kw: seen.append("chunked") or real(*a, **kw))
+    real_chunked, real_cpp = att.chunked_topk_attention, cpp_backend.cpp_topk_attention
+    monkeypatch.setattr(att, "chunked_topk_attention", lambda *a, **kw: seen.append("chunked") or real_chunked(*a, **kw))
+    monkeypatch.setattr(cpp_backend, "cpp_topk_attention", lambda *a, **kw: seen.append("cpp") or real_cpp(*a, **kw))
+    if not cpp_built:
+        monkeypatch.setattr(cpp_backend, "_failure", "no compiler (simulated)")
+        monkeypatch.setattr(cpp_backend, "_module", None)
+        monkeypatch.setattr(cpp_backend, "_warned", False)
     q = torch.randn(1, 64, 2, 8)
     short = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True)
     assert seen == []
-    long = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True, memory_budget=1024)
-    assert seen == ["chunked"]
+    if cpp_built:
+        long = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True, memory_budget=1024)
+        assert seen == ["cpp"]
+    else:
+        with pytest.warns(RuntimeWarning, match="no compiler \\(simulated\\).*runs 'chunked'"):
+            long = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True, memory_budget=1024)
+        assert seen == ["chunked"]
+        with pytest.raises(RuntimeError, match="backend='cpp'.*no compiler"):
+            att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True, backend="cpp")
     torch.testing.assert_close(short, long, atol=1e-6, rtol=0)
 
 

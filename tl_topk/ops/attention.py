@@ -1,10 +1,11 @@
 """``topk_attention``: the one functional op, its input checks and the backend choice.
 
-Backends: ``dense`` (oracle, quadratic memory), ``chunked`` (linear memory, any device, the CPU
-path), ``triton`` (GPU kernel: threshold pass + FlashAttention-style pass), ``flex`` (threshold
+Backends: ``dense`` (oracle, quadratic memory), ``chunked`` (linear memory, any device, in
+ATen calls), ``cpp`` (linear memory, compiled CPU kernels: the fast CPU path), ``triton`` (GPU kernel: threshold pass + FlashAttention-style pass), ``flex`` (threshold
 pass + FlexAttention with a threshold ``score_mod``; the second GPU path). ``auto`` takes
 ``triton`` on CUDA when it supports the call, else ``flex`` on CUDA, else ``dense`` when its score
-matrices fit the memory budget, and ``chunked`` otherwise. Which backend a call asks for (the
+matrices fit the memory budget, else ``cpp`` on the CPU where its extension builds, and ``chunked``
+otherwise. Which backend a call asks for (the
 ``backend=`` argument, ``tl_topk.ops.use_backend`` blocks, ``TL_TOPK_BACKEND``) is settled once at
 the start of ``topk_attention`` by ``tl_topk.ops.backend.requested_backend``; the phases below
 (validate, plan, dispatch) and the backends take the result as an argument.
@@ -21,7 +22,7 @@ import torch
 from jaxtyping import Float, Shaped
 
 from tl_plugins.checks import is_int
-from tl_topk.ops import flex, triton_backend
+from tl_topk.ops import cpp_backend, flex, triton_backend
 from tl_topk.ops.backend import BACKENDS, ENV_BACKEND, check_backend, requested_backend
 from tl_topk.ops.chunked import DEFAULT_MEMORY_BUDGET, chunked_topk_attention
 from tl_topk.ops.dense import dense_topk_attention
@@ -32,19 +33,20 @@ __all__ = ["BACKENDS", "ENV_BACKEND", "resolve_backend", "topk_attention"]
 
 
 def resolve_backend(backend: str, device: torch.device, triton_ok: bool, dense_fits: bool = False,
-                    flex_ok: bool = False) -> str:
+                    flex_ok: bool = False, cpp_ok: bool = False) -> str:
     """The backend that will run for a requested one (pure: reads no environment). A named backend
     runs as asked; ``auto`` -> triton on CUDA when it supports the call, else flex on CUDA (k > 128,
-    other head sizes), else dense when its score matrices fit the memory budget (small n: the
-    gathers of the chunked backend cost n k d memory traffic, more than dense matmuls there), else
-    chunked."""
+    other head sizes), else dense when its score matrices fit the memory budget (small n), else cpp
+    on the CPU when its extension is built (``cpp_ok``), else chunked."""
     check_backend(backend)
     if backend == "auto":
         if device.type == "cuda" and triton_ok:
             return "triton"
         if device.type == "cuda" and flex_ok:
             return "flex"
-        return "dense" if dense_fits else "chunked"
+        if dense_fits:
+            return "dense"
+        return "cpp" if (device.type == "cpu" and cpp_ok) else "chunked"
     return backend
 
 
@@ -131,11 +133,12 @@ def topk_attention(
         scale: multiplier of q.k (default 1/sqrt(d_head)); softcap: c * tanh(s / c) after scaling.
         window: sliding-window (local) attention, causal only: query at key position p sees keys
             p - window < j <= p (TransformerLens's local attention layers).
-        backend: "auto", "dense", "chunked", "triton" or "flex". A name other than ``auto`` wins;
+        backend: "auto", "dense", "chunked", "cpp", "triton" or "flex". A name other than ``auto`` wins;
             ``auto`` defers to the innermost ``tl_topk.ops.use_backend`` block, then to the environment
             variable ``TL_TOPK_BACKEND`` (read once, here, at the start of the call), then to the
             automatic pick: triton for supported CUDA calls, else flex on CUDA; otherwise dense when
-            ~4 score matrices fit ``memory_budget`` (short sequences), else chunked. ``flex`` on CPU
+            ~4 score matrices fit ``memory_budget`` (short sequences), else cpp (the compiled CPU
+            kernels, ``tl_topk.ops.cpp_backend``) where its extension builds, else chunked. ``flex`` on CPU
             runs forward only (FlexAttention has no CPU backward).
         chunk_size / memory_budget: query rows per chunk, or bytes of transient buffers (chunked;
             flex's threshold pass takes ``memory_budget`` too).
@@ -195,8 +198,10 @@ def _plan(q: torch.Tensor, k: torch.Tensor, spec: tuple, requested: str, opts: _
     kk = int(k_rows.max().item())
     # The dense backend keeps about four [b, h, n_q, n_k] fp32 tensors alive for its backward.
     dense_fits = b * h * n_q * n_k * 4 * 4 <= opts.memory_budget
+    # The cpp extension is built (or loaded from torch's cache) only when auto would pick it.
+    cpp_ok = requested == "auto" and not dense_fits and cpp_backend.supports(q) and cpp_backend.available_for_auto()
     chosen = resolve_backend(requested, q.device, triton_backend.supports(q, kk, opts.softcap, opts.window),
-                             dense_fits, flex.supports(q))
+                             dense_fits, flex.supports(q), cpp_ok)
     if chosen == "triton":
         triton_backend.check_available(q)
     dense_heads = tuple(i for i, e in enumerate(spec) if spec_covers_all((e,), n_k))
@@ -238,6 +243,9 @@ def _dispatch(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
         return triton_backend.triton_topk_attention(q, k, v, plan.k_rows, plan.kk, causal=causal,
                                                     key_padding_mask=pad, scale=scale, softcap=softcap,
                                                     window=window)
+    if plan.backend == "cpp":
+        return cpp_backend.cpp_topk_attention(q, k, v, plan.k_rows, plan.kk, causal=causal, key_padding_mask=pad,
+                                              scale=scale, softcap=softcap, window=window)
     if plan.backend == "flex":
         return flex.flex_topk_attention(q, k, v, plan.k_rows, plan.kk, causal=causal, key_padding_mask=pad,
                                         scale=scale, softcap=softcap, memory_budget=opts.memory_budget,

@@ -12,7 +12,7 @@ of these that names a backend other than ``"auto"`` wins:
   4. otherwise ``"auto"``: ``tl_topk.ops.attention.resolve_backend`` picks from the device and the
      call's shape.
 
-The functions below the choice (``tl_topk.ops.dense``, ``chunked``, ``triton_backend``, ``flex``,
+The functions below the choice (``tl_topk.ops.dense``, ``chunked``, ``cpp_backend``, ``triton_backend``, ``flex``,
 ``mixed``) take the resolved backend as an argument and never read the environment.
 """
 
@@ -23,7 +23,7 @@ import os
 from contextvars import ContextVar
 from typing import Iterator, Optional
 
-BACKENDS = ("auto", "dense", "chunked", "triton", "flex")
+BACKENDS = ("auto", "dense", "chunked", "cpp", "triton", "flex")
 ENV_BACKEND = "TL_TOPK_BACKEND"
 
 # The innermost ``use_backend`` block's backend; per thread and per asyncio task (a ContextVar).

@@ -1,0 +1,154 @@
+"""The ``cpp`` backend: compiled CPU kernels for top-k attention (``tl_topk/ops/cpp/topk_cpu.cpp``).
+
+The forward works in tasks of 8 query rows of one K/V head's plane (the group's query heads at
+consecutive positions), dealt round-robin to the threads in one parallel region: a register-blocked
+kernel computes the task's scores into a per-thread buffer that stays in cache, each row's k largest
+are selected while the scores are hot (a lower bound of the k-th value rejects almost every key with
+one vector comparison; keys are streamed in index order, so ties go to the smaller key index
+exactly, as ``tl_topk.ops.selection`` defines), then the softmax and P V over the k kept keys: the
+[rows, keys] scores are never written to memory. The backward is a sum over the saved (query, key)
+pairs, O(n k d): each thread scatter-adds into its own dK/dV buffer and the buffers are summed in a
+fixed order (deterministic). Inputs are read in TransformerLens's layout; K/V are never repeated for
+grouped-query attention.
+
+The extension is built with ``torch.utils.cpp_extension`` on first use (a C++ compiler and the
+Python headers are needed; about a minute, once, into torch's extension cache,
+``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). ``availability()`` says whether it
+built and, if not, why; ``auto`` then picks ``chunked`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from jaxtyping import Float, Int, Shaped
+
+SOURCE = Path(__file__).with_name("cpp") / "topk_cpu.cpp"
+EXTENSION_NAME = "tl_topk_cpu"
+LANES = 16  # keys per vector in the kernels: K transposed is padded to a multiple of it
+
+_lock = threading.Lock()
+_module: Any = None
+_failure: Optional[str] = None
+_warned = False
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load
+
+    return load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False)
+
+
+def load_extension() -> Any:
+    """The compiled module (built on the first call, then cached per process); raises ``RuntimeError``
+    saying why when it cannot be built."""
+    global _module, _failure
+    with _lock:
+        if _module is None and _failure is None:
+            try:
+                _module = _build()
+            except Exception as exc:  # a missing compiler, headers or ninja: the reason is kept
+                _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
+        if _module is None:
+            raise RuntimeError(f"backend='cpp': the CPU extension could not be built ({_failure}); "
+                               "use backend='chunked'")
+        return _module
+
+
+def available() -> bool:
+    """Whether the extension is built or builds now (the first call may take about a minute)."""
+    try:
+        load_extension()
+    except RuntimeError:
+        return False
+    return True
+
+
+def available_for_auto() -> bool:
+    """``available()``, warning once per process when it is not (``auto`` then runs ``chunked``)."""
+    global _warned
+    ok = available()
+    if not ok and not _warned:
+        _warned = True
+        warnings.warn(f"tl_topk: the cpp backend could not be built ({_failure}); backend='auto' runs "
+                      "'chunked' on the CPU instead (slower, same results)", RuntimeWarning, stacklevel=3)
+    return ok
+
+
+def availability() -> str:
+    """One line: can the cpp backend run here, and why not."""
+    if available():
+        return "available (compiled CPU kernels; auto on CPU beyond the dense sizes)"
+    return f"not available: {_failure}"
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether the kernels take tensors like ``q`` (CPU tensors; any floating dtype, computed in
+    float32, or float64 as given)."""
+    return q.device.type == "cpu"
+
+
+class CppTopKAttention(torch.autograd.Function):
+    """z = top-k attention (see ``tl_topk.topk_attention``) by the compiled kernels; saves the kept
+    probabilities and int32 key indices, [batch, head_index, query_pos, k], only when a gradient is
+    needed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap, window):
+        ext = load_extension()
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        save = any(ctx.needs_input_grad[:3])
+        qs = (q.to(compute) * scale).contiguous()
+        b, n_k, h_kv, d = k.shape
+        kt = k.new_zeros(b, h_kv, d, -(-n_k // LANES) * LANES, dtype=compute)  # [b, h_kv, d, n_k padded]
+        kt[..., :n_k] = k.permute(0, 2, 3, 1)
+        vc = v.to(compute).contiguous()
+        pad = key_padding_mask.to(dtype=torch.bool).contiguous() if key_padding_mask is not None else None
+        out, probs, index, capped = ext.forward(qs, kt, vc, k_rows.contiguous(), kk, causal,
+                                                -1 if window is None else int(window), pad,
+                                                float(softcap) if softcap is not None else 0.0, save)
+        del qs, kt
+        if save:
+            ctx.save_for_backward(q, k, v, probs, index, capped if softcap is not None else None)
+        ctx.scale, ctx.softcap = scale, softcap
+        return out.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs, index, capped = ctx.saved_tensors
+        ext = load_extension()
+        compute = probs.dtype
+        dq, dk, dv = ext.backward(q.to(compute).contiguous(), k.to(compute).contiguous(),
+                                  v.to(compute).contiguous(), grad_out.to(compute).contiguous(), probs, index,
+                                  capped, float(ctx.scale), float(ctx.softcap) if ctx.softcap is not None else 0.0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def cpp_topk_attention(
+    q: Float[torch.Tensor, "batch query_pos head_index d_head"],
+    k: Float[torch.Tensor, "batch key_pos kv_head_index d_head"],
+    v: Float[torch.Tensor, "batch key_pos kv_head_index d_v"],
+    k_rows: Int[torch.Tensor, "batch head_index query_pos"],
+    kk: int,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Shaped[torch.Tensor, "batch key_pos"]],
+    scale: float,
+    softcap: Optional[float],
+    window: Optional[int] = None,
+) -> Float[torch.Tensor, "batch query_pos head_index d_v"]:
+    """Functional entry: see ``CppTopKAttention``. ``k_rows`` [batch, head_index, query_pos] int64
+    keys kept per row, ``kk`` its maximum. Inputs already checked by ``tl_topk.topk_attention``."""
+    if not supports(q):
+        raise ValueError(f"backend='cpp' runs on CPU tensors, got device {q.device}; use backend='triton' "
+                         "or 'chunked' there")
+    return CppTopKAttention.apply(q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap, window)
+
+
+__all__ = ["CppTopKAttention", "availability", "available", "cpp_topk_attention", "load_extension", "supports"]
