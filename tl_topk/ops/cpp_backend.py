@@ -95,38 +95,39 @@ def supports(q: torch.Tensor) -> bool:
 
 
 class CppTopKAttention(torch.autograd.Function):
-    """z = top-k attention (see ``tl_topk.topk_attention``) by the compiled kernels; saves the kept
-    probabilities and int32 key indices, [batch, head_index, query_pos, k], only when a gradient is
-    needed."""
+    """z = top-k attention (see ``tl_topk.topk_attention``) by the compiled kernels. Saved for the
+    backward, only when a gradient is needed: the kept key indices, [batch, head_index, query_pos, k]
+    (int16 while key_pos < 32768, else int32), and each row's log-sum-exp; the backward recomputes
+    each kept probability (and the soft-cap's slope) from one q.k dot product."""
 
     @staticmethod
     def forward(ctx, q, k, v, k_rows, kk, causal, key_padding_mask, scale, softcap, window):
         ext = load_extension()
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         save = any(ctx.needs_input_grad[:3])
-        qs = (q.to(compute) * scale).contiguous()
+        qc = q.to(compute).contiguous()  # no copy for contiguous float32/float64 input
         b, n_k, h_kv, d = k.shape
         kt = k.new_zeros(b, h_kv, d, -(-n_k // LANES) * LANES, dtype=compute)  # [b, h_kv, d, n_k padded]
         kt[..., :n_k] = k.permute(0, 2, 3, 1)
         vc = v.to(compute).contiguous()
         pad = key_padding_mask.to(dtype=torch.bool).contiguous() if key_padding_mask is not None else None
-        out, probs, index, capped = ext.forward(qs, kt, vc, k_rows.contiguous(), kk, causal,
-                                                -1 if window is None else int(window), pad,
-                                                float(softcap) if softcap is not None else 0.0, save)
-        del qs, kt
+        cap = float(softcap) if softcap is not None else 0.0
+        out, index, lse = ext.forward(qc, kt, vc, k_rows.contiguous(), kk, causal,
+                                      -1 if window is None else int(window), pad, float(scale), cap, save)
+        del kt
         if save:
-            ctx.save_for_backward(q, k, v, probs, index, capped if softcap is not None else None)
-        ctx.scale, ctx.softcap = scale, softcap
+            ctx.save_for_backward(q, k, v, index, lse)
+        ctx.scale, ctx.cap = scale, cap
         return out.to(v.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs, index, capped = ctx.saved_tensors
+        q, k, v, index, lse = ctx.saved_tensors
         ext = load_extension()
-        compute = probs.dtype
+        compute = lse.dtype
         dq, dk, dv = ext.backward(q.to(compute).contiguous(), k.to(compute).contiguous(),
-                                  v.to(compute).contiguous(), grad_out.to(compute).contiguous(), probs, index,
-                                  capped, float(ctx.scale), float(ctx.softcap) if ctx.softcap is not None else 0.0)
+                                  v.to(compute).contiguous(), grad_out.to(compute).contiguous(), index, lse,
+                                  float(ctx.scale), ctx.cap)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 

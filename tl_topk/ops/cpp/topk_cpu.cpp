@@ -3,11 +3,12 @@
 // tl_topk/ops/cpp_backend.py (torch.utils.cpp_extension); the Python side checks every argument.
 //
 // Layouts (all contiguous, one compute dtype: float or double):
-//   q    [b, n_q, h, d]      queries, already multiplied by the score scale
+//   q    [b, n_q, h, d]      queries (the kernels apply the score scale)
 //   kt   [b, h_kv, d, n_kp]  K transposed, zero-padded to n_kp = n_k rounded up to 16 keys
 //   v    [b, n_k, h_kv, dv]
 //   k_rows [b, h, n_q] int64 each query row's k (<= kk)
-//   probs, index (int32), capped: [b, h, n_q, kk]; slots past a row's kept keys hold 0 / key 0
+//   index [b, h, n_q, kk]    kept keys (int16 while n_k < 32768, else int32; -1 past a row's kept keys)
+//   lse  [b, h, n_q]         log-sum-exp of each row's kept scores (the backward recomputes probabilities)
 //   out  [b, n_q, h, dv]
 // Query head hh reads K/V head hh / g (g = h / h_kv); K/V are never repeated.
 //
@@ -21,7 +22,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -58,14 +64,21 @@ T kth_lower_bound(const T* s, int64_t n, int64_t kr, std::vector<T>& maxima) {
   int64_t span = std::max<int64_t>(1, n / std::max<int64_t>(4 * kr, 2 * LANES));
   int64_t group = span * LANES;
   int64_t full = n / group;
-  maxima.clear();
+  maxima.resize(full * LANES);
   for (int64_t gi = 0; gi < full; ++gi) {
-    T m[LANES];
     const T* p = s + gi * group;
+    T* m = maxima.data() + gi * LANES;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+      __m512 acc = _mm512_loadu_ps(p);
+      for (int64_t t = 1; t < span; ++t) acc = _mm512_max_ps(acc, _mm512_loadu_ps(p + t * LANES));
+      _mm512_storeu_ps(m, acc);
+      continue;
+    }
+#endif
     for (int64_t l = 0; l < LANES; ++l) m[l] = p[l];
     for (int64_t t = 1; t < span; ++t)
       for (int64_t l = 0; l < LANES; ++l) m[l] = p[t * LANES + l] > m[l] ? p[t * LANES + l] : m[l];
-    for (int64_t l = 0; l < LANES; ++l) maxima.push_back(m[l]);
   }
   for (int64_t j = full * group; j < n; ++j) maxima.push_back(s[j]);  // the tail: each key its own class
   if (static_cast<int64_t>(maxima.size()) < kr) return ninf;
@@ -97,15 +110,28 @@ int64_t select_row(const T* s, int64_t n, int64_t kr, int64_t base, T* tv, int32
   };
   int64_t j = 0;
   for (; j + LANES <= n; j += LANES) {
+    // The keys of this vector that can enter: one comparison against max(kr-th kept, bound).
     const T gate = thr > bound ? thr : bound;
-    int any = 0;
-    if (gate == ninf) {
-      for (int64_t l = 0; l < LANES; ++l) any |= (s[j + l] > ninf);
-    } else {
-      for (int64_t l = 0; l < LANES; ++l) any |= (s[j + l] >= gate);
+    uint32_t hits = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+      hits = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), _mm512_set1_ps(gate), _CMP_GE_OQ);
+    } else
+#elif defined(__AVX2__)
+    if constexpr (std::is_same<T, float>::value) {
+      const __m256 gv = _mm256_set1_ps(gate);
+      hits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j), gv, _CMP_GE_OQ))) |
+             (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j + 8), gv, _CMP_GE_OQ))) << 8);
+    } else
+#endif
+    {
+      for (int64_t l = 0; l < LANES; ++l) hits |= static_cast<uint32_t>(s[j + l] >= gate) << l;
     }
-    if (!any) continue;
-    for (int64_t l = 0; l < LANES; ++l) consider(s[j + l], j + l);
+    while (hits) {  // in index order; `consider` re-checks against the gate as it rises
+      const int l = __builtin_ctz(hits);
+      hits &= hits - 1;
+      consider(s[j + l], j + l);
+    }
   }
   for (; j < n; ++j) consider(s[j], j);
   return cnt;
@@ -123,7 +149,7 @@ struct Geometry {
 };
 
 // Rows of one task: consecutive rows of a plane (row i * g + j is query i of head hk * g + j).
-constexpr int64_t ROWS = 8;
+constexpr int64_t ROWS = 12;
 
 // s[r * ldo + x] = q_r . k_(k0 + x) for r < ROWS, x < kw (rounded up to LANES: kt is padded to a
 // multiple of LANES keys, so every key is computed by the same vector code in the same order, and
@@ -146,10 +172,13 @@ void score_rows(const T* __restrict q, const T* __restrict kt, int64_t ldk, int6
   }
 }
 
-template <typename T>
+// Saved state per kept (query, key) pair: the key index only, 16-bit while the keys fit (I = int16_t)
+// else 32-bit; -1 marks a slot past a row's kept keys. Per row: the log-sum-exp of its kept scores, so
+// the backward recomputes each kept probability from one dot product instead of saving it.
+template <typename T, typename I>
 void forward_impl(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const at::Tensor& k_rows,
-                  const c10::optional<at::Tensor>& pad, double softcap, const Geometry& G,
-                  at::Tensor& out, at::Tensor* probs, at::Tensor* index, at::Tensor* capped) {
+                  const c10::optional<at::Tensor>& pad, double scale, double softcap, const Geometry& G,
+                  at::Tensor& out, I* ip, T* lsep) {
   const T* qp = q.data_ptr<T>();
   const T* ktp = kt.data_ptr<T>();
   const int64_t ldk = kt.size(3);  // n_k rounded up to LANES
@@ -157,10 +186,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v
   const int64_t* krp = k_rows.data_ptr<int64_t>();
   const bool* padp = pad.has_value() ? pad->data_ptr<bool>() : nullptr;
   T* op = out.data_ptr<T>();
-  T* pp = probs ? probs->data_ptr<T>() : nullptr;
-  int32_t* ip = index ? index->data_ptr<int32_t>() : nullptr;
-  T* cp = capped ? capped->data_ptr<T>() : nullptr;
   const T ninf = -std::numeric_limits<T>::infinity();
+  const T sc = static_cast<T>(scale);
   const int64_t rows_per_plane = G.n_q * G.g;
   const int64_t tasks_per_plane = (rows_per_plane + ROWS - 1) / ROWS;
   const int64_t n_tasks = G.b * G.h_kv * tasks_per_plane;
@@ -181,9 +208,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v
         G.keys((r1 - 1) / G.g, lo1, k_hi);
         const int64_t kw = k_hi - k_lo;
         std::fill(qbuf.begin(), qbuf.end(), T(0));
-        for (int64_t r = r0; r < r1; ++r)
-          std::copy_n(qp + ((bi * G.n_q + r / G.g) * G.h + hk * G.g + r % G.g) * G.d, G.d,
-                      qbuf.data() + (r - r0) * G.d);
+        for (int64_t r = r0; r < r1; ++r) {  // scaled once here: O(rows d), not O(rows keys)
+          const T* src = qp + ((bi * G.n_q + r / G.g) * G.h + hk * G.g + r % G.g) * G.d;
+          T* dst = qbuf.data() + (r - r0) * G.d;
+          for (int64_t x = 0; x < G.d; ++x) dst[x] = src[x] * sc;
+        }
         const int64_t ldo = (kw + LANES - 1) / LANES * LANES;
         if (kw > 0) {
           score_rows<T>(qbuf.data(), ktp + plane * G.d * ldk, ldk, G.d, k_lo, kw, sbuf.data(), ldo);
@@ -220,17 +249,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v
             axpy(e[x], vp + ((bi * G.n_k + ti[x]) * G.h_kv + hk) * G.dv, acc.data(), G.dv);
           }
           std::copy(acc.begin(), acc.end(), op + ((bi * G.n_q + qi) * G.h + hh) * G.dv);
-          if (pp) {
-            T* prow = pp + row * G.kk;
-            int32_t* irow = ip + row * G.kk;
-            for (int64_t x = 0; x < G.kk; ++x) {
-              prow[x] = x < cnt ? e[x] : T(0);
-              irow[x] = x < cnt ? ti[x] : 0;
-            }
-            if (cp) {
-              T* crow = cp + row * G.kk;
-              for (int64_t x = 0; x < G.kk; ++x) crow[x] = x < cnt ? tv[x] : T(0);
-            }
+          if (ip) {
+            I* irow = ip + row * G.kk;
+            for (int64_t x = 0; x < G.kk; ++x) irow[x] = x < cnt ? static_cast<I>(ti[x]) : I(-1);
+            lsep[row] = cnt > 0 ? tv[0] + std::log(sum) : T(0);
           }
         }
       }
@@ -238,76 +260,86 @@ void forward_impl(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v
   });
 }
 
-template <typename T>
+template <typename T, typename I>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& grad_out,
-                   const at::Tensor& probs, const at::Tensor& index, const c10::optional<at::Tensor>& capped,
-                   double scale, double softcap, const Geometry& G, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   const I* ip, const T* lsep, double scale, double softcap, const Geometry& G, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv) {
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   const T* gp = grad_out.data_ptr<T>();
-  const T* pp = probs.data_ptr<T>();
-  const int32_t* ip = index.data_ptr<int32_t>();
-  const T* cp = capped.has_value() ? capped->data_ptr<T>() : nullptr;
   T* dqp = dq.data_ptr<T>();
   T* dkp = dk.data_ptr<T>();
   T* dvp = dv.data_ptr<T>();
   const int64_t rows_per_plane = G.n_q * G.g;
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows_per_plane));
   const int64_t width = G.d + G.dv;
-  // Each thread scatter-adds into its own [n_k, d + dv] plane buffer; the buffers are summed into dK, dV
-  // once per plane (no atomics, the same sums in a fixed order: deterministic).
-  std::vector<std::vector<T>> acc(n_threads, std::vector<T>(G.n_k * width));
-  const T sc = static_cast<T>(scale);
+  // Thread 0 scatter-adds into dK, dV themselves, every other thread into its own [n_k, d + dv] plane
+  // buffer; the buffers are added in thread order once per plane (no atomics: deterministic sums).
+  std::vector<std::vector<T>> acc(n_threads - 1, std::vector<T>(G.n_k * width));
+  const T sc = static_cast<T>(scale), cap = static_cast<T>(softcap);
   for (int64_t plane = 0; plane < G.b * G.h_kv; ++plane) {
     const int64_t bi = plane / G.h_kv, hk = plane % G.h_kv;
     at::parallel_for(0, n_threads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t tid = t0; tid < t1; ++tid) {
-        T* a = acc[tid].data();
-        std::fill(a, a + G.n_k * width, T(0));
-        std::vector<T> dp(G.kk), dqr(G.d);
+        T* a = tid > 0 ? acc[tid - 1].data() : nullptr;
+        if (a) std::fill(a, a + G.n_k * width, T(0));
+        std::vector<T> p(G.kk), dp(G.kk), slope(G.kk), dqr(G.d);
         const int64_t r0 = rows_per_plane * tid / n_threads, r1 = rows_per_plane * (tid + 1) / n_threads;
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t qi = r / G.g, hh = hk * G.g + r % G.g;
           const int64_t row = (bi * G.h + hh) * G.n_q + qi;
-          const T* prow = pp + row * G.kk;
-          const int32_t* irow = ip + row * G.kk;
+          const I* irow = ip + row * G.kk;
           const T* go = gp + ((bi * G.n_q + qi) * G.h + hh) * G.dv;
           const T* qr = qp + ((bi * G.n_q + qi) * G.h + hh) * G.d;
+          int64_t cnt = 0;
+          while (cnt < G.kk && irow[cnt] >= 0) ++cnt;
           T t = 0;
-          for (int64_t x = 0; x < G.kk; ++x) {
-            dp[x] = prow[x] > 0 ? dot(vp + ((bi * G.n_k + irow[x]) * G.h_kv + hk) * G.dv, go, G.dv) : T(0);
-            t += prow[x] * dp[x];
+          for (int64_t x = 0; x < cnt; ++x) {  // the kept probabilities, recomputed
+            const int64_t key = irow[x];
+            T s = dot(qr, kp + ((bi * G.n_k + key) * G.h_kv + hk) * G.d, G.d) * sc;
+            slope[x] = T(1);
+            if (cap > 0) {
+              const T u = std::tanh(s / cap);
+              s = cap * u;
+              slope[x] = T(1) - u * u;
+            }
+            p[x] = std::exp(s - lsep[row]);
+            dp[x] = dot(vp + ((bi * G.n_k + key) * G.h_kv + hk) * G.dv, go, G.dv);
+            t += p[x] * dp[x];
           }
           std::fill(dqr.begin(), dqr.end(), T(0));
-          for (int64_t x = 0; x < G.kk; ++x) {
-            if (!(prow[x] > 0)) continue;
-            T ds = prow[x] * (dp[x] - t);
-            if (cp) {
-              const T u = cp[row * G.kk + x] / static_cast<T>(softcap);
-              ds *= (T(1) - u * u);
-            }
+          for (int64_t x = 0; x < cnt; ++x) {
+            const T ds = p[x] * (dp[x] - t) * slope[x];
             const int64_t key = irow[x];
-            axpy(ds, kp + ((bi * G.n_k + key) * G.h_kv + hk) * G.d, dqr.data(), G.d);
-            axpy(ds * sc, qr, a + key * width, G.d);
-            axpy(prow[x], go, a + key * width + G.d, G.dv);
+            const int64_t at_k = (bi * G.n_k + key) * G.h_kv + hk;
+            axpy(ds, kp + at_k * G.d, dqr.data(), G.d);
+            if (a) {
+              axpy(ds * sc, qr, a + key * width, G.d);
+              axpy(p[x], go, a + key * width + G.d, G.dv);
+            } else {
+              axpy(ds * sc, qr, dkp + at_k * G.d, G.d);
+              axpy(p[x], go, dvp + at_k * G.dv, G.dv);
+            }
           }
           T* dqo = dqp + ((bi * G.n_q + qi) * G.h + hh) * G.d;
           for (int64_t x = 0; x < G.d; ++x) dqo[x] = dqr[x] * sc;
         }
       }
     });
-    at::parallel_for(0, G.n_k, 256, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        T* dko = dkp + ((bi * G.n_k + j) * G.h_kv + hk) * G.d;
-        T* dvo = dvp + ((bi * G.n_k + j) * G.h_kv + hk) * G.dv;
-        for (int64_t t = 0; t < n_threads; ++t) {
-          const T* a = acc[t].data() + j * width;
-          for (int64_t x = 0; x < G.d; ++x) dko[x] += a[x];
-          for (int64_t x = 0; x < G.dv; ++x) dvo[x] += a[G.d + x];
+    if (n_threads > 1) {
+      at::parallel_for(0, G.n_k, 256, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          T* dko = dkp + ((bi * G.n_k + j) * G.h_kv + hk) * G.d;
+          T* dvo = dvp + ((bi * G.n_k + j) * G.h_kv + hk) * G.dv;
+          for (int64_t t = 0; t + 1 < n_threads; ++t) {
+            const T* a = acc[t].data() + j * width;
+            for (int64_t x = 0; x < G.d; ++x) dko[x] += a[x];
+            for (int64_t x = 0; x < G.dv; ++x) dvo[x] += a[G.d + x];
+          }
         }
-      }
-    });
+      });
+    }
   }
 }
 
@@ -321,35 +353,45 @@ Geometry geometry(const at::Tensor& q, const at::Tensor& v, int64_t kk, bool cau
 
 }  // namespace
 
-// Returns (out, probs, index, capped); probs/index/capped are empty tensors unless `save`.
+// Returns (out, index, lse): index [b, h, n_q, kk] int16 when n_k < 32768 else int32, lse [b, h, n_q];
+// both empty unless `save`.
 std::vector<at::Tensor> topk_forward(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v,
                                      const at::Tensor& k_rows, int64_t kk, bool causal, int64_t window,
-                                     const c10::optional<at::Tensor>& pad, double softcap, bool save) {
+                                     const c10::optional<at::Tensor>& pad, double scale, double softcap, bool save) {
   Geometry G = geometry(q, v, kk, causal, window);
   auto out = at::empty({G.b, G.n_q, G.h, G.dv}, q.options());
-  at::Tensor probs, index, capped;
+  const bool narrow = G.n_k < 32768;
+  at::Tensor index, lse;
   if (save) {
-    probs = at::empty({G.b, G.h, G.n_q, kk}, q.options());
-    index = at::empty({G.b, G.h, G.n_q, kk}, q.options().dtype(at::kInt));
-    if (softcap > 0) capped = at::empty({G.b, G.h, G.n_q, kk}, q.options());
+    index = at::empty({G.b, G.h, G.n_q, kk}, q.options().dtype(narrow ? at::kShort : at::kInt));
+    lse = at::empty({G.b, G.h, G.n_q}, q.options());
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tl_topk_cpu_forward", [&] {
-    forward_impl<scalar_t>(q, kt, v, k_rows, pad, softcap, G, out, save ? &probs : nullptr,
-                           save ? &index : nullptr, (save && softcap > 0) ? &capped : nullptr);
+    scalar_t* l = save ? lse.data_ptr<scalar_t>() : nullptr;
+    if (narrow)
+      forward_impl<scalar_t, int16_t>(q, kt, v, k_rows, pad, scale, softcap, G, out,
+                                      save ? index.data_ptr<int16_t>() : nullptr, l);
+    else
+      forward_impl<scalar_t, int32_t>(q, kt, v, k_rows, pad, scale, softcap, G, out,
+                                      save ? index.data_ptr<int32_t>() : nullptr, l);
   });
-  return {out, probs, index, capped};
+  return {out, index, lse};
 }
 
-// Returns (dq, dk, dv); dq is the gradient for the unscaled q (the scale applied here).
+// Returns (dq, dk, dv).
 std::vector<at::Tensor> topk_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& grad_out, const at::Tensor& probs, const at::Tensor& index,
-                                      const c10::optional<at::Tensor>& capped, double scale, double softcap) {
-  Geometry G = geometry(q, v, probs.size(3), true, -1);
+                                      const at::Tensor& grad_out, const at::Tensor& index, const at::Tensor& lse,
+                                      double scale, double softcap) {
+  Geometry G = geometry(q, v, index.size(3), true, -1);
   auto dq = at::empty_like(q);
   auto dk = at::zeros_like(k);
   auto dv = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tl_topk_cpu_backward", [&] {
-    backward_impl<scalar_t>(q, k, v, grad_out, probs, index, capped, scale, softcap, G, dq, dk, dv);
+    const scalar_t* l = lse.data_ptr<scalar_t>();
+    if (index.scalar_type() == at::kShort)
+      backward_impl<scalar_t, int16_t>(q, k, v, grad_out, index.data_ptr<int16_t>(), l, scale, softcap, G, dq, dk, dv);
+    else
+      backward_impl<scalar_t, int32_t>(q, k, v, grad_out, index.data_ptr<int32_t>(), l, scale, softcap, G, dq, dk, dv);
   });
   return {dq, dk, dv};
 }
