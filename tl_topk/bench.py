@@ -98,26 +98,40 @@ def peak_extra(fn: Callable, q, k, v, device: str) -> int:
 def bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device: str, progress=None):
     """Rows (n, method, peak extra MiB); dense above ``dense_max_n`` extrapolated as n^2.
 
-    On CPU the measurements run in a freshly spawned process: a process that already held and
-    freed large tensors (a model) serves new ones from memory that is already resident, which
-    hides them from the resident-set figure.
+    On CPU every (method, n) is measured in a freshly spawned process of its own: a process that
+    already held and freed large tensors (a model, or the method measured before) serves new ones
+    from memory that is already resident, which hides them from the resident-set figure, so two
+    methods measured one after the other in one process would favour the second.
     """
-    if not device.startswith("cuda"):
-        import multiprocessing
-
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            sub = pool.apply(_memory_in_fresh_process, (list(ns), dense_max_n, k_top, device))
-        result.rows.extend(sub.rows)
-        result.checks.update(sub.checks)
-        result.notes.extend(sub.notes)
-        return
     _bench_memory(result, ns, dense_max_n, k_top, device, progress)
 
 
-def _memory_in_fresh_process(ns, dense_max_n, k_top, device) -> BenchResult:
-    sub = BenchResult("topk-memory", device=device_description(device))
-    _bench_memory(sub, ns, dense_max_n, k_top, device, None)
-    return sub
+def _peak_in_fresh_process(name: str, n: int, k_top: int, device: str) -> tuple[int, list[str]]:
+    """(peak extra bytes of one forward + backward of method ``name`` at ``n``, notes), measured in
+    the calling process after a warm-up at n = 256 (thread pools, allocator arenas)."""
+    notes = []
+    if not device.startswith("cuda") and not fixed_mmap_threshold():
+        notes.append("could not fix glibc's mmap threshold: CPU memory figures may be understated")
+    fn = _methods(k_top, device)[name]
+    _fwd_bwd(fn, *layer_inputs(256, device))()
+    q, k, v = layer_inputs(n, device)
+    return peak_extra(fn, q, k, v, device), notes
+
+
+def _measure_peak(name: str, n: int, k_top: int, device: str, result: BenchResult) -> int:
+    if device.startswith("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        peak, notes = _peak_in_fresh_process(name, n, k_top, device)
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            peak, notes = pool.apply(_peak_in_fresh_process, (name, n, k_top, device))
+    for note in notes:
+        if note not in result.notes:
+            result.notes.append(note)
+    return peak
 
 
 def _bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device: str, progress=None):
@@ -126,21 +140,13 @@ def _bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device:
     topk_name = [m for m in methods if m.startswith("topk")][0]
     sdpa_name = "sdpa" if "sdpa" in methods else ("sdpa-flash" if "sdpa-flash" in methods else None)
     measured: dict[int, float] = {}
-    if not device.startswith("cuda") and not fixed_mmap_threshold():
-        result.notes.append("could not fix glibc's mmap threshold: CPU memory figures may be understated")
-    # First calls allocate thread pools and allocator arenas once: keep them out of the figures.
-    wq, wk, wv = layer_inputs(min(ns), device)
-    for name in (topk_name, "dense-math") + ((sdpa_name,) if sdpa_name else ()):
-        _fwd_bwd(methods[name], wq, wk, wv)()
-    del wq, wk, wv
     sdpa_ratio: dict[int, float] = {}
     for n in (progress(ns, "memory vs n") if progress else ns):
-        q, k, v = layer_inputs(n, device)
-        top = peak_extra(methods[topk_name], q, k, v, device)
+        top = _measure_peak(topk_name, n, k_top, device, result)
         measured[n] = top
-        sdpa = peak_extra(methods[sdpa_name], q, k, v, device) if sdpa_name else float("nan")
+        sdpa = _measure_peak(sdpa_name, n, k_top, device, result) if sdpa_name else float("nan")
         if n <= dense_max_n:
-            dense = peak_extra(methods["dense-math"], q, k, v, device)
+            dense = _measure_peak("dense-math", n, k_top, device, result)
             dense_ref = (n, dense)
             label = "measured"
         else:
@@ -153,8 +159,6 @@ def _bench_memory(result: BenchResult, ns, dense_max_n: int, k_top: int, device:
                    sdpa_MiB=sdpa / 2**20, ratio_to_sdpa=sdpa_ratio[n],
                    dense_MiB=dense / 2**20, dense_is=label, score_matrix_MiB=score_bytes / 2**20,
                    ratio_to_dense=top / dense if dense else float("nan"))
-        del q, k, v
-        gc.collect()
     ordered = sorted(measured)
     growth = [measured[b] / measured[a] for a, b in zip(ordered, ordered[1:]) if b == 2 * a and measured[a] > 0]
     if growth:
