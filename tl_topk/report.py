@@ -125,7 +125,8 @@ def _sparsity_section(report, tokens) -> None:
 
 
 def _memory_section(report) -> None:
-    """Section "Top-k: extra memory vs sequence length": one SmolLM2-shaped layer, top-32 chunked vs dense."""
+    """Section "Top-k: extra memory vs sequence length": one SmolLM2-shaped layer, top-32 (the backend
+    ``auto`` runs on the CPU) vs SDPA vs dense."""
     import plotly.graph_objects as go
 
     from tl_plugins.bench import BenchResult
@@ -137,12 +138,15 @@ def _memory_section(report) -> None:
     mdf = mem.to_frame()
     big = mdf.iloc[-1]
     ratio = float(big["dense_MiB"]) / max(float(big["extra_MiB"]), 1e-9)
+    label = f"top-32 {str(big['method']).removeprefix('topk-')}"
     summary = (f"At n = {int(big['n'])} one attention layer's forward + backward needs {big['extra_MiB']:.0f} MiB "
-               f"extra with top-32 chunked attention against {big['dense_MiB']:.0f} MiB dense "
-               f"({ratio:.1f}x less). Top-k memory grows linearly in n, dense quadratically.")
+               f"extra with {label} attention against {big['dense_MiB']:.0f} MiB dense "
+               f"({ratio:.1f}x less) and {big['sdpa_MiB']:.0f} MiB with SDPA ({big['ratio_to_sdpa']:.2f}x top-k / SDPA). "
+               "Top-k and SDPA memory grow linearly in n, dense quadratically.")
     report.metric(f"attention memory dense / top-32 at n={int(big['n'])}", round(ratio, 1))
     fig = go.Figure([
-        go.Scatter(x=mdf["n"], y=mdf["extra_MiB"], mode="lines+markers", name="top-32 chunked"),
+        go.Scatter(x=mdf["n"], y=mdf["extra_MiB"], mode="lines+markers", name=label),
+        go.Scatter(x=mdf["n"], y=mdf["sdpa_MiB"], mode="lines+markers", name="SDPA (fused, causal)"),
         go.Scatter(x=mdf["n"], y=mdf["dense_MiB"], mode="lines+markers", name="dense (torch math)"),
     ])
     fig.update_layout(title="Peak extra memory, one SmolLM2-shaped attention layer, forward + backward",
@@ -153,6 +157,6 @@ def _memory_section(report) -> None:
         html=(f"<p>{html.escape(mem.device)}; fp32, batch 1, 9 heads over 3 K/V heads, d_head 64, causal "
               "(the same layer shape for every model, so columns compare the method, not the model). "
               "Peak resident-set growth during one forward + backward, read from the kernel's high-water mark "
-              "(VmHWM) in a fresh process.</p>"),
+              "(VmHWM), each method and n in a fresh process of its own.</p>"),
         figures=[fig], tables=[mdf], table_titles=["memory by n"], order=32,
     )
