@@ -2,7 +2,7 @@
 ``topk`` (k = 64), side by side in one process: docs/topk.md's model-level figures.
 
     .venv/bin/python scripts/topk_model_figures.py [--ns 1024,2048,4096,8192] [--topk-ns 4096,8192]
-        [--repeat 3] [--repeat-big 1] [--big 8192] [--k 64] [--out figures.json]
+        [--repeat 3] [--repeat-big 1] [--big 8192] [--k 64] [--out figures.json] [--memory-fresh]
 
 Per n: tokens of ``pydoc_data.topics``, ``model(tokens)`` under ``torch.no_grad()``, fp32, batch 1.
 Methods run interleaved (stock, sdpa, topk, stock, ...) so that a busy machine's slow spells fall on
@@ -11,6 +11,11 @@ kernel's high-water mark, reset before each run; glibc's mmap threshold fixed so
 the resident set). ``--repeat`` runs per method at n below ``--big``, ``--repeat-big`` at and above it
 (stock attention at n = 8192 takes minutes on 2 cores). The load average is read before and after
 each n, in the order given. One warm-up forward per method at the smallest n.
+
+Memory read in one process favours whichever method runs second (it reuses memory the first one
+freed; at n = 1024 all three read the same 302 MiB). ``--memory-fresh`` measures only the peak
+extra memory, each (method, n) in a freshly spawned process of its own (model loaded, one warm-up
+forward at n = 256, then the measured forward): the memory figures of docs/topk.md come from it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,51 @@ def timed_peak(run):
     return wall, mem.peak_extra, out
 
 
+def _forward_fn(model, tokens, plugin):
+    def run():
+        with torch.no_grad():
+            if plugin is None:
+                return model(tokens)
+            name, config = plugin
+            with tl_plugins.enabled(model, name, **config):
+                return model(tokens)
+    return run
+
+
+def fresh_peak(plugin, n: int, n_ctx: int) -> int:
+    """Peak extra resident bytes of one forward at ``n`` in the calling (fresh) process."""
+    fixed_mmap_threshold()
+    model = tl_plugins.models.load("smollm2-135m", n_ctx=n_ctx)
+    model.eval()
+    _forward_fn(model, docs_tokens(model, 256), plugin)()
+    tokens = docs_tokens(model, n)
+    _, peak, out = timed_peak(_forward_fn(model, tokens, plugin))
+    return peak
+
+
+def memory_fresh(ns, topk_ns, plugins, n_ctx, out_path) -> int:
+    import multiprocessing
+
+    rows = []
+    for n in ns:
+        peaks = {}
+        for m, plugin in plugins.items():
+            if m.startswith("topk") and n not in topk_ns:
+                continue
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                peaks[m] = pool.apply(fresh_peak, (plugin, n, n_ctx))
+            print(f"  n={n} {m}: {peaks[m] / 2**20:.0f} MiB extra, fresh process (load {load_average()})", flush=True)
+        for m, p in peaks.items():
+            rows.append(dict(n=n, method=m, peak_extra_MiB=p / 2**20, memory_ratio_to_stock=p / peaks["stock"],
+                             utc=time.strftime("%H:%M:%S", time.gmtime())))
+        if out_path:
+            with open(out_path, "w") as fh:
+                json.dump(rows, fh, indent=2)
+    for r in rows:
+        print(f"{r['n']:>5} {r['method']:<10} {r['peak_extra_MiB']:>7.0f} MiB {r['memory_ratio_to_stock']:>6.2f}x stock")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ns", default="1024,2048,4096,8192")
@@ -45,9 +95,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat-big", type=int, default=1)
     ap.add_argument("--big", type=int, default=8192)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--memory-fresh", action="store_true",
+                    help="only peak memory, each (method, n) in a fresh process")
     args = ap.parse_args(argv)
     ns = [int(x) for x in args.ns.split(",")]
     topk_ns = {int(x) for x in args.topk_ns.split(",") if x}
+    plugins = {"stock": None, "sdpa": ("sdpa", {}), f"topk k={args.k}": ("topk", {"k": args.k})}
+    if args.memory_fresh:
+        return memory_fresh(ns, topk_ns, plugins, max(2048, max(ns)), args.out)
     if not fixed_mmap_threshold():
         print("warning: could not fix glibc's mmap threshold; memory figures may be understated")
     # TransformerLens sizes the rotary tables by n_ctx (the loader's default is 2048; SmolLM2 allows 8192).
@@ -55,16 +110,8 @@ def main(argv=None) -> int:
     model.eval()
 
     def forward(tokens, plugin):
-        def run():
-            with torch.no_grad():
-                if plugin is None:
-                    return model(tokens)
-                name, config = plugin
-                with tl_plugins.enabled(model, name, **config):
-                    return model(tokens)
-        return run
+        return _forward_fn(model, tokens, plugin)
 
-    plugins = {"stock": None, "sdpa": ("sdpa", {}), f"topk k={args.k}": ("topk", {"k": args.k})}
     warm = docs_tokens(model, min(ns))
     for plugin in plugins.values():
         forward(warm, plugin)()
