@@ -1,6 +1,6 @@
 """The ``cpp`` backend: compiled CPU kernels for top-k attention (``tl_topk/ops/cpp/topk_cpu.cpp``).
 
-The forward works in tasks of 8 query rows of one K/V head's plane (the group's query heads at
+The forward works in tasks of 12 query rows of one K/V head's plane (the group's query heads at
 consecutive positions), dealt round-robin to the threads in one parallel region: a register-blocked
 kernel computes the task's scores into a per-thread buffer that stays in cache, each row's k largest
 are selected while the scores are hot (a lower bound of the k-th value rejects almost every key with
@@ -19,6 +19,9 @@ built and, if not, why; ``auto`` then picks ``chunked`` on the CPU.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -40,6 +43,10 @@ _warned = False
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
+    # The ninja that pip installs with the package sits beside the interpreter, which need not be on PATH.
+    here = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
     return load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False)
