@@ -32,12 +32,26 @@ from jaxtyping import Float, Int, Shaped
 
 SOURCE = Path(__file__).with_name("cpp") / "topk_cpu.cpp"
 EXTENSION_NAME = "tl_topk_cpu"
-LANES = 16  # keys per vector in the kernels: K transposed is padded to a multiple of it
 
 _lock = threading.Lock()
 _module: Any = None
 _failure: Optional[str] = None
 _warned = False
+
+
+def _cpu_tag() -> str:
+    """A short tag of this CPU's instruction set: the extension is built with ``-march=native``, so a
+    build cache shared between machines (a home directory on a cluster) keeps one build per CPU kind."""
+    import hashlib
+    import platform
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
 def _build() -> Any:
@@ -47,7 +61,7 @@ def _build() -> Any:
     here = os.path.dirname(sys.executable)
     if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
-    return load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+    return load(name=f"{EXTENSION_NAME}_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 verbose=False)
 
@@ -114,7 +128,9 @@ class CppTopKAttention(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:3])
         qc = q.to(compute).contiguous()  # no copy for contiguous float32/float64 input
         b, n_k, h_kv, d = k.shape
-        kt = k.new_zeros(b, h_kv, d, -(-n_k // LANES) * LANES, dtype=compute)  # [b, h_kv, d, n_k padded]
+        # [b, h_kv, d, n_k + LANES - 1]: a task's score vectors start at its first visible key (not
+        # aligned), so the last one may read up to LANES - 1 zero columns past n_k.
+        kt = k.new_zeros(b, h_kv, d, n_k + ext.LANES - 1, dtype=compute)
         kt[..., :n_k] = k.permute(0, 2, 3, 1)
         vc = v.to(compute).contiguous()
         pad = key_padding_mask.to(dtype=torch.bool).contiguous() if key_padding_mask is not None else None

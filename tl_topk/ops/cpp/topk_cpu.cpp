@@ -4,7 +4,8 @@
 //
 // Layouts (all contiguous, one compute dtype: float or double):
 //   q    [b, n_q, h, d]      queries (the kernels apply the score scale)
-//   kt   [b, h_kv, d, n_kp]  K transposed, zero-padded to n_kp = n_k rounded up to 16 keys
+//   kt   [b, h_kv, d, n_kp]  K transposed, zero-padded to n_kp >= n_k + LANES - 1 keys (a task's vectors
+//                            start at its first visible key, so the last one may reach LANES - 1 past n_k)
 //   v    [b, n_k, h_kv, dv]
 //   k_rows [b, h, n_q] int64 each query row's k (<= kk)
 //   index [b, h, n_q, kk]    kept keys (int16 while n_k < 32768, else int32; -1 past a row's kept keys)
@@ -152,8 +153,8 @@ struct Geometry {
 constexpr int64_t ROWS = 12;
 
 // s[r * ldo + x] = q_r . k_(k0 + x) for r < ROWS, x < kw (rounded up to LANES: kt is padded to a
-// multiple of LANES keys, so every key is computed by the same vector code in the same order, and
-// equal keys give equal scores). q: ROWS x d (rows past the task's end are zeros); kt: d x ldk.
+// padded at least LANES - 1 keys past n_k, so every key is computed by the same vector code in the same
+// order, and equal keys give equal scores). q: ROWS x d (rows past the task's end are zeros); kt: d x ldk.
 template <typename T>
 void score_rows(const T* __restrict q, const T* __restrict kt, int64_t ldk, int64_t d, int64_t k0, int64_t kw,
                 T* __restrict s, int64_t ldo) {
@@ -399,4 +400,5 @@ std::vector<at::Tensor> topk_backward(const at::Tensor& q, const at::Tensor& k, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &topk_forward, "top-k attention forward (CPU)");
   m.def("backward", &topk_backward, "top-k attention backward over the saved pairs (CPU)");
+  m.attr("LANES") = LANES;  // keys per vector: the padding kt needs
 }
