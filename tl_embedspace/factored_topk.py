@@ -53,6 +53,9 @@ class TopkStats:
     entries_computed: int = 0
     chunks: int = 0
     chunk_rows: int = 0
+    entries_bounded: int = 0  # cpp: entries bounded from their first h1 SVD coordinates
+    entries_refined: int = 0  # cpp: of those, entries bounded again from H coordinates
+    head_coordinates: tuple = (0, 0)  # cpp: (h1, H)
 
     @property
     def fraction_computed(self) -> float:
@@ -202,6 +205,7 @@ def topk_product(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     prune: bool = True,
     balance: bool = False,
+    backend: str = "auto",
 ) -> TopkPairsRaw:
     """Exact top-k entries of ``A @ B`` (``A [n, r]``, ``B [r, m]``) without forming the product.
 
@@ -214,14 +218,48 @@ def topk_product(
     real weights); the entries ranked and reported are always those of ``A @ B``. When fewer than
     ``k`` entries are candidates, all of them are returned. Returns values/rows/cols sorted best
     first, ties by (row id, column id) ascending.
+
+    ``backend``: "cpp" (the compiled two-level scan, :mod:`tl_embedspace.cpp_scan`: CPU float32/float64
+    factors; each entry bounded from its first coordinates in the SVD basis before any is computed),
+    "torch" (the row scan below, any device and dtype) or "auto" (cpp where it applies and builds, with
+    one warning when it cannot be built; torch otherwise, and always when ``prune=False``). Both return
+    the same entries; cpp ranks dot products accumulated in float64, torch the chunk products in the
+    factors' dtype.
     """
     row_ids, col_ids = _prepare_ids(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal)
+    use_cpp = _use_cpp(backend, A, B, prune)
     T = None
     if balance and min(row_ids.numel(), col_ids.numel()) > A.shape[1]:
         T = svd_transforms(A, B, row_ids, col_ids, budget_bytes)  # None: rank-deficient, plain bound
+    if use_cpp:
+        return _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T)
     bound = _norm_bound(A, B, row_ids, col_ids, T, mode, prune, budget_bytes)
     vals, keys, stats = _topk_norm_scan(A, B, k, mode, col_ids, exclude_diagonal, budget_bytes, prune, bound)
     return _finish(vals, keys, stats, A, B, B.shape[1], mode)
+
+
+BACKENDS = ("auto", "cpp", "torch")
+FIRST_COORDINATES = 16  # cpp: SVD coordinates of the first bound, for every listed entry (in registers)
+HEAD_COORDINATES = 64  # cpp: coordinates stored for the second bound, for the entries that pass the first
+
+
+def _use_cpp(backend, A, B, prune) -> bool:
+    """Whether this call runs the compiled scan; ValueError/RuntimeError for a backend that cannot."""
+    from tl_embedspace import cpp_scan
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: got {backend!r}; accepted: one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    if backend == "cpp":
+        if not cpp_scan.supports(A, B):
+            raise ValueError(f"backend='cpp' takes CPU float32/float64 factors of one dtype; got {A.dtype} on "
+                             f"{A.device} and {B.dtype} on {B.device}; use backend='torch'")
+        if not prune:
+            raise ValueError("backend='cpp' always prunes; prune=False needs backend='torch'")
+        cpp_scan.load()  # RuntimeError naming why it cannot be built
+        return True
+    return prune and cpp_scan.supports(A, B) and cpp_scan.available_for_auto()
 
 
 def _prepare_ids(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal):
@@ -411,6 +449,206 @@ def _seed_threshold(C, k) -> float:
     return float(torch.topk(seeds, k).values[-1]) if seeds.numel() >= k else -math.inf
 
 
+# -- the compiled two-level scan ---------------------------------------------------------------
+
+
+@dataclass
+class _TwoLevel:
+    """The inputs of :func:`tl_embedspace.cpp_scan.bounded_scan` (rows in scan order: rho down)."""
+
+    ah: torch.Tensor
+    rt: torch.Tensor
+    rho: torch.Tensor
+    row_ids: torch.Tensor
+    bh: torch.Tensor
+    st: torch.Tensor
+    q: torch.Tensor
+    slope: torch.Tensor
+    intercept: torch.Tensor
+    a_max: float  # largest |A_i| of the selected rows
+    b_max: float  # largest |B_j| of the selected columns
+
+
+def head_coordinates_for(nr: int, nc: int, r: int, itemsize: int, budget_bytes: int) -> tuple[int, int]:
+    """``(h1, H)``: the leading SVD coordinates of each row and column the cpp scan bounds every listed
+    entry with (``h1``, at most ``FIRST_COORDINATES``) and those it stores for the second bound (``H``, at
+    most ``HEAD_COORDINATES``), both at most ``r`` and within half the budget (zero: the centred bound)."""
+    fit = (budget_bytes // 2) // max(1, (nr + nc) * itemsize)
+    H = int(max(0, min(HEAD_COORDINATES, r, fit)))
+    return min(FIRST_COORDINATES, H), H
+
+
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 ``x`` in ``dtype``, never below ``x``."""
+    y = x + x.abs() * (2 * torch.finfo(dtype).eps) + torch.finfo(dtype).tiny
+    return y.to(dtype)
+
+
+def _slices(ids: torch.Tensor, step: int):
+    """``(start, stop, ids_or_range)`` pieces of ``step`` ids; a piece of consecutive ids comes back as a
+    ``slice`` (a view of the factor, no gather)."""
+    for s in range(0, ids.numel(), step):
+        piece = ids[s:s + step]
+        lo, hi = int(piece[0]), int(piece[-1])
+        yield s, s + piece.numel(), (slice(lo, hi + 1) if hi - lo + 1 == piece.numel() else piece)
+
+
+def _take(X, sel, cols: bool) -> torch.Tensor:
+    """Rows (``cols``: columns, transposed) of X: a view for a slice, a gather for ids."""
+    if isinstance(sel, slice):
+        return X[:, sel].T if cols else X[sel]
+    return _gather(X, sel, cols)
+
+
+def _two_level_bound(A, B, row_ids, col_ids, T, mode, h1, H, budget_bytes, pad_rows) -> _TwoLevel:
+    """Rows a' = A_i Ta and columns b' = Tb B_j (the caller's own without ``T``), centred on the mean
+    row c, in one pass over each factor in the factors' dtype: the first ``H`` coordinates and, past
+    ``h1`` and past ``H`` coordinates, the radius |(a'_i - c)[h:]|, the norm |b'_j[h:]| and the offset
+    c[h:] . b'_j[h:]; also the centred bound over all coordinates (rho_i = |a'_i - c|, slope_j = |b'_j|,
+    offset c . b'_j).
+
+    Allowances folded into ``q`` and ``intercept``: the rotation and the float rounding of a dot
+    product (``kappa |A_i| |B_j|`` plus the double-versus-float difference); the rounding of the norms
+    (relative ``gamma_r``) and offsets (``gamma_r |c| |b'_j|``) computed here; that of the partial
+    products and of the bound's own evaluation in the kernel (a few eps of each term's maximum)."""
+    dtype, r = A.dtype, A.shape[1]
+    eps = torch.finfo(dtype).eps
+    gam = (r + 4) * eps
+    up = 1.0 + 2.0 * gam  # a norm computed in dtype, inflated to bound the exact one
+    Ta, Tb = (T.Ta, T.Tb.T) if T is not None else (None, None)
+    kappa = (T.kappa if T is not None else 0.0) + 2.0 * gam
+    nr, nc = row_ids.numel(), col_ids.numel()
+    c = (_mean_row(A, row_ids, Ta, budget_bytes) if nr > 1 else torch.zeros(r, dtype=torch.float64)).to(dtype)
+    cd = c.double()
+    c_norm = float(cd.norm())
+    nr_pad = -(-nr // pad_rows) * pad_rows
+    levels = (h1, H)
+    ah = torch.zeros(nr_pad, H, dtype=dtype)
+    rt = torch.zeros(2, nr_pad, dtype=torch.float64)
+    rho, an, a_norm = (torch.empty(nr, dtype=torch.float64) for _ in range(3))
+    step = max(1, _row_step(r, budget_bytes) * 4)
+    for s, e, sel in _slices(row_ids, step):
+        X = _take(A, sel, False)
+        Y = X @ Ta if Ta is not None else X
+        D = Y - c
+        ah[s:e] = Y[:, :H].cpu()
+        rho[s:e] = D.norm(dim=1).double().cpu()
+        for lv, h in enumerate(levels):
+            rt[lv, s:e] = D[:, h:].norm(dim=1).double().cpu()
+        an[s:e] = Y[:, :H].norm(dim=1).double().cpu()
+        a_norm[s:e] = X.norm(dim=1).double().cpu()
+    rho, rt, an, a_norm = rho * up, rt * up, an * up, a_norm * up
+    bh = torch.empty(nc, H, dtype=dtype)
+    st, ct = torch.empty(2, nc, dtype=torch.float64), torch.empty(2, nc, dtype=torch.float64)
+    slope, offset, bn, b_norm = (torch.empty(nc, dtype=torch.float64) for _ in range(4))
+    step = max(1, _row_step(B.shape[0], budget_bytes) * 4)
+    for s, e, sel in _slices(col_ids, step):
+        X = _take(B, sel, True)
+        Z = X @ Tb if Tb is not None else X
+        bh[s:e] = Z[:, :H].cpu()
+        slope[s:e] = Z.norm(dim=1).double().cpu()
+        offset[s:e] = (Z @ c).double().cpu()
+        for lv, h in enumerate(levels):
+            st[lv, s:e] = Z[:, h:].norm(dim=1).double().cpu()
+            ct[lv, s:e] = (Z[:, h:] @ c[h:]).double().cpu()
+        bn[s:e] = Z[:, :H].norm(dim=1).double().cpu()
+        b_norm[s:e] = X.norm(dim=1).double().cpu()
+    slope, st, bn, b_norm = slope * up, st * up, bn * up, b_norm * up
+    _check_finite(a_norm, b_norm, rho, slope)
+    a_max = float(a_norm.max())
+    sign = {"largest": lambda x: x, "smallest": lambda x: -x, "abs": torch.abs}[mode]
+    rotation = kappa * a_max * b_norm
+    dots = gam * c_norm * slope  # rounding of the offsets computed above
+    intercept = sign(offset) + rotation + dots + 4 * eps * (float(rho.max()) * slope + offset.abs())
+    # in the kernel: the partial products (gamma_h |a'_i[:h]| |b'_j[:h]|) and the bound's evaluation
+    # (a few eps of each term; |P| <= |a'_i[:H]| |b'_j[:H]|)
+    an_max = float(an.max()) if nr else 0.0
+    q = torch.empty(2, nc, dtype=torch.float64)
+    for lv, h in enumerate(levels):
+        rt_max = float(rt[lv].max()) if nr else 0.0
+        q[lv] = (sign(ct[lv]) + rotation + dots + ((h + 4) * eps + 8 * eps) * an_max * bn
+                 + 8 * eps * rt_max * st[lv])
+        q[lv] = q[lv] + 8 * eps * q[lv].abs()
+    order = torch.argsort(-rho, stable=True)
+    perm = torch.cat([order, torch.arange(nr, nr_pad)])
+    rt_s = rt[:, perm]
+    rt_s[:, nr:] = 0
+    ah_s = ah[perm]
+    ah_s[nr:] = 0
+    return _TwoLevel(ah_s.contiguous(), _round_up(rt_s, dtype).contiguous(), rho[order].contiguous(),
+                     row_ids[order].contiguous(), bh, _round_up(st, dtype), _round_up(q, dtype),
+                     slope, intercept, a_max, float(b_norm.max()))
+
+
+SEED_SIDE = 4096  # cpp: rows and columns of the block the threshold is seeded from
+
+
+def _seed_from_corner(A, B, k, mode, st: _TwoLevel, col_ids, exclude_diagonal, budget_bytes) -> tuple[float, int]:
+    """A lower bound of the final k-th key from real entries: the k-th best of the block of the rows of
+    largest radius and the columns of largest norm (at most ``SEED_SIDE`` each, a third of the budget)
+    together with the diagonal entries (row id = column id, unless excluded; each entry counted once).
+    On real OV and QK circuits this is within 1 % of the final k-th value, so the scan prunes at full
+    strength from its first block. Returns ``(seed or -inf, entries computed)``."""
+    side = max(1, min(SEED_SIDE, math.isqrt(max(1, budget_bytes // (3 * A.element_size())))))
+    rid = st.row_ids[:max(1, min(side, st.row_ids.numel() // 4))]  # a small corner of a small product
+    cid = col_ids[torch.argsort(-st.slope, stable=True)[:max(1, min(side, col_ids.numel() // 4))]].sort().values
+    C = _product_chunk(A, B, rid, cid, cid.numel(), B.shape[1], budget_bytes // 4)
+    if mode == "smallest":
+        C.neg_()
+    _mode_and_diagonal(C, mode, True, rid, cid)  # diagonal entries come from the diagonal below
+    vals = C[C > -math.inf]
+    vals = torch.topk(vals, min(k, vals.numel())).values
+    computed = C.numel()
+    del C
+    if not exclude_diagonal:
+        rows_sorted = st.row_ids.sort().values
+        both = rows_sorted[torch.isin(rows_sorted, col_ids)]
+        diag = []
+        for _, _, sel in _slices(both, max(1, _row_step(A.shape[1], budget_bytes))):
+            d = (_take(A, sel, False) * _take(B, sel, True)).sum(-1)
+            diag.append({"largest": d, "smallest": -d, "abs": d.abs()}[mode])
+        if diag:
+            d = torch.cat(diag)
+            vals = torch.cat([vals, torch.topk(d, min(k, d.numel())).values.to(vals.dtype)])
+            computed += d.numel()
+    if vals.numel() < k:
+        return -math.inf, computed
+    return float(torch.topk(vals, k).values[-1]), computed
+
+
+def _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T) -> TopkPairsRaw:
+    """``topk_product`` by the compiled scan: prepare the two-level bound, seed the threshold from the
+    rows of largest radius (one chunk product), scan every row in the kernel, merge the threads' best."""
+    from tl_embedspace import cpp_scan
+
+    nr, nc, m, r = row_ids.numel(), col_ids.numel(), B.shape[1], A.shape[1]
+    h1, H = head_coordinates_for(nr, nc, r, A.element_size(), budget_bytes)
+    st = _two_level_bound(A, B, row_ids, col_ids, T, mode, h1, H, budget_bytes, cpp_scan.row_multiple())
+    stats = TopkStats(rows_total=nr, cols_total=nc)
+    n_candidates = nr * nc - (int(torch.isin(row_ids, col_ids).sum()) if exclude_diagonal else 0)
+    threshold = -math.inf
+    if n_candidates > k:
+        seed, computed = _seed_from_corner(A, B, k, mode, st, col_ids, exclude_diagonal, budget_bytes)
+        stats.entries_computed += computed
+        if seed > -math.inf:  # lowered by the float rounding of the seed's products
+            threshold = seed - 4.0 * (rounding_slack(r, A.dtype) - 1.0) * st.a_max * st.b_max
+    keys, values, rows, cols, ks = cpp_scan.bounded_scan(
+        st.ah, st.rt, st.rho, st.row_ids, A, st.bh, st.st, st.q, st.slope, st.intercept, col_ids, B, h1, k, mode,
+        exclude_diagonal, threshold)
+    stats.entries_computed += ks["exact"]
+    stats.entries_bounded = ks["bounded"]
+    stats.entries_refined = ks["refined"]
+    stats.rows_visited = ks["rows_end"]
+    stats.head_coordinates = (h1, H)
+    stats.chunk_rows = int(cpp_scan.load().BLOCK)
+    stats.chunks = -(-ks["rows_end"] // stats.chunk_rows)
+    best, flat = select_topk(keys, rows * m + cols, k)
+    # the signed value of each kept entry (keys were unique per entry, so look them up)
+    pos = {int(x): i for i, x in enumerate((rows * m + cols).tolist())}
+    signed = values[[pos[int(x)] for x in flat.tolist()]] if flat.numel() else values[:0]
+    return TopkPairsRaw(signed.to(A.dtype), flat // m, flat % m, stats)
+
+
 # -- the SVD basis of the product, for the bound ---------------------------------------------
 
 
@@ -429,8 +667,8 @@ def _gram(X, ids, budget_bytes, cols: bool) -> torch.Tensor:
     r = X.shape[1] if not cols else X.shape[0]
     G = torch.zeros(r, r, dtype=torch.float64, device=X.device)
     step = max(1, (budget_bytes // 4) // (r * 8))
-    for s in range(0, ids.numel(), step):
-        Y = _gather(X, ids[s:s + step], cols)
+    for _, _, sel in _slices(ids, step):
+        Y = _take(X, sel, cols)
         G += (Y.T @ Y).double()  # float32 is enough: exactness rests on Ta Tb = I, not on G
     return G
 

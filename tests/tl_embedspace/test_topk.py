@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tl_embedspace import cpp_scan
 from tl_embedspace.factored_topk import (
     balance_factors,
     diag_product,
@@ -54,28 +55,42 @@ def problems(draw):
     return A, B, k, mode, rows, cols, excl, budget
 
 
+def scan_backend(name):
+    """The backend, skipped (with the reason) where the compiled scan does not build."""
+    if name == "cpp" and not cpp_scan.available():
+        pytest.skip(f"compiled scan: {cpp_scan.availability()}")
+    return name
+
+
+BACKENDS = ["torch", "cpp"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems())
-def test_topk_product_matches_brute_force(p):
+@given(p=problems(), balance=st.booleans())
+def test_topk_product_matches_brute_force(backend, p, balance):
     A, B, k, mode, rows, cols, excl, budget = p
-    res = topk_product(A, B, k, mode=mode, rows=rows, cols=cols, exclude_diagonal=excl, budget_bytes=budget)
+    res = topk_product(A, B, k, mode=mode, rows=rows, cols=cols, exclude_diagonal=excl, budget_bytes=budget,
+                       balance=balance, backend=scan_backend(backend))
     got = list(zip(res.rows.tolist(), res.cols.tolist(), res.values.tolist()))
     assert got == brute(A, B, k, mode, rows, cols, excl)
 
 
-def test_pruning_is_exact_on_float_factors_with_spread_norms():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pruning_is_exact_on_float_factors_with_spread_norms(backend):
+    backend = scan_backend(backend)
     g = torch.Generator().manual_seed(3)
     A = torch.randn(400, 16, generator=g) * torch.rand(400, 1, generator=g) ** 3
     B = torch.randn(16, 300, generator=g) * torch.rand(1, 300, generator=g) ** 3
     for mode in ("largest", "smallest", "abs"):
-        res = topk_product(A, B, 25, mode=mode, budget_bytes=20_000)
+        res = topk_product(A, B, 25, mode=mode, budget_bytes=20_000, backend=backend)
         M = A @ B
         key = M.abs() if mode == "abs" else (-M if mode == "smallest" else M)
         ref = torch.topk(key.flatten(), 25)
         assert set(zip(res.rows.tolist(), res.cols.tolist())) == {(int(i) // 300, int(i) % 300) for i in ref.indices}
         torch.testing.assert_close(res.values, M[res.rows, res.cols])
         assert res.stats.fraction_computed < 1.0  # the bound did prune something
-        bal = topk_product(A, B, 25, mode=mode, budget_bytes=20_000, balance=True)
+        bal = topk_product(A, B, 25, mode=mode, budget_bytes=20_000, balance=True, backend=backend)
         assert list(zip(bal.rows.tolist(), bal.cols.tolist())) == list(zip(res.rows.tolist(), res.cols.tolist()))
 
 

@@ -11,10 +11,19 @@ import numpy as np
 import pytest
 import torch
 
+from tl_embedspace import cpp_scan
 from tl_embedspace import factored_topk as ft
 from tl_embedspace.factored_topk import materialized_topk, svd_transforms, topk_product
 
 MODES = ("largest", "smallest", "abs")
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def backend(request):
+    """Each test runs on both scans; cpp is skipped (with the reason) where it does not build."""
+    if request.param == "cpp" and not cpp_scan.available():
+        pytest.skip(f"compiled scan: {cpp_scan.availability()}")
+    return request.param
 
 
 def dense_ranking(A, B, k, mode, rows=None, cols=None, exclude_diagonal=False):
@@ -50,48 +59,48 @@ def integer_factors(n, m, r, seed, lo=-2, hi=3):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_many_exact_ties_keep_the_smaller_ids(mode):
+def test_many_exact_ties_keep_the_smaller_ids(mode, backend):
     # small integers, rank 6 over 300 x 260: every top value is shared by many entries
     A, B = integer_factors(300, 260, 6, seed=1)
-    res = check_exact(A, B, 60, mode, budget_bytes=40_000)
+    res = check_exact(A, B, 60, mode, budget_bytes=40_000, backend=backend)
     assert len(set(res.values.tolist())) < 60  # ties really are there
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_equal_norms_and_one_dominant_direction(mode):
+def test_equal_norms_and_one_dominant_direction(mode, backend):
     g = torch.Generator().manual_seed(2)
     A = torch.nn.functional.normalize(torch.randn(400, 12, generator=g) + 4 * torch.randn(1, 12, generator=g), dim=1)
     B = torch.nn.functional.normalize(torch.randn(12, 350, generator=g), dim=0)
-    res = check_exact(A, B, 50, mode, budget_bytes=60_000)
+    res = check_exact(A, B, 50, mode, budget_bytes=60_000, backend=backend)
     assert res.stats.fraction_computed < 1.0
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_low_rank_factors_fall_back_to_the_plain_bound(mode):
+def test_low_rank_factors_fall_back_to_the_plain_bound(mode, backend):
     # rank 3 inside r = 8: no SVD maps (a Gram matrix is singular), still exact
     g = torch.Generator().manual_seed(3)
     A = torch.randn(250, 3, generator=g) @ torch.randn(3, 8, generator=g)
     B = torch.randn(8, 3, generator=g) @ torch.randn(3, 240, generator=g)
     assert svd_transforms(A, B, torch.arange(250), torch.arange(240), 2**20) is None
-    check_exact(A, B, 40, mode, budget_bytes=30_000)
+    check_exact(A, B, 40, mode, budget_bytes=30_000, backend=backend)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_subsets_and_excluded_diagonal(mode):
+def test_subsets_and_excluded_diagonal(mode, backend):
     A, B = integer_factors(320, 320, 7, seed=4, lo=-3, hi=4)
     rows = list(range(0, 320, 3))
     cols = list(range(5, 320, 2))
-    check_exact(A, B, 45, mode, rows=rows, cols=cols, exclude_diagonal=True, budget_bytes=25_000)
-    check_exact(A, B, 45, mode, exclude_diagonal=True, budget_bytes=10**7)
+    check_exact(A, B, 45, mode, rows=rows, cols=cols, exclude_diagonal=True, budget_bytes=25_000, backend=backend)
+    check_exact(A, B, 45, mode, exclude_diagonal=True, budget_bytes=10**7, backend=backend)
 
 
-def test_agrees_with_materialized_topk_on_spread_float_factors():
+def test_agrees_with_materialized_topk_on_spread_float_factors(backend):
     g = torch.Generator().manual_seed(5)
     A = torch.randn(600, 16, generator=g) * torch.rand(600, 1, generator=g) ** 2
     B = torch.randn(16, 500, generator=g) * torch.rand(1, 500, generator=g) ** 2
     for mode in MODES:
         ref = materialized_topk(A, B, 30, mode)
-        res = topk_product(A, B, 30, mode=mode, balance=True, budget_bytes=50_000)
+        res = topk_product(A, B, 30, mode=mode, balance=True, budget_bytes=50_000, backend=backend)
         assert list(zip(res.rows.tolist(), res.cols.tolist())) == list(zip(ref.rows.tolist(), ref.cols.tolist()))
         torch.testing.assert_close(res.values, ref.values)
 
@@ -118,7 +127,7 @@ def test_columns_are_gathered_in_pieces_within_the_budget(monkeypatch):
 
     monkeypatch.setattr(ft, "_product_chunk", spy)
     A, B = integer_factors(200, 300, 8, seed=7)
-    check_exact(A, B, 20, "largest", cols=list(range(1, 300)), budget_bytes=4_000)
+    check_exact(A, B, 20, "largest", cols=list(range(1, 300)), budget_bytes=4_000, backend="torch")
     assert any(calls)
 
 

@@ -362,8 +362,8 @@ def test_auto_backend_dense_for_short_cpp_or_chunked_for_long(monkeypatch, cpp_b
     monkeypatch.setattr(att, "chunked_topk_attention", lambda *a, **kw: seen.append("chunked") or real_chunked(*a, **kw))
     monkeypatch.setattr(cpp_backend, "cpp_topk_attention", lambda *a, **kw: seen.append("cpp") or real_cpp(*a, **kw))
     if not cpp_built:
-        monkeypatch.setattr(cpp_backend, "_failure", "no compiler (simulated)")
-        monkeypatch.setattr(cpp_backend, "_module", None)
+        monkeypatch.setattr(cpp_backend.EXTENSION, "failure", "no compiler (simulated)")
+        monkeypatch.setattr(cpp_backend.EXTENSION, "module", None)
         monkeypatch.setattr(cpp_backend, "_warned", False)
     q = torch.randn(1, 64, 2, 8)
     short = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True)

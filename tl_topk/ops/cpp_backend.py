@@ -19,10 +19,6 @@ built and, if not, why; ``auto`` then picks ``chunked`` on the CPU.
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -30,65 +26,27 @@ from typing import Any, Optional
 import torch
 from jaxtyping import Float, Int, Shaped
 
+from tl_plugins.extensions import CompiledExtension
+
 SOURCE = Path(__file__).with_name("cpp") / "topk_cpu.cpp"
-EXTENSION_NAME = "tl_topk_cpu"
+EXTENSION = CompiledExtension("tl_topk_cpu", SOURCE)
 
-_lock = threading.Lock()
-_module: Any = None
-_failure: Optional[str] = None
 _warned = False
-
-
-def _cpu_tag() -> str:
-    """A short tag of this CPU's instruction set: the extension is built with ``-march=native``, so a
-    build cache shared between machines (a home directory on a cluster) keeps one build per CPU kind."""
-    import hashlib
-    import platform
-
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-
-
-def _build() -> Any:
-    from torch.utils.cpp_extension import load
-
-    # The ninja that pip installs with the package sits beside the interpreter, which need not be on PATH.
-    here = os.path.dirname(sys.executable)
-    if shutil.which("ninja") is None and os.path.exists(os.path.join(here, "ninja")):
-        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
-    return load(name=f"{EXTENSION_NAME}_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False)
 
 
 def load_extension() -> Any:
     """The compiled module (built on the first call, then cached per process); raises ``RuntimeError``
     saying why when it cannot be built."""
-    global _module, _failure
-    with _lock:
-        if _module is None and _failure is None:
-            try:
-                _module = _build()
-            except Exception as exc:  # a missing compiler, headers or ninja: the reason is kept
-                _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
-        if _module is None:
-            raise RuntimeError(f"backend='cpp': the CPU extension could not be built ({_failure}); "
-                               "use backend='chunked'")
-        return _module
+    try:
+        return EXTENSION.load()
+    except RuntimeError:
+        raise RuntimeError(f"backend='cpp': the CPU extension could not be built ({EXTENSION.failure}); "
+                           "use backend='chunked'") from None
 
 
 def available() -> bool:
     """Whether the extension is built or builds now (the first call may take about a minute)."""
-    try:
-        load_extension()
-    except RuntimeError:
-        return False
-    return True
+    return EXTENSION.available()
 
 
 def available_for_auto() -> bool:
@@ -97,7 +55,7 @@ def available_for_auto() -> bool:
     ok = available()
     if not ok and not _warned:
         _warned = True
-        warnings.warn(f"tl_topk: the cpp backend could not be built ({_failure}); backend='auto' runs "
+        warnings.warn(f"tl_topk: the cpp backend could not be built ({EXTENSION.failure}); backend='auto' runs "
                       "'chunked' on the CPU instead (slower, same results)", RuntimeWarning, stacklevel=3)
     return ok
 
@@ -106,7 +64,7 @@ def availability() -> str:
     """One line: can the cpp backend run here, and why not."""
     if available():
         return "available (compiled CPU kernels; auto on CPU beyond the dense sizes)"
-    return f"not available: {_failure}"
+    return f"not available: {EXTENSION.failure}"
 
 
 def supports(q: torch.Tensor) -> bool:
