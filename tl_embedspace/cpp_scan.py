@@ -100,9 +100,16 @@ def bounded_scan(
     return keys, values, rows, cols, dict(bounded=bounded, refined=refined, exact=exact, rows_end=rows_end)
 
 
+def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> None:
+    """``x[:len(perm)] = x[perm]`` in place (``x`` [n, d] contiguous, ``perm`` a permutation of
+    ``range(len(perm))``): reorders a large array without a second copy of it."""
+    load().permute_rows_(x, perm.to(torch.long).contiguous())
+
+
 def row_multiple() -> int:
     """Rows of the kernel's register block: ``ah`` and ``rt`` are padded to a multiple of it."""
     return int(load().MR)
 
 
-__all__ = ["EXTENSION", "available", "availability", "bounded_scan", "load", "row_multiple", "supports"]
+__all__ = ["EXTENSION", "available", "availability", "bounded_scan", "load", "permute_rows", "row_multiple",
+           "supports"]

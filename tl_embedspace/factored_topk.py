@@ -56,6 +56,7 @@ class TopkStats:
     entries_bounded: int = 0  # cpp: entries bounded from their first h1 SVD coordinates
     entries_refined: int = 0  # cpp: of those, entries bounded again from H coordinates
     head_coordinates: tuple = (0, 0)  # cpp: (h1, H)
+    scan: str = "torch"  # which scan ran: "cpp" or "torch"
 
     @property
     def fraction_computed(self) -> float:
@@ -222,9 +223,10 @@ def topk_product(
     ``backend``: "cpp" (the compiled two-level scan, :mod:`tl_embedspace.cpp_scan`: CPU float32/float64
     factors; each entry bounded from its first coordinates in the SVD basis before any is computed),
     "torch" (the row scan below, any device and dtype) or "auto" (cpp where it applies and builds, with
-    one warning when it cannot be built; torch otherwise, and always when ``prune=False``). Both return
-    the same entries; cpp ranks dot products accumulated in float64, torch the chunk products in the
-    factors' dtype.
+    one warning when it cannot be built, unless a sample of rows predicts that the bound prunes too
+    little for it to beat chunk products, see :func:`predicted_costs`; torch otherwise, and always when
+    ``prune=False``). Both return the same entries; cpp ranks dot products accumulated in float64,
+    torch the chunk products in the factors' dtype. ``stats.scan`` says which one ran.
     """
     row_ids, col_ids = _prepare_ids(A, B, k, mode, rows, cols, budget_bytes, exclude_diagonal)
     use_cpp = _use_cpp(backend, A, B, prune)
@@ -232,7 +234,9 @@ def topk_product(
     if balance and min(row_ids.numel(), col_ids.numel()) > A.shape[1]:
         T = svd_transforms(A, B, row_ids, col_ids, budget_bytes)  # None: rank-deficient, plain bound
     if use_cpp:
-        return _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T)
+        res = _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T, backend == "auto")
+        if res is not None:
+            return res
     bound = _norm_bound(A, B, row_ids, col_ids, T, mode, prune, budget_bytes)
     vals, keys, stats = _topk_norm_scan(A, B, k, mode, col_ids, exclude_diagonal, budget_bytes, prune, bound)
     return _finish(vals, keys, stats, A, B, B.shape[1], mode)
@@ -342,10 +346,10 @@ def _product_chunk(A, B, rid, cid, nc, m, gather_bytes) -> torch.Tensor:
         return Ar @ B
     piece = max(1, gather_bytes // (B.shape[0] * B.element_size()))
     if cid.numel() <= piece:
-        return Ar @ B.index_select(1, cid.to(B.device))
+        return Ar @ _gather(B, cid, True).T
     C = torch.empty(Ar.shape[0], cid.numel(), dtype=torch.result_type(Ar, B), device=A.device)
     for s in range(0, cid.numel(), piece):
-        C[:, s:s + piece] = Ar @ B.index_select(1, cid[s:s + piece].to(B.device))
+        C[:, s:s + piece] = Ar @ _gather(B, cid[s:s + piece], True).T
     return C
 
 
@@ -384,8 +388,8 @@ def _mean_row(X, ids, T, budget_bytes) -> torch.Tensor:
     """Mean of the selected rows of X (rotated by T when given), float64 [r]."""
     total = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     step = _row_step(X.shape[1], budget_bytes)
-    for s in range(0, ids.numel(), step):
-        total += _gather(X, ids[s:s + step], False).double().sum(0)
+    for _, _, sel in _slices(ids, step):
+        total += _take(X, sel, False).sum(0, dtype=torch.float64)
     mean = total / ids.numel()
     return (mean.to(X.dtype) @ T).double() if T is not None else mean
 
@@ -467,6 +471,7 @@ class _TwoLevel:
     intercept: torch.Tensor
     a_max: float  # largest |A_i| of the selected rows
     b_max: float  # largest |B_j| of the selected columns
+    col_ids: torch.Tensor  # the columns' ids in B, in the order of bh (norm down)
 
 
 def head_coordinates_for(nr: int, nc: int, r: int, itemsize: int, budget_bytes: int) -> tuple[int, int]:
@@ -569,15 +574,20 @@ def _two_level_bound(A, B, row_ids, col_ids, T, mode, h1, H, budget_bytes, pad_r
         q[lv] = (sign(ct[lv]) + rotation + dots + ((h + 4) * eps + 8 * eps) * an_max * bn
                  + 8 * eps * rt_max * st[lv])
         q[lv] = q[lv] + 8 * eps * q[lv].abs()
+    # rows in scan order (rho down); columns by norm down, so that the columns a block lists sit
+    # together in memory (permuted in place: no second copy of the coordinates)
+    from tl_embedspace import cpp_scan
+
     order = torch.argsort(-rho, stable=True)
-    perm = torch.cat([order, torch.arange(nr, nr_pad)])
-    rt_s = rt[:, perm]
+    cpp_scan.permute_rows(ah, order)
+    corder = torch.argsort(-slope, stable=True)
+    cpp_scan.permute_rows(bh, corder)
+    rt_s = rt[:, torch.cat([order, torch.arange(nr, nr_pad)])]
     rt_s[:, nr:] = 0
-    ah_s = ah[perm]
-    ah_s[nr:] = 0
-    return _TwoLevel(ah_s.contiguous(), _round_up(rt_s, dtype).contiguous(), rho[order].contiguous(),
-                     row_ids[order].contiguous(), bh, _round_up(st, dtype), _round_up(q, dtype),
-                     slope, intercept, a_max, float(b_norm.max()))
+    return _TwoLevel(ah, _round_up(rt_s, dtype).contiguous(), rho[order].contiguous(), row_ids[order].contiguous(),
+                     bh, _round_up(st[:, corder], dtype).contiguous(), _round_up(q[:, corder], dtype).contiguous(),
+                     slope[corder].contiguous(), intercept[corder].contiguous(), a_max, float(b_norm.max()),
+                     col_ids[corder].contiguous())
 
 
 SEED_SIDE = 4096  # cpp: rows and columns of the block the threshold is seeded from
@@ -591,13 +601,13 @@ def _seed_from_corner(A, B, k, mode, st: _TwoLevel, col_ids, exclude_diagonal, b
     strength from its first block. Returns ``(seed or -inf, entries computed)``."""
     side = max(1, min(SEED_SIDE, math.isqrt(max(1, budget_bytes // (3 * A.element_size())))))
     rid = st.row_ids[:max(1, min(side, st.row_ids.numel() // 4))]  # a small corner of a small product
-    cid = col_ids[torch.argsort(-st.slope, stable=True)[:max(1, min(side, col_ids.numel() // 4))]].sort().values
+    cid = st.col_ids[:max(1, min(side, col_ids.numel() // 4))].sort().values  # st.col_ids: norm down
     C = _product_chunk(A, B, rid, cid, cid.numel(), B.shape[1], budget_bytes // 4)
     if mode == "smallest":
         C.neg_()
     _mode_and_diagonal(C, mode, True, rid, cid)  # diagonal entries come from the diagonal below
-    vals = C[C > -math.inf]
-    vals = torch.topk(vals, min(k, vals.numel())).values
+    vals = torch.topk(C.flatten(), min(k, C.numel())).values
+    vals = vals[vals > -math.inf]
     computed = C.numel()
     del C
     if not exclude_diagonal:
@@ -616,9 +626,43 @@ def _seed_from_corner(A, B, k, mode, st: _TwoLevel, col_ids, exclude_diagonal, b
     return float(torch.topk(vals, k).values[-1]), computed
 
 
-def _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T) -> TopkPairsRaw:
-    """``topk_product`` by the compiled scan: prepare the two-level bound, seed the threshold from the
-    rows of largest radius (one chunk product), scan every row in the kernel, merge the threads' best."""
+# Wall time per entry on the 2-core x86_64 machine the scans were measured on (2 threads), in ns: an
+# entry bounded from h1 coordinates, bounded again from H, computed exactly (cpp); an entry of a chunk
+# product (torch: 2 r flops at about 80 GFLOP/s for r = 256, scaled by r). Only their ratios matter.
+COST_BOUNDED_NS, COST_REFINED_NS, COST_EXACT_NS, COST_PRODUCT_NS_PER_R = 0.7, 17.0, 100.0, 6.4 / 256
+SAMPLE_ROWS = 32
+
+
+def predicted_costs(st: _TwoLevel, h1: int, mode: str, threshold: float, r: int) -> tuple[float, float, dict]:
+    """Predicted wall time of the cpp scan and of the torch scan (same unit, ns per entry of the
+    product), from ``SAMPLE_ROWS`` rows spread over the scan order: the fractions of entries whose
+    centred bound (both scans multiply or bound only those), first bound and second bound reach
+    ``threshold``. Returns ``(cpp, torch, fractions)``."""
+    nr = st.rho.numel()
+    pos = torch.linspace(0, nr - 1, min(nr, SAMPLE_ROWS)).round().long().unique()
+    f = {"largest": lambda x: x, "smallest": lambda x: -x, "abs": torch.abs}[mode]
+    n0 = n1 = n2 = 0
+    slope, intercept = st.slope.float(), st.intercept.float()  # an estimate: float32 is plenty
+    for s in range(0, pos.numel(), 32):
+        p = pos[s:s + 32]
+        b0 = torch.addcmul(intercept, st.rho[p, None].float(), slope) >= threshold
+        P1 = st.ah[p, :h1].float() @ st.bh[:, :h1].T.float()  # [rows, cols]: the sample only
+        P = P1 + st.ah[p, h1:].float() @ st.bh[:, h1:].T.float() if h1 < st.ah.shape[1] else P1
+        b1 = b0 & (torch.addcmul(st.q[0].float(), st.rt[0, p, None].float(), st.st[0].float()).add_(f(P1))
+                   >= threshold)
+        b2 = b1 & (torch.addcmul(st.q[1].float(), st.rt[1, p, None].float(), st.st[1].float()).add_(f(P))
+                   >= threshold)
+        n0, n1, n2 = n0 + int(b0.sum()), n1 + int(b1.sum()), n2 + int(b2.sum())
+    total = max(1, pos.numel() * st.slope.numel())
+    fr = dict(centred=n0 / total, first=n1 / total, second=n2 / total)
+    cpp = fr["centred"] * COST_BOUNDED_NS + fr["first"] * COST_REFINED_NS + fr["second"] * COST_EXACT_NS
+    return cpp, fr["centred"] * COST_PRODUCT_NS_PER_R * r, fr
+
+
+def _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T, decide) -> TopkPairsRaw | None:
+    """``topk_product`` by the compiled scan: prepare the two-level bound, seed the threshold from real
+    entries, scan every row in the kernel, merge the threads' best. With ``decide`` (backend "auto"),
+    None when :func:`predicted_costs` says the torch scan is the faster one."""
     from tl_embedspace import cpp_scan
 
     nr, nc, m, r = row_ids.numel(), col_ids.numel(), B.shape[1], A.shape[1]
@@ -632,8 +676,13 @@ def _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T
         stats.entries_computed += computed
         if seed > -math.inf:  # lowered by the float rounding of the seed's products
             threshold = seed - 4.0 * (rounding_slack(r, A.dtype) - 1.0) * st.a_max * st.b_max
+    if decide and nr * nc > SAMPLE_ROWS * nc * 8:
+        cpp_ns, torch_ns, _ = predicted_costs(st, h1, mode, threshold, r)
+        if cpp_ns > torch_ns:
+            return None
+    stats.scan = "cpp"
     keys, values, rows, cols, ks = cpp_scan.bounded_scan(
-        st.ah, st.rt, st.rho, st.row_ids, A, st.bh, st.st, st.q, st.slope, st.intercept, col_ids, B, h1, k, mode,
+        st.ah, st.rt, st.rho, st.row_ids, A, st.bh, st.st, st.q, st.slope, st.intercept, st.col_ids, B, h1, k, mode,
         exclude_diagonal, threshold)
     stats.entries_computed += ks["exact"]
     stats.entries_bounded = ks["bounded"]
@@ -674,17 +723,35 @@ def _gram(X, ids, budget_bytes, cols: bool) -> torch.Tensor:
 
 
 def _gather(X, ids, cols: bool) -> torch.Tensor:
-    """Selected rows of X as [len(ids), r]; for cols the selected columns of X [r, m] transposed."""
+    """Selected rows of X as [len(ids), r]; for cols the selected columns of X [r, m] transposed
+    (gathered as rows of ``X.T`` when X is column-major: each column is one piece of memory)."""
     ids = ids.to(X.device)
-    return X.index_select(1, ids).T if cols else X.index_select(0, ids)
+    if cols:
+        return X.T.index_select(0, ids) if X.stride(0) == 1 else X.index_select(1, ids).T
+    return X.index_select(0, ids)
+
+
+GRAM_ROWS = 32768  # rows (columns) a Gram matrix of the SVD basis is estimated from
+
+
+def _gram_sample(ids: torch.Tensor) -> torch.Tensor:
+    """Evenly spaced ids, at most ``GRAM_ROWS`` of them (all when there are fewer)."""
+    if ids.numel() <= GRAM_ROWS:
+        return ids
+    return ids[torch.linspace(0, ids.numel() - 1, GRAM_ROWS).round().long().unique()]
 
 
 def svd_transforms(A, B, row_ids, col_ids, budget_bytes) -> _Transforms | None:
     """The maps into the balanced SVD basis of ``A[rows] @ B[:, cols]`` (None if a factor is not
-    of full rank r); r x r work after two chunked Gram matrices, no copy of the factors."""
+    of full rank r); r x r work after two chunked Gram matrices, no copy of the factors.
+
+    The Gram matrices come from at most ``GRAM_ROWS`` evenly spaced rows and columns: the maps are
+    only a basis for the bound, whose exactness rests on ``Ta Tb = I`` (its residual is measured
+    and part of ``kappa``), not on the Gram matrices; a basis estimated from an eighth of a
+    262,144-token vocabulary bounds as tightly and costs an eighth."""
     with _small_ops():
-        Ea, Va = torch.linalg.eigh(_gram(A, row_ids, budget_bytes, cols=False))
-        Eb, Vb = torch.linalg.eigh(_gram(B, col_ids, budget_bytes, cols=True))
+        Ea, Va = torch.linalg.eigh(_gram(A, _gram_sample(row_ids), budget_bytes, cols=False))
+        Eb, Vb = torch.linalg.eigh(_gram(B, _gram_sample(col_ids), budget_bytes, cols=True))
         if float(Ea.min()) <= float(Ea.max()) * 1e-10 or float(Eb.min()) <= float(Eb.max()) * 1e-10:
             return None
         Ra = Ea.sqrt()[:, None] * Va.T

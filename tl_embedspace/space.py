@@ -355,7 +355,7 @@ class EmbeddingSpace:
         """OV circuit of a head in vocabulary space: ``R W_V W_O W`` (rows source, columns output)."""
         layer, head = self.check_layer(layer), self._head(head)
         A = self.R @ self.w.W_V_layer(layer)[head]
-        B = self.w.W_O_layer(layer)[head] @ self.W
+        B = (self.W_T @ self.w.W_O_layer(layer)[head].T).T  # [d_head, d_vocab], column-major
         return VocabMatrix(self, A, B, f"OV L{layer}H{head}", "ov", layer, head)
 
     def qk(self, layer: int, head: int) -> VocabMatrix:
@@ -472,12 +472,14 @@ class VocabMatrix:
     """A vocab x vocab matrix ``A @ B`` (``A [d_vocab, r]``, ``B [r, d_vocab]``), never materialised.
 
     Wraps TransformerLens's ``FactoredMatrix`` (``.factored``) and adds exact streaming top-k,
-    rows, columns, the diagonal, the eigenvalue copying score and top-1 diagonal accuracy.
+    rows, columns, the diagonal, the eigenvalue copying score and top-1 diagonal accuracy. ``A`` is
+    kept row-major and ``B`` column-major (``B.T`` contiguous): one token's row of A and column of B
+    are each one piece of memory, which is what the scans read per entry and per gathered column.
     """
 
     def __init__(self, space: EmbeddingSpace, A: torch.Tensor, B: torch.Tensor, label: str, kind: str,
                  layer: int | None, head: int | None):
-        self.space, self.A, self.B = space, A.contiguous(), B.contiguous()
+        self.space, self.A, self.B = space, A.contiguous(), B.T.contiguous().T
         self.label, self.kind, self.layer, self.head = label, kind, layer, head
 
     @property

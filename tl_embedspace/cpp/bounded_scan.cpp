@@ -45,6 +45,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -203,8 +204,16 @@ struct Scan {
     }
   }
 
-  // The rows [i0, i0 + MR) against the packed panel's strips.
+  // The rows [i0, i0 + MR) against the packed panel's strips (the mode a template argument, so that
+  // the bound's evaluation has no branch).
   void rows_block(Local& lc, int64_t i0, int64_t np) {
+    if (mode == SMALLEST) rows_block_mode<SMALLEST>(lc, i0, np);
+    else if (mode == ABS) rows_block_mode<ABS>(lc, i0, np);
+    else rows_block_mode<LARGEST>(lc, i0, np);
+  }
+
+  template <int M>
+  void rows_block_mode(Local& lc, int64_t i0, int64_t np) {
     T at[MR];
     for (int64_t x = 0; x < MR; ++x) at[x] = rt[i0 + x];
     const T* arow = ah + i0 * H;
@@ -231,8 +240,8 @@ struct Scan {
         vec mx;
         for (int64_t x = 0; x < MR; ++x) {
           vec p = acc[x][v];
-          if (mode == SMALLEST) p = -p;
-          else if (mode == ABS) p = p < 0 ? -p : p;
+          if constexpr (M == SMALLEST) p = -p;
+          else if constexpr (M == ABS) p = p < 0 ? -p : p;
           bound[x] = p + at[x] * sv + qv;
           mx = x == 0 ? bound[x] : (bound[x] > mx ? bound[x] : mx);
         }
@@ -387,10 +396,37 @@ std::vector<at::Tensor> scan(const at::Tensor& ah, const at::Tensor& rt, const a
   return {keys, values, rows, cols, stats};
 }
 
+// x[:n] = x[perm] in place, row by row along the permutation's cycles (one row of scratch, no copy of x).
+void permute_rows_(at::Tensor& x, const at::Tensor& perm) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && perm.dim() == 1 && perm.size(0) <= x.size(0),
+              "permute_rows_: x [n, d] contiguous and perm [<= n]");
+  const int64_t n = perm.size(0), row = x.size(1) * x.element_size();
+  const int64_t* p = perm.data_ptr<int64_t>();
+  char* base = static_cast<char*>(x.data_ptr());
+  std::vector<char> done(n, 0), tmp(row);
+  for (int64_t start = 0; start < n; ++start) {
+    if (done[start]) continue;
+    std::memcpy(tmp.data(), base + start * row, row);
+    int64_t i = start;
+    for (;;) {
+      done[i] = 1;
+      const int64_t src = p[i];
+      TORCH_CHECK(src >= 0 && src < n, "permute_rows_: perm is not a permutation");
+      if (src == start) {
+        std::memcpy(base + i * row, tmp.data(), row);
+        break;
+      }
+      std::memcpy(base + i * row, base + src * row, row);
+      i = src;
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan", &scan, "exact top-k of a factored product under the two-level bound (CPU)");
+  m.def("permute_rows_", &permute_rows_, "x[:n] = x[perm] in place");
   m.attr("MR") = MR;
   m.attr("BLOCK") = BLOCK;
 }
