@@ -18,6 +18,8 @@ from tl_plugins.measure import PeakMemory, median_time
 def _pick_head(sp):
     if sp.n_layers == 30 and sp.n_heads == 9:  # SmolLM2-135M: a strong induction head
         return 18, 6
+    if sp.n_layers == 18 and sp.n_heads == 4:  # Gemma 3 270M: a copying head (docs/embedspace.md)
+        return 17, 1
     return sp.n_layers - 1, 0
 
 
@@ -55,6 +57,14 @@ def _bench_head_pairs(res: BenchResult, sp, l: int, h: int, k: int, reps: int) -
     res.add(task=f"top-{k} pairs OV L{l}H{h} (largest)", seconds=round(t_ov, 3),
             peak_extra_mb=round(mem.peak_extra / 2**20, 1), computed=f"{r.stats.fraction_computed:.2%}",
             note=f"vocab {V}, budget {BUDGET // 2**20} MB")
+    from tl_embedspace import cpp_scan
+
+    if r.stats.scan == "cpp":  # the same call on the torch scan, side by side
+        t_torch = median_time(lambda: ov.topk_pairs(k, backend="torch"), repeat=max(1, reps // 2), warmup=0)
+        res.add(task=f"top-{k} pairs OV L{l}H{h} (largest), torch scan", seconds=round(t_torch, 3),
+                peak_extra_mb=None, computed=None, note=f"compiled scan / torch scan: {t_ov / t_torch:.2f}x")
+    else:
+        res.notes.append(f"OV L{l}H{h} ran the {r.stats.scan} scan (compiled scan: {cpp_scan.availability()})")
     t_abs = median_time(lambda: ov.topk_pairs(k, "abs"), repeat=reps, warmup=0)
     res.add(task=f"top-{k} pairs OV L{l}H{h} (abs)", seconds=round(t_abs, 3), peak_extra_mb=None,
             computed=None, note="")

@@ -531,7 +531,7 @@ def _two_level_bound(A, B, row_ids, col_ids, T, mode, h1, H, budget_bytes, pad_r
     ah = torch.zeros(nr_pad, H, dtype=dtype)
     rt = torch.zeros(2, nr_pad, dtype=torch.float64)
     rho, an, a_norm = (torch.empty(nr, dtype=torch.float64) for _ in range(3))
-    step = max(1, _row_step(r, budget_bytes) * 4)
+    step = _row_step(r, budget_bytes)
     for s, e, sel in _slices(row_ids, step):
         X = _take(A, sel, False)
         Y = X @ Ta if Ta is not None else X
@@ -546,7 +546,7 @@ def _two_level_bound(A, B, row_ids, col_ids, T, mode, h1, H, budget_bytes, pad_r
     bh = torch.empty(nc, H, dtype=dtype)
     st, ct = torch.empty(2, nc, dtype=torch.float64), torch.empty(2, nc, dtype=torch.float64)
     slope, offset, bn, b_norm = (torch.empty(nc, dtype=torch.float64) for _ in range(4))
-    step = max(1, _row_step(B.shape[0], budget_bytes) * 4)
+    step = _row_step(B.shape[0], budget_bytes)
     for s, e, sel in _slices(col_ids, step):
         X = _take(B, sel, True)
         Z = X @ Tb if Tb is not None else X
@@ -602,14 +602,20 @@ def _seed_from_corner(A, B, k, mode, st: _TwoLevel, col_ids, exclude_diagonal, b
     side = max(1, min(SEED_SIDE, math.isqrt(max(1, budget_bytes // (3 * A.element_size())))))
     rid = st.row_ids[:max(1, min(side, st.row_ids.numel() // 4))]  # a small corner of a small product
     cid = st.col_ids[:max(1, min(side, col_ids.numel() // 4))].sort().values  # st.col_ids: norm down
-    C = _product_chunk(A, B, rid, cid, cid.numel(), B.shape[1], budget_bytes // 4)
-    if mode == "smallest":
-        C.neg_()
-    _mode_and_diagonal(C, mode, True, rid, cid)  # diagonal entries come from the diagonal below
-    vals = torch.topk(C.flatten(), min(k, C.numel())).values
-    vals = vals[vals > -math.inf]
-    computed = C.numel()
-    del C
+    Ar = A.index_select(0, rid.to(A.device))
+    vals, computed = torch.empty(0, dtype=A.dtype), 0
+    piece = max(1, (budget_bytes // 16) // max(1, rid.numel() * A.element_size()))  # a sixteenth at a time
+    for s in range(0, cid.numel(), piece):
+        cp = cid[s:s + piece]
+        C = Ar @ _gather(B, cp, True).T
+        if mode == "smallest":
+            C.neg_()
+        _mode_and_diagonal(C, mode, True, rid, cp)  # diagonal entries come from the diagonal below
+        v = torch.topk(C.flatten(), min(k, C.numel())).values
+        vals = torch.cat([vals, v[v > -math.inf].cpu()])
+        vals = torch.topk(vals, min(k, vals.numel())).values
+        computed += C.numel()
+        del C
     if not exclude_diagonal:
         rows_sorted = st.row_ids.sort().values
         both = rows_sorted[torch.isin(rows_sorted, col_ids)]
@@ -643,8 +649,8 @@ def predicted_costs(st: _TwoLevel, h1: int, mode: str, threshold: float, r: int)
     f = {"largest": lambda x: x, "smallest": lambda x: -x, "abs": torch.abs}[mode]
     n0 = n1 = n2 = 0
     slope, intercept = st.slope.float(), st.intercept.float()  # an estimate: float32 is plenty
-    for s in range(0, pos.numel(), 32):
-        p = pos[s:s + 32]
+    for s in range(0, pos.numel(), 4):  # 4 rows at a time: a few MB per array
+        p = pos[s:s + 4]
         b0 = torch.addcmul(intercept, st.rho[p, None].float(), slope) >= threshold
         P1 = st.ah[p, :h1].float() @ st.bh[:, :h1].T.float()  # [rows, cols]: the sample only
         P = P1 + st.ah[p, h1:].float() @ st.bh[:, h1:].T.float() if h1 < st.ah.shape[1] else P1

@@ -498,16 +498,18 @@ class VocabMatrix:
         return dict(self.space.basis)
 
     def topk_pairs(self, k: int = 10, mode: str = "largest", *, rows: Any = None, cols: Any = None,
-                   exclude_diagonal: bool = False, budget_bytes: int | None = None) -> TokenPairs:
+                   exclude_diagonal: bool = False, budget_bytes: int | None = None,
+                   backend: str = "auto") -> TokenPairs:
         """Exact top-k entries (largest, smallest or abs), rows/cols restricted to token sets.
 
         ``rows``/``cols``: ids, token strings, a bool mask or a filter name; default the space's
-        ``filters``. The scan holds at most ``budget_bytes`` of the product at once.
+        ``filters``. The scan holds at most ``budget_bytes`` of working memory. ``backend``: "auto",
+        "cpp" (the compiled scan) or "torch" (see :func:`tl_embedspace.topk_product`).
         """
         sp = self.space
         r = _topk.topk_product(self.A, self.B, k, mode=mode, rows=sp.candidate_ids(rows, "rows"),
                                cols=sp.candidate_ids(cols, "cols"), exclude_diagonal=exclude_diagonal,
-                               budget_bytes=budget_bytes or sp.budget_bytes, balance=True)
+                               budget_bytes=budget_bytes or sp.budget_bytes, balance=True, backend=backend)
         return TokenPairs(f"{self.label} top-{k} {mode}", r.rows, r.cols, r.values,
                           [sp.token_str(i) for i in r.rows.tolist()], [sp.token_str(i) for i in r.cols.tolist()],
                           mode, self.basis, r.stats)
