@@ -632,10 +632,12 @@ def _seed_from_corner(A, B, k, mode, st: _TwoLevel, col_ids, exclude_diagonal, b
     return float(torch.topk(vals, k).values[-1]), computed
 
 
-# Wall time per entry on the 2-core x86_64 machine the scans were measured on (2 threads), in ns: an
-# entry bounded from h1 coordinates, bounded again from H, computed exactly (cpp); an entry of a chunk
-# product (torch: 2 r flops at about 80 GFLOP/s for r = 256, scaled by r). Only their ratios matter.
-COST_BOUNDED_NS, COST_REFINED_NS, COST_EXACT_NS, COST_PRODUCT_NS_PER_R = 0.7, 17.0, 100.0, 6.4 / 256
+# Wall time per entry on the 2-core x86_64 machine the scans were measured on (2 threads), in ns,
+# fitted on Gemma 3 heads (h1 = 16, H = 64, r = 256): an entry bounded from h1 coordinates (per
+# coordinate), bounded again from H (mostly the column's memory), computed exactly (per coordinate of
+# r), and an entry of a chunk product (torch: 2 r flops at about 80 GFLOP/s, per coordinate of r).
+# Only their ratios matter.
+COST_BOUNDED_NS_PER_H, COST_REFINED_NS, COST_EXACT_NS_PER_R, COST_PRODUCT_NS_PER_R = 0.7 / 16, 17.0, 100 / 256, 6.4 / 256
 SAMPLE_ROWS = 32
 
 
@@ -661,7 +663,8 @@ def predicted_costs(st: _TwoLevel, h1: int, mode: str, threshold: float, r: int)
         n0, n1, n2 = n0 + int(b0.sum()), n1 + int(b1.sum()), n2 + int(b2.sum())
     total = max(1, pos.numel() * st.slope.numel())
     fr = dict(centred=n0 / total, first=n1 / total, second=n2 / total)
-    cpp = fr["centred"] * COST_BOUNDED_NS + fr["first"] * COST_REFINED_NS + fr["second"] * COST_EXACT_NS
+    cpp = (fr["centred"] * COST_BOUNDED_NS_PER_H * max(1, h1) + fr["first"] * COST_REFINED_NS
+           + fr["second"] * COST_EXACT_NS_PER_R * r)
     return cpp, fr["centred"] * COST_PRODUCT_NS_PER_R * r, fr
 
 
