@@ -101,7 +101,7 @@ MYPY_FILES := tl_plugins/hookspecs.py tl_plugins/plugins.py tl_plugins/api.py tl
 	tl_plugins/report.py tl_plugins/bench.py tl_plugins/ranking.py tl_plugins/measure.py \
 	tl_topk/plugin.py tl_embedspace/plugin.py tl_iclgd/plugin.py \
 	tl_plugins/backends/base.py tl_iclgd/metrics.py tl_iclgd/linear_attention.py tl_iclgd/capture.py \
-	tl_embedspace/projections.py tl_topk/ops
+	tl_embedspace/projections.py tl_embedspace/cpp_scan.py tl_plugins/extensions.py tl_topk/ops
 
 lint: $(STAMP)
 	$(BIN)/ruff check tl_plugins tl_topk tl_embedspace tl_iclgd tests scripts

@@ -12,7 +12,6 @@ use like every compiled extension of the project (``tl_plugins.extensions``).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from tl_plugins.extensions import CompiledExtension
 
 EXTENSION = CompiledExtension("tl_embedspace_scan", Path(__file__).with_name("cpp") / "bounded_scan.cpp")
 MODE_CODES = {"largest": 0, "smallest": 1, "abs": 2}
-_warned = False
 
 
 def supports(A: torch.Tensor, B: torch.Tensor) -> bool:
@@ -39,30 +37,18 @@ def available() -> bool:
 
 def available_for_auto() -> bool:
     """``available()``, warning once per process when it is not (``auto`` then scans in torch)."""
-    global _warned
-    ok = available()
-    if not ok and not _warned:
-        _warned = True
-        warnings.warn(f"tl_embedspace: the compiled scan could not be built ({EXTENSION.failure}); "
-                      "topk_product(backend='auto') scans in torch instead (slower, same results)",
-                      RuntimeWarning, stacklevel=3)
-    return ok
+    return EXTENSION.available_or_warn("tl_embedspace", "topk_product(backend='auto') scans in torch instead "
+                                       "(slower, same results)")
 
 
 def availability() -> str:
     """One line: can the compiled scan run here, and why not."""
-    if available():
-        return "available (compiled CPU scan; auto for CPU float32/float64 factors)"
-    return f"not available: {EXTENSION.failure}"
+    return EXTENSION.availability("compiled CPU scan; auto for CPU float32/float64 factors")
 
 
 def load() -> Any:
     """The compiled module; ``RuntimeError`` naming why it cannot be built."""
-    try:
-        return EXTENSION.load()
-    except RuntimeError:
-        raise RuntimeError(f"backend='cpp': the compiled scan could not be built ({EXTENSION.failure}); "
-                           "use backend='torch'") from None
+    return EXTENSION.load_for("backend='cpp'", "use backend='torch'")
 
 
 def bounded_scan(

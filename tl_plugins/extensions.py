@@ -22,6 +22,7 @@ import platform
 import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,6 +51,7 @@ class CompiledExtension:
         self.source = Path(source)
         self.module: Any = None
         self.failure: Optional[str] = None
+        self.warned = False  # the automatic-choice warning was given
         self._lock = threading.Lock()
 
     def _build(self) -> Any:
@@ -83,6 +85,28 @@ class CompiledExtension:
         except RuntimeError:
             return False
         return True
+
+    def load_for(self, what: str, instead: str) -> Any:
+        """``load()`` for an explicit request: ``RuntimeError`` "{what}: ... could not be built
+        (reason); {instead}" (``instead`` names the alternative)."""
+        try:
+            return self.load()
+        except RuntimeError:
+            raise RuntimeError(f"{what}: the CPU extension could not be built ({self.failure}); {instead}") from None
+
+    def available_or_warn(self, owner: str, fallback: str) -> bool:
+        """``available()`` for an automatic choice: where it is not, one ``RuntimeWarning`` per process
+        "{owner}: the CPU extension could not be built (reason); {fallback}"."""
+        ok = self.available()
+        if not ok and not self.warned:
+            self.warned = True
+            warnings.warn(f"{owner}: the CPU extension could not be built ({self.failure}); {fallback}",
+                          RuntimeWarning, stacklevel=4)
+        return ok
+
+    def availability(self, ok: str) -> str:
+        """One line for a listing: ``available (ok)`` or ``not available: reason``."""
+        return f"available ({ok})" if self.available() else f"not available: {self.failure}"
 
 
 __all__ = ["CompiledExtension", "cpu_tag"]

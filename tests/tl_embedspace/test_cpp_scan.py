@@ -110,7 +110,7 @@ def _prepared(A, B, k):
 def test_a_failed_build_warns_once_under_auto_and_refuses_backend_cpp(monkeypatch):
     monkeypatch.setattr(cpp_scan.EXTENSION, "module", None)
     monkeypatch.setattr(cpp_scan.EXTENSION, "failure", "no compiler (simulated)")
-    monkeypatch.setattr(cpp_scan, "_warned", False)
+    monkeypatch.setattr(cpp_scan.EXTENSION, "warned", False)
     A, B = copying(400, 8, seed=6)
     with pytest.warns(RuntimeWarning, match=r"no compiler \(simulated\).*scans in torch"):
         res = topk_product(A, B, 10, balance=True)

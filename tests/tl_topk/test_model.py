@@ -364,7 +364,7 @@ def test_auto_backend_dense_for_short_cpp_or_chunked_for_long(monkeypatch, cpp_b
     if not cpp_built:
         monkeypatch.setattr(cpp_backend.EXTENSION, "failure", "no compiler (simulated)")
         monkeypatch.setattr(cpp_backend.EXTENSION, "module", None)
-        monkeypatch.setattr(cpp_backend, "_warned", False)
+        monkeypatch.setattr(cpp_backend.EXTENSION, "warned", False)
     q = torch.randn(1, 64, 2, 8)
     short = att.topk_attention(q, q[:, :, :1], q[:, :, :1], 4, causal=True)
     assert seen == []

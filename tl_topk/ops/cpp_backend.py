@@ -19,7 +19,6 @@ built and, if not, why; ``auto`` then picks ``chunked`` on the CPU.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,17 +30,10 @@ from tl_plugins.extensions import CompiledExtension
 SOURCE = Path(__file__).with_name("cpp") / "topk_cpu.cpp"
 EXTENSION = CompiledExtension("tl_topk_cpu", SOURCE)
 
-_warned = False
-
-
 def load_extension() -> Any:
     """The compiled module (built on the first call, then cached per process); raises ``RuntimeError``
     saying why when it cannot be built."""
-    try:
-        return EXTENSION.load()
-    except RuntimeError:
-        raise RuntimeError(f"backend='cpp': the CPU extension could not be built ({EXTENSION.failure}); "
-                           "use backend='chunked'") from None
+    return EXTENSION.load_for("backend='cpp'", "use backend='chunked'")
 
 
 def available() -> bool:
@@ -51,20 +43,13 @@ def available() -> bool:
 
 def available_for_auto() -> bool:
     """``available()``, warning once per process when it is not (``auto`` then runs ``chunked``)."""
-    global _warned
-    ok = available()
-    if not ok and not _warned:
-        _warned = True
-        warnings.warn(f"tl_topk: the cpp backend could not be built ({EXTENSION.failure}); backend='auto' runs "
-                      "'chunked' on the CPU instead (slower, same results)", RuntimeWarning, stacklevel=3)
-    return ok
+    return EXTENSION.available_or_warn("tl_topk", "backend='auto' runs 'chunked' on the CPU instead (slower, "
+                                       "same results)")
 
 
 def availability() -> str:
     """One line: can the cpp backend run here, and why not."""
-    if available():
-        return "available (compiled CPU kernels; auto on CPU beyond the dense sizes)"
-    return f"not available: {EXTENSION.failure}"
+    return EXTENSION.availability("compiled CPU kernels; auto on CPU beyond the dense sizes")
 
 
 def supports(q: torch.Tensor) -> bool:
