@@ -4,7 +4,8 @@
     space = EmbeddingSpace(model)
     space.ov(18, 6).topk_pairs(100)        # exact, never materialises the vocab x vocab matrix
 
-Modules, bottom to top: ``factored_topk`` (exact streaming top-k of factored products), ``projections``
+Modules, bottom to top: ``factored_topk`` (exact streaming top-k of factored products; its compiled
+scan is ``cpp_scan``, kernel source in ``cpp/``), ``projections``
 (vectors to token scores, filters), ``results`` (dataclasses), ``space`` (the model-aware view),
 ``align`` and ``stitch`` (two models sharing a vocabulary), ``evaluations`` (the paper's checks),
 ``sweep`` (rank a whole model to files), ``reference`` (the brute-force oracles the results are

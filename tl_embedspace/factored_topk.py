@@ -671,10 +671,13 @@ def predicted_costs(st: _TwoLevel, h1: int, mode: str, threshold: float, r: int)
 def _topk_cpp(A, B, k, mode, row_ids, col_ids, exclude_diagonal, budget_bytes, T, decide) -> TopkPairsRaw | None:
     """``topk_product`` by the compiled scan: prepare the two-level bound, seed the threshold from real
     entries, scan every row in the kernel, merge the threads' best. With ``decide`` (backend "auto"),
-    None when :func:`predicted_costs` says the torch scan is the faster one."""
+    None when :func:`predicted_costs` says the torch scan is the faster one, or when the threads'
+    heaps of k candidates would take more than a quarter of the budget."""
     from tl_embedspace import cpp_scan
 
     nr, nc, m, r = row_ids.numel(), col_ids.numel(), B.shape[1], A.shape[1]
+    if decide and 32 * k * torch.get_num_threads() > budget_bytes // 4:
+        return None  # each thread's heap of k candidates would not fit a quarter of the budget
     h1, H = head_coordinates_for(nr, nc, r, A.element_size(), budget_bytes)
     st = _two_level_bound(A, B, row_ids, col_ids, T, mode, h1, H, budget_bytes, cpp_scan.row_multiple())
     stats = TopkStats(rows_total=nr, cols_total=nc)
