@@ -79,6 +79,12 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"mode: got {mode!r}; accepted: one of {', '.join(MODES)}")
 
 
+def _by_mode(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The ranking key of values ``x`` in ``mode``: x (largest), -x (smallest) or |x| (abs); also the
+    bound on that key from a bound on x's offset term."""
+    return x if mode == "largest" else (-x if mode == "smallest" else x.abs())
+
+
 def check_k(k) -> int:
     if not is_int(k) or k <= 0:
         raise ValueError(f"k: got {k!r}; accepted: a positive int")
@@ -378,7 +384,7 @@ def _norm_bound(A, B, row_ids, col_ids, T, mode, prune, budget_bytes) -> _NormBo
     rho, a_norm = _rotated_norms(A, row_ids, Ta, c, budget_bytes, cols=False)
     slope, b_norm, offset = _rotated_norms(B, col_ids, Tb, None, budget_bytes, cols=True, dot=c)
     _check_finite(a_norm, b_norm, rho, slope)
-    offset = {"largest": offset, "smallest": -offset, "abs": offset.abs()}[mode]
+    offset = _by_mode(offset, mode)
     order = torch.argsort(-rho, stable=True)
     intercept = offset + kappa * float(a_norm.max()) * b_norm
     return _NormBound(row_ids[order], rho[order], (-rho[order]).tolist(), slope, intercept)
@@ -561,17 +567,16 @@ def _two_level_bound(A, B, row_ids, col_ids, T, mode, h1, H, budget_bytes, pad_r
     slope, st, bn, b_norm = slope * up, st * up, bn * up, b_norm * up
     _check_finite(a_norm, b_norm, rho, slope)
     a_max = float(a_norm.max())
-    sign = {"largest": lambda x: x, "smallest": lambda x: -x, "abs": torch.abs}[mode]
     rotation = kappa * a_max * b_norm
     dots = gam * c_norm * slope  # rounding of the offsets computed above
-    intercept = sign(offset) + rotation + dots + 4 * eps * (float(rho.max()) * slope + offset.abs())
+    intercept = _by_mode(offset, mode) + rotation + dots + 4 * eps * (float(rho.max()) * slope + offset.abs())
     # in the kernel: the partial products (gamma_h |a'_i[:h]| |b'_j[:h]|) and the bound's evaluation
     # (a few eps of each term; |P| <= |a'_i[:H]| |b'_j[:H]|)
     an_max = float(an.max()) if nr else 0.0
     q = torch.empty(2, nc, dtype=torch.float64)
     for lv, h in enumerate(levels):
         rt_max = float(rt[lv].max()) if nr else 0.0
-        q[lv] = (sign(ct[lv]) + rotation + dots + ((h + 4) * eps + 8 * eps) * an_max * bn
+        q[lv] = (_by_mode(ct[lv], mode) + rotation + dots + ((h + 4) * eps + 8 * eps) * an_max * bn
                  + 8 * eps * rt_max * st[lv])
         q[lv] = q[lv] + 8 * eps * q[lv].abs()
     # rows in scan order (rho down); columns by norm down, so that the columns a block lists sit
@@ -622,7 +627,7 @@ def _seed_from_corner(A, B, k, mode, st: _TwoLevel, col_ids, exclude_diagonal, b
         diag = []
         for _, _, sel in _slices(both, max(1, _row_step(A.shape[1], budget_bytes))):
             d = (_take(A, sel, False) * _take(B, sel, True)).sum(-1)
-            diag.append({"largest": d, "smallest": -d, "abs": d.abs()}[mode])
+            diag.append(_by_mode(d, mode))
         if diag:
             d = torch.cat(diag)
             vals = torch.cat([vals, torch.topk(d, min(k, d.numel())).values.to(vals.dtype)])
@@ -648,7 +653,6 @@ def predicted_costs(st: _TwoLevel, h1: int, mode: str, threshold: float, r: int)
     ``threshold``. Returns ``(cpp, torch, fractions)``."""
     nr = st.rho.numel()
     pos = torch.linspace(0, nr - 1, min(nr, SAMPLE_ROWS)).round().long().unique()
-    f = {"largest": lambda x: x, "smallest": lambda x: -x, "abs": torch.abs}[mode]
     n0 = n1 = n2 = 0
     slope, intercept = st.slope.float(), st.intercept.float()  # an estimate: float32 is plenty
     for s in range(0, pos.numel(), 4):  # 4 rows at a time: a few MB per array
@@ -656,9 +660,9 @@ def predicted_costs(st: _TwoLevel, h1: int, mode: str, threshold: float, r: int)
         b0 = torch.addcmul(intercept, st.rho[p, None].float(), slope) >= threshold
         P1 = st.ah[p, :h1].float() @ st.bh[:, :h1].T.float()  # [rows, cols]: the sample only
         P = P1 + st.ah[p, h1:].float() @ st.bh[:, h1:].T.float() if h1 < st.ah.shape[1] else P1
-        b1 = b0 & (torch.addcmul(st.q[0].float(), st.rt[0, p, None].float(), st.st[0].float()).add_(f(P1))
+        b1 = b0 & (torch.addcmul(st.q[0].float(), st.rt[0, p, None].float(), st.st[0].float()).add_(_by_mode(P1, mode))
                    >= threshold)
-        b2 = b1 & (torch.addcmul(st.q[1].float(), st.rt[1, p, None].float(), st.st[1].float()).add_(f(P))
+        b2 = b1 & (torch.addcmul(st.q[1].float(), st.rt[1, p, None].float(), st.st[1].float()).add_(_by_mode(P, mode))
                    >= threshold)
         n0, n1, n2 = n0 + int(b0.sum()), n1 + int(b1.sum()), n2 + int(b2.sum())
     total = max(1, pos.numel() * st.slope.numel())
